@@ -1,0 +1,165 @@
+"""The public Python API: ``LLM`` and its ``generate`` / ``stream`` / ``chat`` / ``score``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from tierlm.config import ConfigError, EngineConfig
+from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.engine import EngineCore, RequestError
+from tierlm.engine.scheduler import SchedulerConfig
+from tierlm.loader.model_loader import LoadedModel, load_model
+from tierlm.loader.tokenizer import IncrementalDetokenizer
+from tierlm.model.attention import KVCache
+from tierlm.model.transformer import Transformer
+from tierlm.outputs import RequestOutput
+from tierlm.runner import TorchModelRunner
+from tierlm.sampling_params import SamplingParams
+
+log = logging.getLogger("tierlm")
+
+Prompt = Union[str, Sequence[int]]
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_KV_CACHE_TOKENS = 65536
+
+
+class LLM:
+    """Load a model (HF folder or GGUF file; None = the embedded SmolLM2) and generate.
+
+    The KV cache is sized for ``kv_cache_tokens`` tokens (default: enough for max_num_seqs
+    sequences of max_model_len, capped at 65,536 tokens, never below max_model_len).
+    Its memory is allocated lazily by the OS as blocks are first written.
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str = "float32", *, device: str = "cpu",
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 block_size: int = 16, kv_cache_tokens: int | None = None, enable_chunked_prefill: bool = True,
+                 spec_dirs: Sequence[str | Path] = ()):
+        if dtype not in _TORCH_DTYPES:
+            raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
+        t0 = time.perf_counter()
+        loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs))
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        max_len = loaded.config.max_position if max_model_len is None else int(max_model_len)
+        if max_len > loaded.config.max_position and loaded.config.position == "learned":
+            raise ConfigError(f"max_model_len={max_len} exceeds the model's {loaded.config.max_position} "
+                              f"learned positions")
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max(max_len, min(max_num_seqs * max_len, DEFAULT_KV_CACHE_TOKENS))
+        num_blocks = 1 + -(-int(kv_cache_tokens) // block_size)
+        self.config = EngineConfig(model=str(loaded.path), dtype=dtype, device=device, max_model_len=max_len,
+                                   block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   enable_chunked_prefill=enable_chunked_prefill)
+        self.model = Transformer(loaded.config, loaded.weights, _TORCH_DTYPES[dtype])
+        cache = self.model.new_kv_cache(num_blocks, block_size, device)
+        self.runner = TorchModelRunner(self.model, cache, device)
+        detok = None
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            detok = lambda prompt_ids: IncrementalDetokenizer(tok, prompt_ids)  # noqa: E731
+        eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else loaded.config.eos_token_ids
+        self.engine = EngineCore(
+            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            enable_chunked_prefill=enable_chunked_prefill),
+            BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
+            eos_token_ids=eos, detokenizer_factory=detok)
+        kv_bytes = KVCache.bytes_per_token(loaded.config.num_layers, loaded.config.num_kv_heads,
+                                           loaded.config.head_dim, _TORCH_DTYPES[dtype])
+        log.info("model: %s", loaded.config.summary())
+        log.info("%s", self.config.describe())
+        log.info("loaded %s in %.2f s; KV cache %.1f MiB max (%d bytes/token)", loaded.path,
+                 time.perf_counter() - t0, kv_bytes * self.config.kv_capacity_tokens / 2**20, kv_bytes)
+
+    # -- prompts ------------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer; pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt), prompt
+        ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return ids, None
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        ids, text = self._encode(prompt)
+        return self.engine.add_request(ids, params, request_id=request_id, prompt=text).request_id
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt, as text or as token ids
+        prompts = list(prompts)
+        params = params if params is not None else SamplingParams()
+        param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(param_list) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(param_list)} SamplingParams")
+        encoded = [self._encode(p) for p in prompts]  # validate all before queueing any
+        ids = [self.engine.add_request(e[0], sp, prompt=e[1]).request_id for e, sp in zip(encoded, param_list)]
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in final:
+                    self.engine.abort(rid)
+        return [final[rid] for rid in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput each time the request gets new tokens (``new_text`` is the delta)."""
+        rid = self.add_request(prompt, params or SamplingParams())
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # no-op when it finished; frees the blocks if the caller stopped early
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, so it has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        return self.generate([self._chat_ids(messages)], params)[0]
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        # The rendered template already holds BOS where the model wants it.
+        return self.tokenizer.encode(self.chat_prompt(messages), add_special_tokens=False)
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score(self, prompt: Prompt) -> torch.Tensor:
+        """Logits (T, vocab) float32 at every position of one prompt (for parity and perplexity).
+
+        Runs through the same paged cache, in chunks of the step budget; the engine must be idle.
+        """
+        ids, _ = self._encode(prompt)
+        if self.engine.has_unfinished():
+            raise RequestError("score() needs an idle engine")
+        if len(ids) > self.config.max_model_len:
+            raise RequestError(f"{len(ids)} tokens exceed max_model_len={self.config.max_model_len}")
+        table: list[int] = []
+        if self.engine.blocks.allocate(table, len(ids)) is None:
+            raise RequestError(f"the KV cache cannot hold {len(ids)} tokens")
+        try:
+            return self.runner.score(ids, table, self.config.max_num_batched_tokens)
+        finally:
+            self.engine.blocks.free(table)

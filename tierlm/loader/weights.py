@@ -1,0 +1,227 @@
+"""Assemble a model's weights from a checkpoint, following its family's tensor-name table.
+
+Layout decisions made here (and relied on by ``tierlm.model.transformer``):
+  * q, k, v are fused into one (q_rows + 2 * kv_rows, hidden) matrix, gate and up into one
+    (2 * intermediate, hidden) matrix: one matmul instead of three (two) per layer, which matters
+    at batch 1 where each call's fixed cost is a visible share of the step.
+  * Linear weights are stored (out, in) in the compute dtype; F.linear reads them that way at full
+    speed on CPU (see NOTES: a transposed copy is ~30% slower).
+  * Biases are in the compute dtype (F.linear needs one dtype). Norm weights are kept in float32, with the family's norm weight offset (Gemma's
+    ``1 + w``) already added, so the forward pass has one norm formula.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tierlm.loader.checkpoint import CheckpointError, CheckpointReader
+from tierlm.model.spec import FamilySpec, ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    """One decoder block. Optional entries are None when the family/checkpoint lacks them."""
+
+    attn_norm: torch.Tensor  # (hidden,) float32
+    qkv: torch.Tensor  # (q_rows + 2 * kv_rows, hidden), q_rows = num_heads * head_dim
+    o: torch.Tensor  # (hidden, q_rows)
+    down: torch.Tensor  # (hidden, intermediate)
+    up: torch.Tensor  # gated: (2 * intermediate, hidden) = [gate; up]; plain: (intermediate, hidden)
+    attn_norm_bias: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # (head_dim,)
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None
+    mlp_norm: torch.Tensor | None = None  # None under a parallel residual that shares attn_norm
+    mlp_norm_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # (vocab, hidden)
+    final_norm: torch.Tensor | None
+    lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
+    layers: list[LayerWeights] = field(default_factory=list)
+    pos_embed: torch.Tensor | None = None  # (max_position + offset, hidden)
+    final_norm_bias: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head is self.embed
+
+    def nbytes_by_group(self) -> dict[str, int]:
+        def nb(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        groups = {"embedding": nb(self.embed) + nb(self.pos_embed),
+                  "attention": 0, "mlp": 0, "norms": nb(self.final_norm) + nb(self.final_norm_bias),
+                  "lm_head": 0 if self.tied else nb(self.lm_head) + nb(self.lm_head_bias)}
+        for lw in self.layers:
+            groups["attention"] += sum(nb(t) for t in (lw.qkv, lw.qkv_bias, lw.o, lw.o_bias, lw.q_norm, lw.k_norm))
+            groups["mlp"] += sum(nb(t) for t in (lw.up, lw.up_bias, lw.down, lw.down_bias))
+            groups["norms"] += sum(nb(t) for t in (lw.attn_norm, lw.attn_norm_bias, lw.post_attn_norm,
+                                                   lw.mlp_norm, lw.mlp_norm_bias, lw.post_mlp_norm))
+        return groups
+
+    def num_parameters(self) -> int:
+        total = sum(t.numel() for t in (self.embed, self.pos_embed, self.final_norm, self.final_norm_bias,
+                                        self.lm_head_bias) if t is not None)
+        if not self.tied:
+            total += self.lm_head.numel()
+        for lw in self.layers:
+            total += sum(t.numel() for t in vars(lw).values() if isinstance(t, torch.Tensor))
+        return total
+
+
+class _Names:
+    """Canonical -> checkpoint names for one reader, with used-name tracking."""
+
+    def __init__(self, spec: FamilySpec, reader: CheckpointReader):
+        self.table = spec.tensor_names(reader.source)
+        self.transposed = set(spec.hf_transposed) if reader.source == "hf" else set()
+        self.available = reader.names()
+        self.used: set[str] = set()
+        self.reader = reader
+
+    def name(self, canonical: str, layer: int | None = None) -> str | None:
+        pattern = self.table.get(canonical)
+        if pattern is None:
+            return None
+        name = pattern.replace("{i}", str(layer)) if layer is not None else pattern
+        return name if name in self.available else None
+
+    def has(self, canonical: str, layer: int | None = None) -> bool:
+        return self.name(canonical, layer) is not None
+
+    def require(self, canonical: str, layer: int | None = None) -> str:
+        name = self.name(canonical, layer)
+        if name is None:
+            where = f" of layer {layer}" if layer is not None else ""
+            expected = self.table.get(canonical, "<not in the family's tensor table>")
+            raise CheckpointError(f"checkpoint lacks tensor {canonical!r}{where} "
+                                  f"(expected {expected.replace('{i}', str(layer))!r})")
+        return name
+
+    def shape(self, canonical: str, layer: int | None = None) -> tuple[int, ...]:
+        name = self.require(canonical, layer)
+        shape = self.reader.shape(name)
+        return shape[::-1] if canonical in self.transposed else shape
+
+    def read(self, canonical: str, dest: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        name = self.require(canonical, layer)
+        self.reader.read_into(name, dest, transpose=canonical in self.transposed)
+        self.used.add(name)
+        return dest
+
+    def load(self, canonical: str, dtype: torch.dtype, layer: int | None = None) -> torch.Tensor:
+        return self.read(canonical, torch.empty(self.shape(canonical, layer), dtype=dtype), layer)
+
+    def load_optional(self, canonical: str, dtype: torch.dtype, layer: int | None = None) -> torch.Tensor | None:
+        return self.load(canonical, dtype, layer) if self.has(canonical, layer) else None
+
+
+def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype) -> ModelWeights:
+    """Read every tensor the family names from ``reader``; fail on missing or unexplained tensors."""
+    names = _Names(spec, reader)
+    f32 = torch.float32
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+    def norm(canonical: str, layer: int | None = None) -> torch.Tensor | None:
+        w = names.load_optional(canonical, f32, layer)
+        if w is not None and cfg.norm_weight_offset:
+            w += cfg.norm_weight_offset
+        return w
+
+    def expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{what} has shape {tuple(t.shape)}, the config implies {shape}")
+        return t
+
+    embed = expect(names.load("embed", dtype), (cfg.vocab_size, d), "embedding")
+    layers: list[LayerWeights] = []
+    for i in range(cfg.num_layers):
+        qkv = torch.empty(q_rows + 2 * kv_rows, d, dtype=dtype)
+        if names.has("layer.qkv", i):
+            names.read("layer.qkv", qkv, i)
+        else:
+            names.read("layer.q", qkv[:q_rows], i)
+            names.read("layer.k", qkv[q_rows:q_rows + kv_rows], i)
+            names.read("layer.v", qkv[q_rows + kv_rows:], i)
+        qkv_bias = None
+        if names.has("layer.qkv.bias", i):
+            qkv_bias = names.load("layer.qkv.bias", dtype, i)
+        elif names.has("layer.q.bias", i):
+            qkv_bias = torch.empty(q_rows + 2 * kv_rows, dtype=dtype)
+            names.read("layer.q.bias", qkv_bias[:q_rows], i)
+            names.read("layer.k.bias", qkv_bias[q_rows:q_rows + kv_rows], i)
+            names.read("layer.v.bias", qkv_bias[q_rows + kv_rows:], i)
+        inter = cfg.intermediate_size
+        if cfg.gated_mlp:
+            up = torch.empty(2 * inter, d, dtype=dtype)
+            names.read("layer.gate", up[:inter], i)
+            names.read("layer.up", up[inter:], i)
+            up_bias = None
+            if names.has("layer.up.bias", i):
+                up_bias = torch.empty(2 * inter, dtype=dtype)
+                names.read("layer.gate.bias", up_bias[:inter], i)
+                names.read("layer.up.bias", up_bias[inter:], i)
+        else:
+            up = expect(names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
+            up_bias = names.load_optional("layer.up.bias", dtype, i)
+        lw = LayerWeights(
+            attn_norm=norm("layer.attn_norm", i) if names.has("layer.attn_norm", i) else _missing("layer.attn_norm", i, names),
+            attn_norm_bias=names.load_optional("layer.attn_norm.bias", dtype, i),
+            qkv=qkv, qkv_bias=qkv_bias,
+            o=expect(names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
+            o_bias=names.load_optional("layer.o.bias", dtype, i),
+            q_norm=norm("layer.q_norm", i), k_norm=norm("layer.k_norm", i),
+            post_attn_norm=norm("layer.post_attn_norm", i),
+            mlp_norm=norm("layer.mlp_norm", i),
+            mlp_norm_bias=names.load_optional("layer.mlp_norm.bias", dtype, i),
+            up=up, up_bias=up_bias,
+            down=expect(names.load("layer.down", dtype, i), (d, inter), f"layer {i} down"),
+            down_bias=names.load_optional("layer.down.bias", dtype, i),
+            post_mlp_norm=norm("layer.post_mlp_norm", i),
+        )
+        if lw.mlp_norm is None and cfg.residual == "sequential":
+            _missing("layer.mlp_norm", i, names)
+        layers.append(lw)
+
+    lm_head = names.load_optional("lm_head", dtype)
+    if lm_head is None:
+        lm_head = embed  # tied (or the checkpoint omits the duplicate)
+    pos_embed = None
+    if cfg.position == "learned":
+        pos_embed = names.load("pos_embed", dtype)
+    weights = ModelWeights(
+        embed=embed, final_norm=norm("final_norm"), final_norm_bias=names.load_optional("final_norm.bias", dtype),
+        lm_head=lm_head, lm_head_bias=names.load_optional("lm_head.bias", dtype), layers=layers, pos_embed=pos_embed,
+    )
+    _check_all_used(spec, reader, names)
+    return weights
+
+
+def _missing(canonical: str, layer: int, names: _Names) -> torch.Tensor:
+    names.require(canonical, layer)
+    raise AssertionError("unreachable")
+
+
+def _check_all_used(spec: FamilySpec, reader: CheckpointReader, names: _Names) -> None:
+    """A checkpoint tensor nobody reads means the family file describes a different block."""
+    ignore = [re.compile(p) for p in spec.hf_ignore] if reader.source == "hf" else []
+    unused = sorted(n for n in names.available - names.used if not any(p.search(n) for p in ignore))
+    if unused:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        raise CheckpointError(f"the {spec.name} family ({spec.source}) does not describe checkpoint tensors: {shown}")

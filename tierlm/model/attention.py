@@ -1,0 +1,211 @@
+"""Paged KV cache and attention over it (torch, any device).
+
+Cache layout: per layer a K and a V tensor of shape (num_blocks * block_size, kv_heads, head_dim):
+a flat array of *slots*; token position p of a sequence lives in slot
+``block_table[p // block_size] * block_size + p % block_size``. Block 0 is the null block: it is
+never handed to a request, is zero-filled, and is where padded gather indices point, so padding
+never reads uninitialised memory (a NaN there would survive a zero attention weight: 0 * NaN = NaN).
+
+Attention for one step runs in at most two batched calls: all decode rows (one query token each)
+together, and all rows with several query tokens (prompt chunks) together, each padded to its
+group's longest query/context. Grouping keeps a 512-token chunk from padding 15 decode rows to 512.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """K and V for every layer. Slot arithmetic is described in the module docstring."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        num_slots = num_blocks * block_size
+        # torch.empty does not touch pages: memory is committed as blocks are first written.
+        self.k = [torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in self.k + self.v:
+            t[:block_size].zero_()  # the null block
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a step: ``query_len`` new tokens at positions
+    [context_len - query_len, context_len), stored in the cache through ``block_table``."""
+
+    query_start: int  # offset of its first new token in the step's flat token array
+    query_len: int
+    context_len: int  # tokens in the cache once this step has written its new ones
+    block_table: list[int]
+
+
+@dataclass
+class AttentionGroup:
+    """Rows attended together in one padded call.
+
+    Bg rows, each padded to maxQ query tokens and maxL context tokens.
+    """
+
+    num_rows: int
+    max_q: int
+    max_kv: int
+    q_index: torch.Tensor  # (Bg * maxQ,) int64: index into the step's tokens (padding -> 0)
+    valid: torch.Tensor  # (Bg * maxQ,) bool
+    out_index: torch.Tensor  # (num_valid,) int64 = q_index[valid]
+    kv_slots: torch.Tensor  # (Bg * maxL,) int64 slots to gather (padding -> null block slot 0)
+    q_pos: torch.Tensor  # (Bg, maxQ) int64 absolute positions (for ALiBi)
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # layer type -> (Bg, 1, maxQ, maxL) bool
+    fresh: bool = False  # one row, no cached prefix: attend over this step's own k/v, causal
+
+
+@dataclass
+class AttentionBatch:
+    """Everything attention needs about one step's N new tokens; shared by all layers."""
+
+    positions: torch.Tensor  # (N,) int64
+    slot_mapping: torch.Tensor  # (N,) int64
+    groups: list[AttentionGroup]
+
+
+def build_attention_batch(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int | None],
+                          device: torch.device | str = "cpu") -> AttentionBatch:
+    """Turn per-sequence bookkeeping into index tensors, once per step.
+
+    ``layer_windows`` maps each layer type present ("full", "sliding") to its window (None = no
+    window). A query at position p may see key position j iff j <= p and (no window or p - j < window).
+    """
+    positions: list[int] = []
+    slots: list[int] = []
+    for s in seqs:
+        start = s.context_len - s.query_len
+        for p in range(start, s.context_len):
+            positions.append(p)
+            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+    decode = [s for s in seqs if s.query_len == 1]
+    multi = [s for s in seqs if s.query_len > 1]
+    groups = [g for g in (_group(decode, block_size, layer_windows, device),
+                          _group(multi, block_size, layer_windows, device)) if g is not None]
+    return AttentionBatch(positions=torch.tensor(positions, dtype=torch.int64, device=device),
+                          slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device), groups=groups)
+
+
+def _group(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int | None],
+           device: torch.device | str) -> AttentionGroup | None:
+    if not seqs:
+        return None
+    bg = len(seqs)
+    max_q = max(s.query_len for s in seqs)
+    max_kv = max(s.context_len for s in seqs)
+    q_index = torch.zeros(bg, max_q, dtype=torch.int64)
+    valid = torch.zeros(bg, max_q, dtype=torch.bool)
+    q_pos = torch.zeros(bg, max_q, dtype=torch.int64)
+    kv_slots = torch.zeros(bg, max_kv, dtype=torch.int64)
+    for r, s in enumerate(seqs):
+        q_index[r, :s.query_len] = torch.arange(s.query_start, s.query_start + s.query_len)
+        valid[r, :s.query_len] = True
+        q_pos[r, :s.query_len] = torch.arange(s.context_len - s.query_len, s.context_len)
+        pos = torch.arange(s.context_len)
+        table = torch.tensor(s.block_table, dtype=torch.int64)
+        kv_slots[r, :s.context_len] = table[pos // block_size] * block_size + pos % block_size
+    fresh = bg == 1 and seqs[0].context_len == seqs[0].query_len
+    kv_pos = torch.arange(max_kv)
+    masks: dict[str, torch.Tensor | None] = {}
+    for layer_type, window in layer_windows.items():
+        if fresh and (window is None or window >= max_kv):
+            masks[layer_type] = None  # plain causal attention over the step's own tokens
+            continue
+        m = kv_pos.view(1, 1, max_kv) <= q_pos.view(bg, max_q, 1)  # (Bg, maxQ, maxL)
+        if window is not None:
+            m &= (q_pos.view(bg, max_q, 1) - kv_pos.view(1, 1, max_kv)) < window
+        m[~valid] = False
+        m[..., 0] |= ~valid  # padded query rows see one (null) key: avoids an all-masked softmax
+        masks[layer_type] = m.unsqueeze(1).to(device)
+    valid_flat = valid.view(-1)
+    q_flat = q_index.view(-1)
+    return AttentionGroup(num_rows=bg, max_q=max_q, max_kv=max_kv, q_index=q_flat.to(device),
+                          valid=valid_flat.to(device), out_index=q_flat[valid_flat].to(device),
+                          kv_slots=kv_slots.view(-1).to(device), q_pos=q_pos.to(device), masks=masks, fresh=fresh)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """(num_heads,) float32 ALiBi slopes (Press et al.), including the non-power-of-two rule."""
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(torch.log2(torch.tensor(float(n))).item() - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** int(torch.log2(torch.tensor(float(num_heads))).floor().item())
+    slopes = power_of_two_slopes(closest)
+    if closest < num_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, batch: AttentionBatch, layer_type: str, scale: float,
+                    softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Write this step's k/v into the cache, then attend.
+
+    q: (N, H, D); k_new, v_new: (N, Hkv, D); returns (N, H * D) in q's dtype.
+    """
+    k_cache.index_copy_(0, batch.slot_mapping, k_new)
+    v_cache.index_copy_(0, batch.slot_mapping, v_new)
+    n, h, d = q.shape
+    hkv = k_new.shape[1]
+    out = torch.empty(n, h * d, dtype=q.dtype, device=q.device)
+    for g in batch.groups:
+        mask = g.masks[layer_type]
+        if g.fresh:
+            start = int(g.q_index[0])  # the row's tokens are contiguous in the step
+            rows = slice(start, start + g.max_q)
+            qg = q[rows].unsqueeze(0).transpose(1, 2)  # (1, H, T, D)
+            kg = k_new[rows].unsqueeze(0).transpose(1, 2)  # (1, Hkv, T, D)
+            vg = v_new[rows].unsqueeze(0).transpose(1, 2)
+        else:
+            qg = q.index_select(0, g.q_index).view(g.num_rows, g.max_q, h, d).transpose(1, 2)
+            kg = k_cache.index_select(0, g.kv_slots).view(g.num_rows, g.max_kv, hkv, d).transpose(1, 2)
+            vg = v_cache.index_select(0, g.kv_slots).view(g.num_rows, g.max_kv, hkv, d).transpose(1, 2)
+        if softcap is None and alibi is None:
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None,
+                                                scale=scale, enable_gqa=hkv != h)
+        else:
+            og = _attention_reference(qg, kg, vg, mask, scale, softcap, alibi, g.q_pos)
+        og = og.transpose(1, 2).reshape(-1, h * d)  # (Bg * maxQ, H * D)
+        if g.fresh:
+            out[rows] = og
+        else:
+            out.index_copy_(0, g.out_index, og[g.valid])
+    return out
+
+
+def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, softcap: float | None, alibi: torch.Tensor | None,
+                         q_pos: torch.Tensor) -> torch.Tensor:
+    """Explicit attention for what SDPA cannot express: logit soft-capping and ALiBi biases.
+
+    q: (B, H, Q, D); k, v: (B, Hkv, L, D); mask: (B, 1, Q, L) bool or None (causal).
+    """
+    b, h, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:
+        rel = torch.arange(nk, device=q.device).view(1, 1, 1, nk) - q_pos.view(b, 1, nq, 1)  # j - p <= 0
+        scores = scores + alibi.view(1, h, 1, 1).to(scores.device) * rel
+    if mask is None:
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq).view(1, 1, nq, nk)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)

@@ -1,0 +1,139 @@
+"""The one generic decoder that every family file describes.
+
+Forward works on a flat batch: the N new tokens of all sequences in a step, concatenated
+(no padding), with an ``AttentionBatch`` saying where each belongs in the paged cache. Nothing here
+knows about requests or scheduling.
+
+Block shapes (chosen by ModelConfig and by which weights exist):
+
+    sequential:  x = x + post_attn_norm?(attn(attn_norm(x)))
+                 x = x + post_mlp_norm?(mlp(mlp_norm(x)))
+    parallel:    h = attn_norm(x);  x = x + attn(h) + mlp(mlp_norm(x) if mlp_norm else h)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tierlm.loader.weights import LayerWeights, ModelWeights
+from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
+from tierlm.model.rope import RotaryTable, apply_rope
+from tierlm.model.spec import ModelConfig
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Transformer:
+    """Weights + config -> logits. Stateless apart from the rotary tables; the KV cache is passed in."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype):
+        self.cfg = cfg
+        self.w = weights
+        self.dtype = dtype
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.scale = cfg.effective_attn_scale
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        scale = cfg.effective_embed_scale
+        # HF multiplies by the scale cast to the weights' dtype; do the same to match bit for bit.
+        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype)
+        self.alibi = alibi_slopes(cfg.num_heads) if cfg.position == "alibi" else None
+        self.rope: dict[str, RotaryTable] = {}
+        if cfg.position == "rope":
+            global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict, cfg.max_position)
+            self.rope["full"] = global_table
+            self.rope["sliding"] = global_table
+            if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
+                # Gemma 3's local layers use their own base and no scaling.
+                self.rope["sliding"] = RotaryTable(cfg.effective_rotary_dim, cfg.rope_local_theta, None, cfg.max_position)
+
+    @property
+    def layer_windows(self) -> dict[str, int | None]:
+        return {t: (self.cfg.sliding_window if t == "sliding" else None) for t in set(self.cfg.layer_types)}
+
+    def new_kv_cache(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, device)
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
+        """input_ids (N,) -> final hidden states (N, hidden), before the final norm."""
+        x = F.embedding(input_ids, self.w.embed)  # (N, d)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        if self.w.pos_embed is not None:
+            x = x + F.embedding(batch.positions + self.cfg.learned_pos_offset, self.w.pos_embed)
+        rope = {t: table.lookup(batch.positions, self.dtype) for t, table in self.rope.items()}
+        for i, lw in enumerate(self.w.layers):
+            layer_type = self.cfg.layer_types[i]
+            x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (M, d) -> logits (M, vocab) float32, after the final norm and soft-capping."""
+        with torch.inference_mode():
+            h = self._norm(hidden, self.w.final_norm, self.w.final_norm_bias)
+            out = F.linear(h, self.w.lm_head, self.w.lm_head_bias).float()
+            if self.cfg.final_softcap is not None:
+                out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+            return out
+
+    def _block(self, x: torch.Tensor, lw: LayerWeights, batch: AttentionBatch, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, layer_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        h = self._norm(x, lw.attn_norm, lw.attn_norm_bias)
+        a = self._attention(h, lw, batch, k_cache, v_cache, layer_type, rope)
+        if self.cfg.residual == "parallel":
+            m_in = h if lw.mlp_norm is None else self._norm(x, lw.mlp_norm, lw.mlp_norm_bias)
+            return x + a + self._mlp(m_in, lw)
+        if lw.post_attn_norm is not None:
+            a = self._norm(a, lw.post_attn_norm, None)
+        x = x + a
+        m = self._mlp(self._norm(x, lw.mlp_norm, lw.mlp_norm_bias), lw)
+        if lw.post_mlp_norm is not None:
+            m = self._norm(m, lw.post_mlp_norm, None)
+        return x + m
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+        """Normalise in float32 (as HF does), return in the compute dtype. w already holds any +1 offset."""
+        if w is None:
+            return x
+        xf = x.float()
+        if self.cfg.norm == "rmsnorm":
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * w
+        else:
+            y = F.layer_norm(xf, (xf.shape[-1],), w, None if b is None else b.float(), self.cfg.norm_eps)
+        return y.to(x.dtype)
+
+    def _attention(self, h: torch.Tensor, lw: LayerWeights, batch: AttentionBatch, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, layer_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        c = self.cfg
+        n = h.shape[0]
+        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # (N, q_size + 2 * kv_size)
+        q = qkv[:, :self.q_size].view(n, c.num_heads, c.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, c.num_kv_heads, c.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(n, c.num_kv_heads, c.head_dim)
+        if lw.q_norm is not None:
+            q = self._norm(q, lw.q_norm, None)
+            k = self._norm(k, lw.k_norm, None)
+        if rope is not None:
+            cos, sin = rope
+            q = apply_rope(q, cos, sin, c.rope_layout)
+            k = apply_rope(k, cos, sin, c.rope_layout)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi)
+        return F.linear(o, lw.o, lw.o_bias)
+
+    def _mlp(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        u = F.linear(h, lw.up, lw.up_bias)
+        if self.cfg.gated_mlp:
+            gate, up = u.chunk(2, dim=-1)
+            u = self.act(gate) * up
+        else:
+            u = self.act(u)
+        return F.linear(u, lw.down, lw.down_bias)
