@@ -5,8 +5,9 @@ Workload per point: B prompts of `--prompt-len` random token ids (seeded, identi
 `--new-tokens` new tokens, greedy, EOS ignored.
 
 Timing (identical for both engines):
-  t_N   = wall time of one generate call producing N new tokens per sequence (best of `--reps`,
-          after a warm-up call that is excluded);
+  t_N   = wall time of one generate call producing N new tokens per sequence (best of up to `--reps`
+          repetitions, fewer once a point has used `--rep-budget-s`; after an excluded warm-up call that
+          uses the full batch with a 32-token prompt and 2 new tokens);
   prefill tok/s = B * prompt_len / t_1;     decode tok/s = B * (N - 1) / (t_N - t_1).
 Per-token latencies (TTFT, TPOT, P50/P95 of the gaps between a sequence's successive tokens) come from
 the best t_N run: tierlm's `RequestOutput.metrics`, transformers' timestamps taken by a logits processor
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -124,12 +126,17 @@ def _run_points(spec: dict[str, Any], generate, load_s: float, rss_loaded: int) 
         generate([p[:WARMUP_PROMPT_LEN] for p in prompts], WARMUP_NEW_TOKENS)  # warm-up: excluded
         t1s, tns = [], []
         best_n: tuple[float, list[list[float]], list[list[int]], list[float]] | None = None
+        t_point = time.perf_counter()
         for _ in range(spec["reps"]):
             t1s.append(generate(prompts, 1)[0])
             run = generate(prompts, num_new)
             tns.append(run[0])
             if best_n is None or run[0] < best_n[0]:
                 best_n = run
+            # Long points (batch 16 of a 1B model: ~1 min of prefill per rep on 2 cores) stop early;
+            # their 63 decode steps already average out most noise.
+            if time.perf_counter() - t_point >= spec["rep_budget_s"]:
+                break
         assert best_n is not None
         _, token_times, token_ids, ttfts = best_n
         if any(len(ids) != num_new for ids in token_ids):
@@ -138,7 +145,7 @@ def _run_points(spec: dict[str, Any], generate, load_s: float, rss_loaded: int) 
         tpots = [(times[-1] - times[0]) / (len(times) - 1) for times in token_times]
         points.append({
             "batch": batch,
-            "t1_s": t1s, "tn_s": tns,
+            "t1_s": t1s, "tn_s": tns, "reps": len(tns),
             "ttft_s": statistics.mean(ttfts),
             "tpot_s": statistics.mean(tpots),
             "token_gap_p50_s": _percentile(gaps, 50),
@@ -164,6 +171,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     runner = {"tierlm": _run_tierlm, "transformers": _run_transformers}[spec["engine"]]
     result = runner(spec)
@@ -242,11 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=2, help="timed repetitions per point; the best is kept")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="most timed repetitions per point (each: one t_1 and one t_N call); the best is kept")
+    parser.add_argument("--rep-budget-s", type=float, default=30.0,
+                        help="no further repetition once a point's timed calls have taken this long")
     parser.add_argument("--engines", default="tierlm,transformers")
     parser.add_argument("--smollm2-source", choices=("gguf", "hf"), default="gguf",
                         help="what tierlm loads for SmolLM2: the Q4_1 GGUF or the dequantized HF folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads for the limits and both engines (0: torch's default)")
     parser.add_argument("--name", default="decode", help="results file stem under bench/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -266,6 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (decode time is t_N - t_1)")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5 * (os.cpu_count() or 1):
+        print(f"[decode] WARNING: load average {load_start:.1f} on {os.cpu_count()} CPUs: other work is "
+              "running, numbers will be low and noisy", flush=True)
     paths = {m: model_dir(m) for m in models}
     bandwidth = measure_memory_bandwidth()
     matmul_flops = {d: measure_matmul_flops(DTYPES[d]) for d in dtypes}
@@ -287,19 +307,23 @@ def main(argv: list[str] | None = None) -> None:
                 results[engine] = run_child({
                     "engine": engine, "model": model, "model_path": source[engine], "dtype": dtype,
                     "batches": batches, "prompts": prompts, "new_tokens": args.new_tokens, "reps": args.reps,
+                    "threads": args.threads, "rep_budget_s": args.rep_budget_s,
                 })
             rows.extend(_rows_for(model, dtype, shape, results, args, bandwidth, matmul_flops[dtype]))
-            write_results(args.name, rows, _meta(args, bandwidth, matmul_flops, model_meta, t_start),
+            write_results(args.name, rows, _meta(args, bandwidth, matmul_flops, model_meta, t_start, load_start),
                           columns=TABLE_COLUMNS)  # after every model/dtype, so a crash keeps what ran
-    path = write_results(args.name, rows, _meta(args, bandwidth, matmul_flops, model_meta, t_start),
-                         columns=TABLE_COLUMNS)[1]
+    # Measured again at the end: a large drift means the machine was shared during the run.
+    bandwidth_end = measure_memory_bandwidth()
+    meta = _meta(args, bandwidth, matmul_flops, model_meta, t_start, load_start)
+    meta["bandwidth_gbps_end"] = bandwidth_end
+    path = write_results(args.name, rows, meta, columns=TABLE_COLUMNS)[1]
     print(path.read_text())
 
 
 TABLE_COLUMNS = ("model", "dtype", "batch", "engine", "prefill_tok_s", "decode_tok_s", "decode_ratio",
                  "prefill_ratio", "weight_mb_per_step", "achieved_gbps", "limit_tok_s", "bound",
                  "share_of_limit", "ttft_s", "tpot_ms", "gap_p50_ms", "gap_p95_ms", "peak_rss_mb",
-                 "agree_prefix")
+                 "agree_prefix", "reps")
 
 
 def _rows_for(model: str, dtype: str, shape: dict[str, Any], results: dict[str, dict[str, Any]],
@@ -346,7 +370,7 @@ def _rows_for(model: str, dtype: str, shape: dict[str, Any], results: dict[str, 
                 "child_peak_rss_mb": results[engine]["child_peak_rss_bytes"] / 1e6,
                 "rss_loaded_mb": results[engine]["rss_loaded_bytes"] / 1e6,
                 "load_s": results[engine]["load_s"],
-                "t1_s": p["t1_s"], "tn_s": p["tn_s"],
+                "t1_s": p["t1_s"], "tn_s": p["tn_s"], "reps": p["reps"],
                 "agree_prefix": None,
             }
             if engine == "tierlm" and "transformers" in per_engine:
@@ -361,15 +385,19 @@ def _rows_for(model: str, dtype: str, shape: dict[str, Any], results: dict[str, 
 
 
 def _meta(args: argparse.Namespace, bandwidth_gbps: float, matmul_flops: dict[str, float],
-          model_meta: dict[str, Any], t_start: float) -> dict[str, Any]:
+          model_meta: dict[str, Any], t_start: float, load_start: float) -> dict[str, Any]:
     return {
+        "load_average_start": load_start,
+        "threads": torch.get_num_threads(),
         "models": model_meta,
-        "bandwidth_gbps": bandwidth_gbps,
+        "bandwidth_gbps": bandwidth_gbps,  # used for the limits (measured at the start)
         "matmul_gflops": {d: f / 1e9 for d, f in matmul_flops.items()},
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
-        "statistic": f"best (minimum wall time) of {args.reps} timed repetitions after one warm-up call",
+        "rep_budget_s": args.rep_budget_s,
+        "statistic": (f"best (minimum wall time) of 1..{args.reps} timed repetitions (fewer once a point has "
+                      f"run {args.rep_budget_s:g} s; count in column reps), after one excluded warm-up call"),
         "seed": args.seed,
         "elapsed_s": time.perf_counter() - t_start,
     }

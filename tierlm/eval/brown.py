@@ -19,13 +19,14 @@ separated by blank lines; each line is one sentence, usually beginning with a
 tab; tokens are separated by spaces and written ``word/tag`` (the word itself
 may contain ``/``, e.g. ``1-1/2/cd``, so the tag is what follows the *last*
 slash).  Headlines are sentences whose word tags all end in ``-hl`` (punctuation
-tags may lack the suffix).  Quotes are
-``/`` (open double), ''/'' (close double) and '/' (single, either side).
+tags may lack the suffix).  Quotes are tokens: two backquotes (opening double
+quote), two apostrophes (closing double quote) and one apostrophe (single
+quote, either side), each tagged with itself.
 
 Text cleaning (``clean_tagged``)
 --------------------------------
 * drop the ``/tag`` suffix of every token;
-* ``\\`\\``` and ``''`` become ``"``;
+* the two-backquote and two-apostrophe tokens become ``"``;
 * no space before ``, . ; : ! ? )`` nor before a closing ``"``;
 * no space after ``(`` nor after an opening ``"``;
 * a single quote ``'`` token alternates opening/closing within a paragraph

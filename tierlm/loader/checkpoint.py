@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tierlm.loader.gguf import GGUFError, parse_gguf, read_tensor_f32
+from tierlm.loader.gguf import GGUFError, parse_gguf, read_rows_f32
 
 
 class CheckpointError(ValueError):
@@ -79,6 +79,7 @@ class SafetensorsReader:
         for path in files:
             self._index_file(path)
         self._fds: dict[Path, int] = {}
+        self._bounce: torch.Tensor | None = None
 
     def _index_file(self, path: Path) -> None:
         size = path.stat().st_size
@@ -135,14 +136,31 @@ class SafetensorsReader:
         want = e.shape[::-1] if transpose else e.shape
         if tuple(dest.shape) != want:
             raise CheckpointError(f"{name}: stored shape {e.shape} does not fit destination {tuple(dest.shape)}")
+        fd = self._fd(e.path)
         if not transpose and e.dtype == dest.dtype and dest.is_contiguous():
-            _pread_exact(self._fd(e.path), dest, e.offset, name)
+            _pread_exact(fd, dest, e.offset, name)  # zero-copy: straight into the final tensor
             return
-        tmp = torch.empty(e.shape, dtype=e.dtype)
-        _pread_exact(self._fd(e.path), tmp, e.offset, name)
-        dest.copy_(tmp.t() if transpose else tmp)
+        # dtype change or transposed storage: go through a bounded temporary, a band of rows at a time.
+        rows = e.shape[0] if e.shape else 1
+        row_bytes = e.nbytes // max(rows, 1)
+        for r0, r1 in _row_bands(rows, row_bytes):
+            tmp = self._temporary((r1 - r0) * row_bytes).view(e.dtype).view((r1 - r0,) + e.shape[1:])
+            _pread_exact(fd, tmp, e.offset + r0 * row_bytes, name)
+            if not e.shape:
+                dest.copy_(tmp.reshape(()))
+            elif transpose:
+                dest[:, r0:r1].copy_(tmp.t())
+            else:
+                dest[r0:r1].copy_(tmp)
+
+    def _temporary(self, nbytes: int) -> torch.Tensor:
+        """One reused buffer: fresh allocations per band fragment the heap and inflate peak RSS."""
+        if self._bounce is None or self._bounce.numel() < nbytes:
+            self._bounce = torch.empty(max(nbytes, _BAND_BYTES), dtype=torch.uint8)
+        return self._bounce[:nbytes]
 
     def close(self) -> None:
+        self._bounce = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -152,6 +170,15 @@ class SafetensorsReader:
             self.close()
         except Exception:
             pass
+
+
+_BAND_BYTES = 32 * 2**20  # the temporary used for a dtype change never exceeds this (or one row)
+
+
+def _row_bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """Split [0, rows) into bands of at most _BAND_BYTES (at least one row each)."""
+    step = max(1, _BAND_BYTES // max(row_bytes, 1))
+    return [(r, min(rows, r + step)) for r in range(0, max(rows, 1), step)]
 
 
 def _pread_exact(fd: int, dest: torch.Tensor, offset: int, name: str) -> None:
@@ -198,7 +225,10 @@ class GGUFFile:
         except GGUFError as err:
             raise CheckpointError(str(err)) from None
         self._tensors = {t.name: t for t in infos}
-        self._data: np.ndarray | None = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # pread into one reused buffer rather than a memmap: touched map pages would count in RSS
+        # until the file is closed, on top of the decoded weights.
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        self._bounce = torch.empty(0, dtype=torch.uint8)
         embed = self._tensors.get("token_embd.weight")
         if embed is not None:
             # vocab size is not always in the metadata; the embedding's row count always is.
@@ -225,14 +255,29 @@ class GGUFFile:
         want = info.shape[::-1] if transpose else info.shape
         if tuple(dest.shape) != want:
             raise CheckpointError(f"{name}: stored shape {info.shape} does not fit destination {tuple(dest.shape)}")
-        try:
-            values = read_tensor_f32(self.path, info, self._data)
-        except Exception as err:  # gguf's dequantizers raise assorted errors on bad data
-            raise CheckpointError(f"{self.path}: cannot decode tensor {name} ({info.type_name}): {err}") from None
-        if not values.flags.writeable:  # a float32 tensor viewed straight from the read-only map
-            values = values.copy()
-        src = torch.from_numpy(values)
-        dest.copy_(src.t() if transpose else src)
+        rows = info.shape[0]
+        row_elems = max(1, int(np.prod(info.shape[1:], dtype=np.int64)))
+        row_bytes = info.nbytes // rows
+        for r0, r1 in _row_bands(rows, 4 * row_elems):  # float32 bands: bounded temporary
+            nbytes = (r1 - r0) * row_bytes
+            if self._bounce.numel() < nbytes:
+                self._bounce = torch.empty(max(nbytes, _BAND_BYTES // 4), dtype=torch.uint8)
+            raw = self._bounce[:nbytes]
+            _pread_exact(self._fd, raw, info.offset + r0 * row_bytes, name)
+            try:
+                values = read_rows_f32(info, r1 - r0, raw.numpy())
+            except Exception as err:  # gguf's dequantizers raise assorted errors on bad data
+                raise CheckpointError(f"{self.path}: cannot decode tensor {name} ({info.type_name}): {err}") from None
+            if not values.flags.writeable:  # a float32 tensor viewed straight from the read-only map
+                values = values.copy()
+            src = torch.from_numpy(values)
+            if transpose:
+                dest[:, r0:r1].copy_(src.t())
+            else:
+                dest[r0:r1].copy_(src)
 
     def close(self) -> None:
-        self._data = None  # drops the memmap
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._bounce = torch.empty(0, dtype=torch.uint8)

@@ -133,23 +133,21 @@ def _parse(buf: mmap.mmap, path: Path, with_tensors: bool) -> tuple[dict[str, An
     return metadata, infos
 
 
-def read_tensor_f32(path: Path, info: GGUFTensorInfo, data: np.ndarray | None = None) -> np.ndarray:
-    """Dequantize one tensor to a float32 array of ``info.shape``.
+def read_rows_f32(info: GGUFTensorInfo, num_rows: int, raw: np.ndarray) -> np.ndarray:
+    """Decode ``num_rows`` consecutive rows of a tensor from their stored bytes ``raw`` (uint8)
+    to float32, shape (num_rows,) + info.shape[1:].
 
-    ``data`` is an optional uint8 view of the whole file (a np.memmap) to avoid reopening it.
+    Quantization blocks never straddle rows (a row's length is a multiple of the block size),
+    so any band of rows decodes on its own.
     """
     from gguf import GGMLQuantizationType
-    from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
-    if data is None:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
     qtype = GGMLQuantizationType(info.ggml_type)
-    raw = data[info.offset:info.offset + info.nbytes]
+    raw = raw.reshape(num_rows, -1)
+    shape = (num_rows,) + info.shape[1:]
     if qtype == GGMLQuantizationType.F32:
-        return raw.view(np.float32).reshape(info.shape)
+        return raw.view(np.float32).reshape(shape)
     if qtype == GGMLQuantizationType.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(info.shape)
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    rows = raw.reshape(-1, info.shape[-1] // block * type_size)  # one row of bytes per tensor row
-    return np.asarray(dequantize(rows, qtype), dtype=np.float32).reshape(info.shape)
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    return np.asarray(dequantize(raw, qtype), dtype=np.float32).reshape(shape)

@@ -53,8 +53,10 @@ def load_model(path: str | Path | None, dtype: torch.dtype, spec_dirs: tuple[Pat
         gg = GGUFFile(path)
         family = find_family(gguf_arch=gg.architecture, extra_dirs=spec_dirs)
         cfg = family.resolve_gguf(gg.metadata, gg.architecture)
-        weights = load_weights(family, cfg, gg, dtype)
+        # Tokenizer first: building a 262k-entry vocabulary has a transient peak that should not
+        # stack on top of the weights.
         tokenizer = Tokenizer.from_gguf(gg.metadata)
+        weights = load_weights(family, cfg, gg, dtype)
         types: dict[str, int] = {}
         for name in gg.names():
             types[gg.quant_type(name)] = types.get(gg.quant_type(name), 0) + 1

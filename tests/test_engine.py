@@ -1,0 +1,230 @@
+"""Engine bookkeeping with exact values: block manager, scheduler, step loop (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.engine import EngineCore, RequestError, SampledToken
+from tierlm.engine.request import FinishReason, Request, RequestStatus
+from tierlm.engine.scheduler import Scheduler, SchedulerConfig
+from tierlm.sampling_params import SamplingParams
+
+
+def _req(rid: str, n: int, max_tokens: int = 8) -> Request:
+    return Request(request_id=rid, prompt_token_ids=list(range(10, 10 + n)), params=SamplingParams(max_tokens=max_tokens))
+
+
+# -- block manager ----------------------------------------------------------------------------
+
+def test_block_manager_allocates_in_order_and_never_block_zero():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    table: list[int] = []
+    assert bm.allocate(table, 5) == [1, 2]
+    assert bm.allocate(table, 8) == []  # still fits in 2 blocks
+    assert bm.allocate(table, 9) == [3]
+    assert table == [1, 2, 3] and bm.num_free_blocks == 1
+    other: list[int] = []
+    assert bm.allocate(other, 5) is None and other == [] and bm.num_free_blocks == 1  # all or nothing
+    bm.free(table)
+    assert table == [] and list(bm.free_blocks) == [4, 3, 2, 1]
+    assert bm.allocate(other, 5) == [4, 3]
+    assert bm.ref_counts == [0, 0, 0, 1, 1]
+
+
+def test_block_manager_rejects_double_free_and_tiny_caches():
+    bm = BlockManager(num_blocks=3, block_size=2)
+    table: list[int] = []
+    bm.allocate(table, 3)
+    copy = list(table)
+    bm.free(table)
+    with pytest.raises(ValueError, match="double free"):
+        bm.free(copy)
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        BlockManager(num_blocks=1, block_size=16)
+
+
+# -- scheduler --------------------------------------------------------------------------------
+
+def _chunks(out):
+    return [(c.request.request_id, c.start, c.num_new_tokens, c.samples) for c in out.chunks]
+
+
+def _finish_step(sched: Scheduler, out, token: int = 7) -> None:
+    """What the engine does after the runner: commit, then append a token where a chunk sampled."""
+    sched.commit(out)
+    for c in out.chunks:
+        if c.samples:
+            c.request.output_token_ids.append(token)
+
+
+def test_budget_chunks_long_prompt_and_fuses_short_ones():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8), BlockManager(64, 4))
+    a, b, c = _req("a", 13), _req("b", 3), _req("c", 2)
+    for r in (a, b, c):
+        sched.add(r)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 8, False)]  # a takes the whole budget
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 8, 5, True), ("b", 0, 3, True)]  # a finishes its prompt, b fits whole
+    _finish_step(sched, out)
+    out = sched.schedule()
+    # decodes first (1 token each: the token sampled last step), then c's whole prompt
+    assert _chunks(out) == [("a", 13, 1, True), ("b", 3, 1, True), ("c", 0, 2, True)]
+    assert a.block_table == [1, 2, 3, 4] and b.block_table == [5] and c.block_table == [6]
+
+
+def test_chunked_prefill_off_waits_for_room_for_whole_prompt():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, enable_chunked_prefill=False),
+                      BlockManager(64, 4))
+    a, b = _req("a", 6), _req("b", 5)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 6, True)]  # b (5) does not fit in the 2 tokens left
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 6, 1, True), ("b", 0, 5, True)]
+
+
+def test_max_num_seqs_limits_running():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockManager(64, 4))
+    for i in range(3):
+        sched.add(_req(f"r{i}", 2))
+    out = sched.schedule()
+    assert [c[0] for c in _chunks(out)] == ["r0", "r1"]
+    assert [r.request_id for r in sched.waiting] == ["r2"]
+
+
+def test_preemption_frees_newest_and_requeues_it_first():
+    # 4 usable blocks of 2 tokens. a: 3 tokens (2 blocks), b: 3 tokens (2 blocks): cache full.
+    bm = BlockManager(num_blocks=5, block_size=2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), bm)
+    a, b = _req("a", 3), _req("b", 3)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 3, True), ("b", 0, 3, True)]
+    _finish_step(sched, out)
+    out = sched.schedule()  # 4 tokens each still fit in 2 blocks
+    assert _chunks(out) == [("a", 3, 1, True), ("b", 3, 1, True)] and out.preempted == []
+    _finish_step(sched, out)
+    out = sched.schedule()  # a's 5th token needs a 3rd block: the newest, b, is preempted
+    assert _chunks(out) == [("a", 4, 1, True)]
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert b.metrics.num_preemptions == 1 and list(sched.waiting) == [b]
+    assert a.block_table == [1, 2, 4]  # b's blocks came back tail first: [4, 3]
+    _finish_step(sched, out)
+    # Once a finishes, b recomputes its prompt and its 2 output tokens in one chunk.
+    sched.finish(a, FinishReason.LENGTH)
+    out = sched.schedule()
+    assert _chunks(out) == [("b", 0, 5, True)] and b.block_table == [3, 4, 2]
+
+
+def test_request_preempts_itself_when_alone_and_cache_is_short():
+    bm = BlockManager(num_blocks=3, block_size=2)  # 4 tokens total
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16), bm)
+    a = _req("a", 4)
+    sched.add(a)
+    out = sched.schedule()
+    _finish_step(sched, out)
+    out = sched.schedule()  # needs a 3rd block, nobody else to preempt
+    assert out.chunks == [] and [r.request_id for r in out.preempted] == ["a"]
+
+
+# -- step loop with a fake runner -------------------------------------------------------------
+
+class ScriptedRunner:
+    """Returns tokens from a per-request script; records what it was asked to run."""
+
+    def __init__(self, script: dict[str, list[int]]):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls: list[list[tuple[str, int, int]]] = []
+        self.released: list[str] = []
+
+    def execute(self, out):
+        self.calls.append([(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks])
+        return {c.request.request_id: SampledToken(self.script[c.request.request_id].pop(0))
+                for c in out.chunks if c.samples}
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+
+class CharDetok:
+    """token id t -> chr(t)."""
+
+    def add(self, token_id: int) -> str:
+        return chr(token_id)
+
+
+def _engine(script, **kw):
+    runner = ScriptedRunner(script)
+    eng = EngineCore(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), BlockManager(32, 4), runner,
+                     max_model_len=kw.pop("max_model_len", 64), eos_token_ids=(3,),
+                     detokenizer_factory=lambda ids: CharDetok())
+    return eng, runner
+
+
+def _run(eng):
+    finals = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                finals[o.request_id] = o
+    return finals
+
+
+def test_stop_reasons_eos_stop_token_stop_string_and_length():
+    script = {"eos": [ord("a"), 3, ord("z")], "stopid": [ord("a"), ord("b"), ord("c")],
+              "stopstr": [ord("x"), ord("E"), ord("N"), ord("D"), ord("y")], "len": [ord("q")] * 5}
+    eng, runner = _engine(script)
+    eng.add_request([5, 6], SamplingParams(max_tokens=10), request_id="eos")
+    eng.add_request([5], SamplingParams(max_tokens=10, stop_token_ids=[ord("b")]), request_id="stopid")
+    eng.add_request([5], SamplingParams(max_tokens=10, stop=["END"]), request_id="stopstr")
+    eng.add_request([5], SamplingParams(max_tokens=3), request_id="len")
+    f = _run(eng)
+    assert (f["eos"].finish_reason, f["eos"].token_ids, f["eos"].text) == ("stop", [ord("a"), 3], "a")
+    assert (f["stopid"].finish_reason, f["stopid"].token_ids) == ("stop", [ord("a"), ord("b")])
+    assert (f["stopstr"].finish_reason, f["stopstr"].text) == ("stop", "x")
+    assert (f["len"].finish_reason, len(f["len"].token_ids)) == ("length", 3)
+    assert sorted(runner.released) == ["eos", "len", "stopid", "stopstr"]
+    assert eng.blocks.num_used_blocks == 0
+
+
+def test_streaming_holds_back_possible_stop_string_prefix():
+    eng, _ = _engine({"r": [ord(c) for c in "abEN"] + [ord("D")]})
+    eng.add_request([5], SamplingParams(max_tokens=10, stop=["END"]), request_id="r")
+    deltas = []
+    while eng.has_unfinished():
+        deltas += [o.new_text for o in eng.step()]
+    assert "".join(deltas) == "ab" and deltas == ["", "", "a", "b", ""]
+
+
+def test_ignore_eos_and_context_limit():
+    eng, _ = _engine({"r": [3] * 10}, max_model_len=6)
+    eng.add_request([5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True), request_id="r")
+    f = _run(eng)["r"]
+    assert f.finish_reason == "length" and f.token_ids == [3, 3, 3]  # 3 prompt + 3 = max_model_len
+
+
+def test_abort_frees_blocks_at_once():
+    eng, runner = _engine({"r": [ord("a")] * 10})
+    eng.add_request(list(range(20)), SamplingParams(max_tokens=10), request_id="r")
+    eng.step()
+    assert eng.blocks.num_used_blocks == 5  # 20 prompt tokens cached; the sampled one is not yet
+    eng.abort("r")
+    assert eng.blocks.num_used_blocks == 0 and not eng.has_unfinished() and runner.released == ["r"]
+
+
+def test_bad_requests_are_rejected_clearly():
+    eng, _ = _engine({}, max_model_len=8)
+    with pytest.raises(RequestError, match="empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(RequestError, match="8"):
+        eng.add_request(list(range(8)), SamplingParams())
+    eng.add_request([1], SamplingParams(), request_id="x")
+    with pytest.raises(RequestError, match="already in use"):
+        eng.add_request([1], SamplingParams(), request_id="x")

@@ -1,0 +1,5 @@
+"""``python -m tierlm``: the same command as ``tierlm``."""
+
+from tierlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The ``tierlm`` command: generate, chat, info, perplexity.
+
+Every subcommand takes an optional MODEL (an HF folder or a .gguf file; default: the embedded
+SmolLM2-135M-Instruct). User mistakes (bad paths, broken checkpoints, unknown architectures, invalid
+sampling values, prompts that do not fit) end as one line ``tierlm: error: <message>`` on stderr
+with exit status 2; Ctrl-C ends with 130. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from tierlm.config import ConfigError
+from tierlm.engine.engine import RequestError
+from tierlm.loader.checkpoint import CheckpointError
+from tierlm.loader.gguf import GGUFError
+from tierlm.loader.tokenizer import TokenizerError
+from tierlm.model.spec import SpecError, UnknownArchitectureError
+from tierlm.sampling_params import SamplingParams, SamplingParamsError
+
+# Listed for the reader; all but OSError are ValueErrors, and any ValueError reaching the top is a bad
+# value the user gave (a number out of range, a text too short for perplexity).
+USER_ERRORS = (CheckpointError, GGUFError, UnknownArchitectureError, SpecError, SamplingParamsError, RequestError,
+               ConfigError, TokenizerError, OSError, ValueError)
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("tierlm").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tierlm generate ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"tierlm: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# -- arguments ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", nargs="?", metavar="MODEL",
+                        help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    common.add_argument("--spec-dir", action="append", default=[], metavar="DIR",
+                        help="folder of extra family files (*.toml); repeatable, searched before the built-ins")
+    common.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log the engine configuration and timings")
+
+    parser = argparse.ArgumentParser(prog="tierlm", description="Run language models with tierlm.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", parents=[common], help="complete prompts")
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="a prompt (repeatable: batched); none: read one prompt from stdin")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _add_sampling_args(gen, max_tokens=128, temperature=1.0)
+    gen.set_defaults(run=cmd_generate)
+
+    chat = sub.add_parser("chat", parents=[common], help="interactive chat (/reset clears, /exit quits)")
+    chat.add_argument("--system", metavar="TEXT", help="system message")
+    chat.add_argument("--once", metavar="TEXT", help="answer this one user turn and exit")
+    _add_sampling_args(chat, max_tokens=512, temperature=0.7)
+    chat.set_defaults(run=cmd_chat)
+
+    info = sub.add_parser("info", parents=[common], help="describe a model: architecture, sizes, tokenizer")
+    info.set_defaults(run=cmd_info)
+
+    ppl = sub.add_parser("perplexity", parents=[common], help="perplexity of a text (Brown protocol)")
+    ppl.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file (default: the Brown press excerpt)")
+    ppl.add_argument("--ctx", type=int, default=512, help="tokens per window, BOS included (default: 512)")
+    ppl.add_argument("--windows", type=int, default=6, help="number of windows; 0: all that fit (default: 6)")
+    ppl.set_defaults(run=cmd_perplexity)
+    return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--logprobs", type=int, metavar="N", help="print each token's logprob and the N most likely")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def _load_llm(args: argparse.Namespace, **kwargs):
+    from tierlm.api import LLM  # torch is imported here, after the arguments are known to be valid
+
+    return LLM(args.model, args.dtype, max_model_len=args.max_model_len, spec_dirs=args.spec_dir, **kwargs)
+
+
+# -- generate -----------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)  # invalid values fail before the model loads
+    texts = args.prompt or [sys.stdin.read()]
+    llm = _load_llm(args, max_num_seqs=max(1, len(texts)))
+    prompts = [llm.tokenizer.encode(llm.chat_prompt([{"role": "user", "content": t}]), add_special_tokens=False)
+               if args.chat else t for t in texts]
+    t0 = time.perf_counter()
+    if args.stream:
+        outputs = []
+        for prompt in prompts:
+            for out in llm.stream(prompt, params):
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            outputs.append(out)
+            _print_logprobs(llm, out)
+    else:
+        outputs = llm.generate(prompts, params)
+        for i, out in enumerate(outputs):
+            if i:
+                print()
+            print(out.text)
+            _print_logprobs(llm, out)
+    elapsed = time.perf_counter() - t0
+    num_tokens = sum(len(o.token_ids) for o in outputs)
+    ttfts = [o.metrics.ttft for o in outputs if o.metrics is not None and o.metrics.ttft is not None]
+    ttft = f", TTFT {1000 * sum(ttfts) / len(ttfts):.0f} ms" if ttfts else ""
+    reasons = ",".join(sorted({str(o.finish_reason) for o in outputs}))
+    print(f"[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s{ttft}, finish: {reasons}]",
+          file=sys.stderr)
+    return 0
+
+
+def _print_logprobs(llm, out) -> None:
+    if not out.logprobs:
+        return
+    for lp in out.logprobs:
+        top = "  ".join(f"{llm.tokenizer.decode([t], skip_special_tokens=False)!r}={v:.3f}" for t, v in lp.top)
+        piece = llm.tokenizer.decode([lp.token_id], skip_special_tokens=False)
+        print(f"  {lp.token_id:>7} {piece!r:<16} {lp.logprob:9.4f}" + (f"   top: {top}" if top else ""))
+
+
+# -- chat ---------------------------------------------------------------------------------------------
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _load_llm(args, max_num_seqs=1)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.once is not None:
+        _answer(llm, system + [{"role": "user", "content": args.once}], params)
+        return 0
+    interactive = sys.stdin.isatty()
+    history = list(system)
+    if interactive:
+        print("tierlm chat: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history = list(system)
+            print("[history cleared]", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        history.append({"role": "assistant", "content": _answer(llm, history, params)})
+
+
+def _answer(llm, messages: list[dict], params: SamplingParams) -> str:
+    """Stream one assistant turn to stdout, then ``[N tokens, X tok/s]``; returns its text."""
+    ids = llm.tokenizer.encode(llm.chat_prompt(messages), add_special_tokens=False)  # template holds BOS
+    t0 = time.perf_counter()
+    out = None
+    for out in llm.stream(ids, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    num_tokens = len(out.token_ids) if out is not None else 0
+    print(f"\n[{num_tokens} tokens, {num_tokens / elapsed:.1f} tok/s]", flush=True)
+    return out.text if out is not None else ""
+
+
+# -- info ---------------------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from tierlm.loader.model_loader import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    m = load_model(args.model, dtype, tuple(Path(d) for d in args.spec_dir))
+    groups = m.weights.nbytes_by_group()
+    num_params = m.weights.num_parameters()
+    rows = [("model", str(m.path)),
+            ("family", f"{m.family.name} ({m.family.source})"),
+            ("architecture", m.config.summary()),
+            ("context", f"{m.config.max_position} positions"),
+            ("parameters", f"{num_params:,} ({num_params / 1e6:.1f} M)"),
+            (f"bytes ({args.dtype})", ", ".join(f"{k} {_mib(v)}" for k, v in groups.items())
+             + f"; total {_mib(sum(groups.values()))}" + (" (lm_head tied to embedding)" if m.weights.tied else "")),
+            ("source", f"{m.source}; tensor types: "
+             + ", ".join(f"{k} x{n}" for k, n in sorted(m.tensor_types.items(), key=lambda kv: -kv[1])))]
+    tok = m.tokenizer
+    if tok is None:
+        rows.append(("tokenizer", "none (prompts must be token ids)"))
+    else:
+        eos = ", ".join(f"{i} {tok.id_to_token(i)!r}" for i in tok.eos_token_ids) or "none"
+        bos = "none" if tok.bos_token_id is None else f"{tok.bos_token_id} {tok.id_to_token(tok.bos_token_id)!r}"
+        rows.append(("tokenizer", f"vocab {tok.vocab_size}, bos {bos}, eos {eos}, "
+                                  f"chat template {'yes' if tok.chat_template else 'no'}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from tierlm.eval import brown
+    from tierlm.eval.perplexity import perplexity
+
+    if args.ctx < 2 or args.windows < 0:
+        raise ValueError("--ctx must be >= 2 and --windows >= 0")
+    text = args.text.read_text(encoding="utf-8") if args.text is not None else brown.excerpt()
+    if args.max_model_len is None:
+        args.max_model_len = args.ctx  # a KV cache for one window is all scoring needs
+    llm = _load_llm(args, max_num_seqs=1, kv_cache_tokens=args.ctx)
+    result = perplexity(llm, text, ctx=args.ctx, num_windows=args.windows or None, progress=True)
+    print(result.describe())
+    print("per-window mean NLL: " + " ".join(f"{n:.4f}" for n in result.window_mean_nll))
+    print(f"PPL {result.ppl:.4f}")
+    return 0
