@@ -37,6 +37,7 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed (transformers' save progress bars)
     rc = cli.main(list(args))
     out, err = capsys.readouterr()
     return rc, out, err
@@ -119,8 +120,9 @@ def test_perplexity_command_small(tmp_path, capsys):
     text.write_text("The jury said it did find that many of the registration and election laws were outmoded. " * 4)
     rc, out, err = _main(capsys, "perplexity", "--text", str(text), "--ctx", "16", "--windows", "2")
     assert rc == 0, err
-    assert "30 predictions in 2 windows" in out
-    ppl = float(out.strip().splitlines()[-1].split()[1])
+    last = out.strip().splitlines()[-1]
+    assert "over 30 predictions in 2 windows" in last
+    ppl = float(last.split()[1])
     assert 1.0 < ppl < 1000.0
 
 
@@ -178,3 +180,9 @@ def test_perplexity_text_too_short(tmp_path, capsys):
 def test_perplexity_missing_text_file(tmp_path, capsys):
     rc, _, err = _main(capsys, "perplexity", "--text", str(tmp_path / "absent.txt"))
     _assert_one_line_error(rc, err, "absent.txt")
+
+
+def test_text_prompt_for_model_without_tokenizer(hf_model, capsys):
+    _, folder = hf_model("llama")
+    rc, _, err = _main(capsys, "generate", str(folder), "--chat", "--prompt", "hi")
+    _assert_one_line_error(rc, err, "no tokenizer")

@@ -36,10 +36,12 @@ def _hf_window_nll(model, seq: list[int]) -> torch.Tensor:
 
 
 def test_nll_rows_exact():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, -1e4, -1e4]])
-    got = nll_rows(logits, torch.tensor([2, 1]))
+    # Exact in float32, and large enough that a naive exp() would overflow.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1000.0, 1000.0, 1000.0, 1000.0], [1000.0, 999.0, -1e4, -1e4]])
+    got = nll_rows(logits, torch.tensor([2, 1, 1]))
     assert got.dtype == torch.float64
-    assert torch.allclose(got, torch.tensor([math.log(4.0), math.log(4.0)], dtype=torch.float64), rtol=1e-12)
+    expected = [math.log(4.0), math.log(4.0), 1.0 + math.log1p(math.exp(-1.0))]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("bos_id", [1, None])

@@ -125,7 +125,8 @@ def test_top_k_keeps_ties_at_the_threshold():
     assert support(filtered_probs(logits, [SP(top_k=2)])[0]) == {1, 2, 3}
 
 
-@pytest.mark.parametrize("top_p, kept", [(0.3, {1}), (0.39, {1}), (0.41, {1, 3}), (0.6, {1, 3}), (0.66, {1, 3, 2}),
+@pytest.mark.parametrize("top_p, kept", [(0.3, {1}), (0.39, {1}), (0.41, {1, 3}), (0.6, {1, 3}),
+                                         (0.66, {1, 3, 2}),
                                          (0.9, {1, 3, 2, 0}), (0.97, {0, 1, 2, 3, 4}),
                                          (1.0, {0, 1, 2, 3, 4})])
 def test_top_p_keeps_smallest_prefix_reaching_top_p(top_p, kept):
@@ -190,7 +191,7 @@ def test_rows_filter_independently():
 # --- randomness ---------------------------------------------------------------------------------
 
 def _draw_sequence(seed: int, batch_others: int, position: int, steps: int = 50) -> list[int]:
-    """Tokens of one seeded row over `steps` calls, with `batch_others` unrelated random rows around it."""
+    """Tokens of one seeded row over `steps` calls, `batch_others` unrelated random rows around it."""
     noise = torch.Generator().manual_seed(1000 + batch_others)  # makes the other rows' logits
     row_logits = torch.Generator().manual_seed(7)  # the tracked row's logits: same in every setting
     vocab = 64

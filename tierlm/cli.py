@@ -122,8 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # invalid values fail before the model loads
     texts = args.prompt or [sys.stdin.read()]
     llm = _load_llm(args, max_num_seqs=max(1, len(texts)))
-    prompts = [llm.tokenizer.encode(llm.chat_prompt([{"role": "user", "content": t}]), add_special_tokens=False)
-               if args.chat else t for t in texts]
+    prompts = [_chat_ids(llm, [{"role": "user", "content": t}]) if args.chat else t for t in texts]
     t0 = time.perf_counter()
     if args.stream:
         outputs = []
@@ -190,9 +189,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": _answer(llm, history, params)})
 
 
+def _chat_ids(llm, messages: list[dict]) -> list[int]:
+    rendered = llm.chat_prompt(messages)  # raises the user-facing error when there is no tokenizer/template
+    return llm.tokenizer.encode(rendered, add_special_tokens=False)  # the template already holds BOS
+
+
 def _answer(llm, messages: list[dict], params: SamplingParams) -> str:
     """Stream one assistant turn to stdout, then ``[N tokens, X tok/s]``; returns its text."""
-    ids = llm.tokenizer.encode(llm.chat_prompt(messages), add_special_tokens=False)  # template holds BOS
+    ids = _chat_ids(llm, messages)
     t0 = time.perf_counter()
     out = None
     for out in llm.stream(ids, params):
@@ -255,7 +259,6 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         args.max_model_len = args.ctx  # a KV cache for one window is all scoring needs
     llm = _load_llm(args, max_num_seqs=1, kv_cache_tokens=args.ctx)
     result = perplexity(llm, text, ctx=args.ctx, num_windows=args.windows or None, progress=True)
-    print(result.describe())
     print("per-window mean NLL: " + " ".join(f"{n:.4f}" for n in result.window_mean_nll))
-    print(f"PPL {result.ppl:.4f}")
+    print(result.describe())
     return 0

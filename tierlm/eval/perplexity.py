@@ -104,8 +104,8 @@ def perplexity_from_ids(llm: LLM, ids: Sequence[int], bos_id: int | None, ctx: i
             logits = llm.score(seq)  # (ctx, vocab) float32
             targets = torch.tensor(seq[1:], dtype=torch.int64)  # position i predicts seq[i + 1]
             window_nll.append(nll_rows(logits[:-1], targets))
+            bar.set_postfix(ppl=f"{math.exp(torch.cat(window_nll).mean().item()):.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(torch.cat(window_nll).mean().item()):.3f}")
     finally:
         bar.close()
     all_nll = torch.cat(window_nll)  # (num_windows * (ctx - 1),) float64
