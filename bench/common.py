@@ -248,4 +248,6 @@ def _fmt(value: Any) -> str:
         return f"{value:.3e}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
     return str(value)

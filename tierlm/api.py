@@ -16,6 +16,7 @@ from tierlm.engine.scheduler import SchedulerConfig
 from tierlm.loader.model_loader import LoadedModel, load_model
 from tierlm.loader.tokenizer import IncrementalDetokenizer
 from tierlm.model.attention import KVCache
+from tierlm.model.linear import default_linear_method
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
 from tierlm.runner import TorchModelRunner
@@ -42,6 +43,8 @@ class LLM:
                  spec_dirs: Sequence[str | Path] = ()):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
         t0 = time.perf_counter()
         loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs))
         self.loaded = loaded
@@ -58,7 +61,8 @@ class LLM:
                                    block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    enable_chunked_prefill=enable_chunked_prefill)
-        self.model = Transformer(loaded.config, loaded.weights, _TORCH_DTYPES[dtype])
+        self.model = Transformer(loaded.config, loaded.weights, _TORCH_DTYPES[dtype],
+                                 default_linear_method(device, _TORCH_DTYPES[dtype]), device)
         cache = self.model.new_kv_cache(num_blocks, block_size, device)
         self.runner = TorchModelRunner(self.model, cache, device)
         detok = None
@@ -139,11 +143,12 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        return self.generate([self._chat_ids(messages)], params)[0]
+        return self.generate([self.chat_token_ids(messages)], params)[0]
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        rendered = self.chat_prompt(messages)  # raises the user-facing error when there is no tokenizer
         # The rendered template already holds BOS where the model wants it.
-        return self.tokenizer.encode(self.chat_prompt(messages), add_special_tokens=False)
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, prompt: Prompt) -> torch.Tensor:

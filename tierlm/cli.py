@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # invalid values fail before the model loads
     texts = args.prompt or [sys.stdin.read()]
     llm = _load_llm(args, max_num_seqs=max(1, len(texts)))
-    prompts = [_chat_ids(llm, [{"role": "user", "content": t}]) if args.chat else t for t in texts]
+    prompts = [llm.chat_token_ids([{"role": "user", "content": t}]) if args.chat else t for t in texts]
     t0 = time.perf_counter()
     if args.stream:
         outputs = []
@@ -189,14 +189,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": _answer(llm, history, params)})
 
 
-def _chat_ids(llm, messages: list[dict]) -> list[int]:
-    rendered = llm.chat_prompt(messages)  # raises the user-facing error when there is no tokenizer/template
-    return llm.tokenizer.encode(rendered, add_special_tokens=False)  # the template already holds BOS
-
-
 def _answer(llm, messages: list[dict], params: SamplingParams) -> str:
     """Stream one assistant turn to stdout, then ``[N tokens, X tok/s]``; returns its text."""
-    ids = _chat_ids(llm, messages)
+    ids = llm.chat_token_ids(messages)
     t0 = time.perf_counter()
     out = None
     for out in llm.stream(ids, params):

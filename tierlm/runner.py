@@ -30,7 +30,7 @@ class TorchModelRunner:
             return None
         g = self._generators.get(request_id)
         if g is None:
-            g = torch.Generator(device=self.device)
+            g = torch.Generator()  # sampling runs on the CPU (see execute)
             g.manual_seed(seed)
             self._generators[request_id] = g
         return g
@@ -55,7 +55,9 @@ class TorchModelRunner:
         hidden = self._forward(ids, seqs)
         if not sampling:
             return {}
-        logits = self.model.logits(hidden[sample_rows])  # (num_sampling, vocab) float32
+        # Sampling runs on the CPU whatever the device: B x vocab floats are cheap to move, and
+        # seeded draws then give the same tokens on every device.
+        logits = self.model.logits(hidden[sample_rows]).cpu()  # (num_sampling, vocab) float32
         result = self.sampler(
             logits,
             [r.params for r in sampling],

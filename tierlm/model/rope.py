@@ -40,15 +40,17 @@ def inv_frequencies(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | 
 class RotaryTable:
     """cos/sin for positions [0, max_position), float32, grown on demand (never shrinks)."""
 
-    def __init__(self, rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None, max_position: int):
+    def __init__(self, rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None, max_position: int,
+                 device: torch.device | str = "cpu"):
         self.inv = inv_frequencies(rotary_dim, theta, scaling)
+        self.device = torch.device(device)
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
         self._grow(max_position)
 
     def _grow(self, n: int) -> None:
         angles = torch.outer(torch.arange(n, dtype=torch.float64), self.inv)  # (n, r/2)
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        self.cos, self.sin = angles.cos().float().to(self.device), angles.sin().float().to(self.device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 1, r/2) cos and sin in ``dtype`` for (N,) positions."""

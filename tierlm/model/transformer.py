@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
+from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ModelConfig
@@ -32,26 +33,42 @@ _ACTIVATIONS = {
 class Transformer:
     """Weights + config -> logits. Stateless apart from the rotary tables; the KV cache is passed in."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype,
+                 linear: LinearMethod | None = None, device: torch.device | str = "cpu"):
+        """Takes ownership of ``weights``: each tensor is moved to ``device`` and matrices are
+        replaced by ``linear.prepare``'d versions one at a time, so two copies of the whole model
+        never coexist."""
         self.cfg = cfg
         self.w = weights
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.linear = linear if linear is not None else default_linear_method(self.device, dtype)
+        _move_(weights, self.device)
+        for lw in weights.layers:
+            for name in ("qkv", "o", "up", "down"):
+                setattr(lw, name, self.linear.prepare(getattr(lw, name)))
+        # A tied lm_head is also the embedding table, which must stay a plain tensor.
+        self.lm_head_linear: LinearMethod = DenseLinear() if weights.tied else self.linear
+        if not weights.tied:
+            weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         scale = cfg.effective_embed_scale
         # HF multiplies by the scale cast to the weights' dtype; do the same to match bit for bit.
-        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype)
-        self.alibi = alibi_slopes(cfg.num_heads) if cfg.position == "alibi" else None
+        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
+        self.alibi = alibi_slopes(cfg.num_heads).to(self.device) if cfg.position == "alibi" else None
         self.rope: dict[str, RotaryTable] = {}
         if cfg.position == "rope":
-            global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict, cfg.max_position)
+            global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict,
+                                       cfg.max_position, self.device)
             self.rope["full"] = global_table
             self.rope["sliding"] = global_table
             if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
                 # Gemma 3's local layers use their own base and no scaling.
-                self.rope["sliding"] = RotaryTable(cfg.effective_rotary_dim, cfg.rope_local_theta, None, cfg.max_position)
+                self.rope["sliding"] = RotaryTable(cfg.effective_rotary_dim, cfg.rope_local_theta, None,
+                                                   cfg.max_position, self.device)
 
     @property
     def layer_windows(self) -> dict[str, int | None]:
@@ -80,7 +97,7 @@ class Transformer:
         """hidden (M, d) -> logits (M, vocab) float32, after the final norm and soft-capping."""
         with torch.inference_mode():
             h = self._norm(hidden, self.w.final_norm, self.w.final_norm_bias)
-            out = F.linear(h, self.w.lm_head, self.w.lm_head_bias).float()
+            out = self.lm_head_linear.apply(h, self.w.lm_head, self.w.lm_head_bias).float()
             if self.cfg.final_softcap is not None:
                 out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
             return out
@@ -106,7 +123,7 @@ class Transformer:
             return x
         xf = x.float()
         if self.cfg.norm == "rmsnorm":
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * w
+            y = F.rms_norm(xf, (xf.shape[-1],), w, self.cfg.norm_eps)
         else:
             y = F.layer_norm(xf, (xf.shape[-1],), w, None if b is None else b.float(), self.cfg.norm_eps)
         return y.to(x.dtype)
@@ -115,7 +132,7 @@ class Transformer:
                    v_cache: torch.Tensor, layer_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         c = self.cfg
         n = h.shape[0]
-        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # (N, q_size + 2 * kv_size)
+        qkv = self.linear.apply(h, lw.qkv, lw.qkv_bias)  # (N, q_size + 2 * kv_size)
         q = qkv[:, :self.q_size].view(n, c.num_heads, c.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(n, c.num_kv_heads, c.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(n, c.num_kv_heads, c.head_dim)
@@ -127,13 +144,26 @@ class Transformer:
             q = apply_rope(q, cos, sin, c.rope_layout)
             k = apply_rope(k, cos, sin, c.rope_layout)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi)
-        return F.linear(o, lw.o, lw.o_bias)
+        return self.linear.apply(o, lw.o, lw.o_bias)
 
     def _mlp(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        u = F.linear(h, lw.up, lw.up_bias)
+        u = self.linear.apply(h, lw.up, lw.up_bias)
         if self.cfg.gated_mlp:
             gate, up = u.chunk(2, dim=-1)
             u = self.act(gate) * up
         else:
             u = self.act(u)
-        return F.linear(u, lw.down, lw.down_bias)
+        return self.linear.apply(u, lw.down, lw.down_bias)
+
+
+def _move_(weights: ModelWeights, device: torch.device) -> None:
+    """Move every tensor of ``weights`` to ``device`` in place, one tensor at a time."""
+    if device.type == "cpu":
+        return
+    tied = weights.tied
+    for holder in [weights, *weights.layers]:
+        for name, value in vars(holder).items():
+            if isinstance(value, torch.Tensor):
+                setattr(holder, name, value.to(device))
+    if tied:
+        weights.lm_head = weights.embed
