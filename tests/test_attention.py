@@ -1,0 +1,91 @@
+"""Attention features no built-in family exercises: logit soft-capping (Gemma 2, added as a family
+file and checked against transformers) and ALiBi (checked against a direct formula)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierlm import LLM
+from tierlm.model.attention import AttentionBatch, SeqSlice, alibi_slopes, build_attention_batch, paged_attention
+
+
+def _gemma2_family_file(folder) -> None:
+    """Gemma 2 as a family file derived from the built-in Gemma 3 one: no QK-norm, one RoPE base,
+    attention and final logit soft-capping (which Gemma 3's transformers code never applies)."""
+    from importlib import resources
+
+    text = (resources.files("tierlm.model") / "specs" / "gemma3.toml").read_text()
+    drop = ("q_norm", "k_norm", "rope_local_theta", "sliding_window_pattern", "rope_scaling")
+    lines = [ln for ln in text.splitlines() if not any(d in ln for d in drop)]
+    text = "\n".join(lines).replace('name = "gemma3"', 'name = "gemma2"')
+    text = text.replace('["Gemma3ForCausalLM"]', '["Gemma2ForCausalLM"]').replace('["gemma3_text"]', '["gemma2"]')
+    text = text.replace('rope_theta = ["rope_parameters.full_attention.rope_theta", "rope_theta"]',
+                        'rope_theta = ["rope_parameters.rope_theta", "rope_theta"]')
+    (folder / "gemma2.toml").write_text(text + "\n")
+
+
+def test_soft_capped_attention_and_logits_match_transformers(tmp_path):
+    import transformers
+
+    from tests.hf_models import randomize_
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    _gemma2_family_file(specs)
+    cfg = transformers.Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=3.0, max_position_embeddings=128,
+                                    attn_implementation="eager")  # the path that applies soft-capping
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    randomize_(model, seed=5)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    llm = LLM(tmp_path / "model", dtype="float32", max_num_batched_tokens=8, spec_dirs=[specs])
+    c = llm.model_config
+    assert (c.family, c.attn_softcap, c.final_softcap) == ("gemma2", 2.0, 3.0)
+    assert c.layer_types == ("sliding", "full", "sliding")
+    got = llm.score(ids)
+    assert got.abs().max() <= 3.0 + 1e-6  # the final cap holds
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 12 heads: the 8 power-of-two slopes, then every other slope of the 16-head sequence.
+    sixteen = [2.0 ** (-(i + 1) / 2) for i in range(16)]
+    assert torch.allclose(alibi_slopes(12), torch.tensor([2.0 ** -(i + 1) for i in range(8)] + sixteen[0::2][:4]))
+
+
+def test_alibi_paged_attention_equals_direct_formula():
+    torch.manual_seed(0)
+    heads, head_dim, block = 4, 8, 4
+    seqs = [SeqSlice(query_start=0, query_len=6, context_len=6, block_table=[1, 2]),
+            SeqSlice(query_start=6, query_len=1, context_len=3, block_table=[3])]
+    k_cache = torch.zeros(5 * block, 1, head_dim)
+    v_cache = torch.zeros(5 * block, 1, head_dim)
+    # The second sequence has two cached tokens already.
+    old_k, old_v = torch.randn(2, 1, head_dim), torch.randn(2, 1, head_dim)
+    k_cache[3 * block:3 * block + 2], v_cache[3 * block:3 * block + 2] = old_k, old_v
+    batch: AttentionBatch = build_attention_batch(seqs, block, {"full": None})
+    q, k, v = torch.randn(7, heads, head_dim), torch.randn(7, 1, head_dim), torch.randn(7, 1, head_dim)
+    slopes = alibi_slopes(heads)
+    out = paged_attention(q, k, v, k_cache, v_cache, batch, "full", 0.5, alibi=slopes).view(7, heads, head_dim)
+
+    def direct(qs, ks, vs, q_pos):
+        rows = []
+        for i, p in enumerate(q_pos):
+            scores = torch.einsum("hd,jd->hj", qs[i], ks[: p + 1, 0]) * 0.5
+            scores = scores + slopes[:, None] * (torch.arange(p + 1) - p)[None, :].float()
+            rows.append(torch.einsum("hj,jd->hd", scores.softmax(-1), vs[: p + 1, 0]))
+        return torch.stack(rows)
+
+    assert torch.allclose(out[:6], direct(q[:6], k[:6], v[:6], list(range(6))), atol=1e-5)
+    k2, v2 = torch.cat([old_k, k[6:]]), torch.cat([old_v, v[6:]])
+    assert torch.allclose(out[6:], direct(q[6:], k2, v2, [2]), atol=1e-5)
+    assert math.isfinite(out.abs().max().item())
