@@ -41,6 +41,16 @@ def _time(fn, reps: int) -> float:
     return best
 
 
+def _variants(plain, packed, chosen, method, xs):
+    """One pass over every matrix, per kernel; xs maps input width -> (batch, width) activations."""
+    return {
+        "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in plain],
+        "onednn-packed": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [None], "")
+                                  for w, p in zip(plain, packed)],
+        "tierlm": lambda: [method.apply(xs[w.shape[1]], c, None) for w, c in zip(plain, chosen)],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -59,14 +69,7 @@ def main() -> None:
             chosen = [method.prepare(w) for w in plain]
             for batch in (1, 16):
                 xs = {k: torch.randn(batch, k, dtype=dtype) for k in {s[1] for s in shapes}}
-                variants = {
-                    "F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in plain],
-                    "onednn-packed": lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none",
-                                                                                [None], "")
-                                              for w, p in zip(plain, packed)],
-                    "tierlm": lambda: [method.apply(xs[w.shape[1]], c, None) for w, c in zip(plain, chosen)],
-                }
-                for name, fn in variants.items():
+                for name, fn in _variants(plain, packed, chosen, method, xs).items():
                     t = _time(fn, args.reps)
                     rows.append({"model": model, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
                                  "kernel": name, "ms": round(t * 1e3, 2), "weight_gb_s": round(nbytes / t / 1e9, 2),

@@ -144,6 +144,10 @@ def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, d
             w += cfg.norm_weight_offset
         return w
 
+    def required_norm(canonical: str, layer: int) -> torch.Tensor:
+        names.require(canonical, layer)  # raises the clear "checkpoint lacks tensor" error
+        return norm(canonical, layer)
+
     def expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{what} has shape {tuple(t.shape)}, the config implies {shape}")
@@ -181,7 +185,7 @@ def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, d
             up = expect(names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
             up_bias = names.load_optional("layer.up.bias", dtype, i)
         lw = LayerWeights(
-            attn_norm=norm("layer.attn_norm", i) if names.has("layer.attn_norm", i) else _missing("layer.attn_norm", i, names),
+            attn_norm=required_norm("layer.attn_norm", i),
             attn_norm_bias=names.load_optional("layer.attn_norm.bias", dtype, i),
             qkv=qkv, qkv_bias=qkv_bias,
             o=expect(names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
@@ -196,7 +200,7 @@ def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, d
             post_mlp_norm=norm("layer.post_mlp_norm", i),
         )
         if lw.mlp_norm is None and cfg.residual == "sequential":
-            _missing("layer.mlp_norm", i, names)
+            names.require("layer.mlp_norm", i)  # raises: a sequential block needs its own MLP norm
         layers.append(lw)
 
     lm_head = names.load_optional("lm_head", dtype)
@@ -211,11 +215,6 @@ def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, d
     )
     _check_all_used(spec, reader, names)
     return weights
-
-
-def _missing(canonical: str, layer: int, names: _Names) -> torch.Tensor:
-    names.require(canonical, layer)
-    raise AssertionError("unreachable")
 
 
 def _check_all_used(spec: FamilySpec, reader: CheckpointReader, names: _Names) -> None:
