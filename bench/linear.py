@@ -4,9 +4,10 @@ For each model's matrix shapes (all layers, so the weights exceed the L3 cache a
 and each dtype and batch, times one pass over every matrix with:
   F.linear        plain (out, in) weights, what transformers does;
   onednn-packed   weights re-blocked once by oneDNN (torch.ops.mkldnn._reorder_linear_weight);
-  tierlm          tierlm.model.linear.CPULinear's choice per matrix.
+  tierlm          what tierlm uses on this machine (tierlm.model.linear.default_linear_method):
+                  its AVX512-BF16 kernel for bf16 where the CPU has it, else oneDNN packing rules.
 Reports ms per pass, achieved GB/s of weight reads, and the share of the memory bandwidth measured
-in the same run. This is the evidence behind CPULinear's packing rule.
+in the same run. This is the evidence behind tierlm.model.linear's choices.
 
     python bench/linear.py
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import measure_memory_bandwidth, write_results  # noqa: E402
-from tierlm.model.linear import CPULinear  # noqa: E402
+from tierlm.model.linear import default_linear_method  # noqa: E402
 
 SHAPES = {  # (out, in) of qkv, o, gate+up, down; number of layers
     "llama-1.1b": ([(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)], 22),
@@ -65,14 +66,15 @@ def main() -> None:
             plain = [torch.randn(s, dtype=dtype) for _ in range(num_layers) for s in shapes]
             nbytes = sum(w.numel() * w.element_size() for w in plain)
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in plain]
-            method = CPULinear()
+            method = default_linear_method("cpu", dtype)
             chosen = [method.prepare(w) for w in plain]
             for batch in (1, 16):
                 xs = {k: torch.randn(batch, k, dtype=dtype) for k in {s[1] for s in shapes}}
                 for name, fn in _variants(plain, packed, chosen, method, xs).items():
                     t = _time(fn, args.reps)
+                    label = f"tierlm ({method.name})" if name == "tierlm" else name
                     rows.append({"model": model, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-                                 "kernel": name, "ms": round(t * 1e3, 2), "weight_gb_s": round(nbytes / t / 1e9, 2),
+                                 "kernel": label, "ms": round(t * 1e3, 2), "weight_gb_s": round(nbytes / t / 1e9, 2),
                                  "share_of_bandwidth": round(nbytes / t / 1e9 / bandwidth, 3)})
                     print(rows[-1], flush=True)
             del plain, packed, chosen

@@ -88,6 +88,42 @@ def test_chunked_prefill_off_waits_for_room_for_whole_prompt():
     assert _chunks(out) == [("a", 6, 1, True), ("b", 0, 5, True)]
 
 
+def test_prefill_first_runs_whole_prompts_while_decodes_wait():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, policy="prefill_first"),
+                      BlockManager(64, 4))
+    a, b, c = _req("a", 5), _req("b", 3), _req("c", 4)
+    for r in (a, b):
+        sched.add(r)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 5, True), ("b", 0, 3, True)]  # both whole, budget 8 used
+    _finish_step(sched, out)
+    sched.add(c)
+    out = sched.schedule()
+    assert _chunks(out) == [("c", 0, 4, True)]  # a and b wait while c's prompt runs
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 5, 1, True), ("b", 3, 1, True), ("c", 4, 1, True)]  # queue empty: decodes
+
+
+def test_splitfuse_fuses_decodes_with_a_chunk_of_a_new_prompt():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8), BlockManager(64, 4))
+    a, b, c = _req("a", 5), _req("b", 3), _req("c", 12)
+    for r in (a, b):
+        sched.add(r)
+    _finish_step(sched, sched.schedule())
+    sched.add(c)
+    out = sched.schedule()
+    # the two decodes first, then 6 of c's 12 prompt tokens: every step carries the full budget
+    assert _chunks(out) == [("a", 5, 1, True), ("b", 3, 1, True), ("c", 0, 6, False)]
+    _finish_step(sched, out)
+    assert _chunks(sched.schedule()) == [("a", 6, 1, True), ("b", 4, 1, True), ("c", 6, 6, True)]
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        SchedulerConfig(policy="fastest")
+
+
 def test_max_num_seqs_limits_running():
     sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockManager(64, 4))
     for i in range(3):

@@ -55,6 +55,11 @@ def test_batch_equals_alone_and_preemption_is_invisible(hf_model, family):
 
     batched = LLM(folder, dtype="float32", max_num_seqs=4).generate(prompts, GREEDY)
     assert [o.token_ids for o in batched] == alone
+    # A small budget splits prompts into chunks fused with decodes; the classic policy does not.
+    split = LLM(folder, dtype="float32", max_num_seqs=4, max_num_batched_tokens=12).generate(prompts, GREEDY)
+    assert [o.token_ids for o in split] == alone
+    classic = LLM(folder, dtype="float32", max_num_seqs=4, scheduling_policy="prefill_first").generate(prompts, GREEDY)
+    assert [o.token_ids for o in classic] == alone
 
     # 4 blocks of 16 tokens hold one sequence (62 tokens at most) but not four: requests must be
     # preempted and recomputed, and nobody may notice.

@@ -40,7 +40,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", *, device: str = "cpu",
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_tokens: int | None = None, enable_chunked_prefill: bool = True,
-                 spec_dirs: Sequence[str | Path] = ()):
+                 scheduling_policy: str = "splitfuse", spec_dirs: Sequence[str | Path] = ()):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -60,7 +60,8 @@ class LLM:
         self.config = EngineConfig(model=str(loaded.path), dtype=dtype, device=device, max_model_len=max_len,
                                    block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
-                                   enable_chunked_prefill=enable_chunked_prefill)
+                                   enable_chunked_prefill=enable_chunked_prefill,
+                                   scheduling_policy=scheduling_policy)
         self.model = Transformer(loaded.config, loaded.weights, _TORCH_DTYPES[dtype],
                                  default_linear_method(device, _TORCH_DTYPES[dtype]), device)
         cache = self.model.new_kv_cache(num_blocks, block_size, device)
@@ -72,7 +73,7 @@ class LLM:
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else loaded.config.eos_token_ids
         self.engine = EngineCore(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            enable_chunked_prefill=enable_chunked_prefill),
+                            enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy),
             BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
             eos_token_ids=eos, detokenizer_factory=detok)
         kv_bytes = KVCache.bytes_per_token(loaded.config.num_layers, loaded.config.num_kv_heads,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tierlm.engine.scheduler import POLICIES
+
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -28,8 +30,11 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
+    scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in POLICIES:
+            raise ConfigError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -73,9 +73,9 @@ class EngineCore:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
                                f"(prompt plus at least one generated token)")
         cfg = self.scheduler.config
-        if not cfg.enable_chunked_prefill and len(ids) > cfg.max_num_batched_tokens:
+        if not self.scheduler.splits_prompts and len(ids) > cfg.max_num_batched_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens, more than the step budget "
-                               f"{cfg.max_num_batched_tokens} with chunked prefill off")
+                               f"{cfg.max_num_batched_tokens}, and this scheduler does not split prompts")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")

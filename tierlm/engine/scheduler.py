@@ -1,13 +1,20 @@
 """Token-budget scheduler with continuous batching and preemption by recomputation. No torch.
 
-Each step:
+Two policies (``SchedulerConfig.policy``):
+
+"splitfuse" (default; DeepSpeed-FastGen's Dynamic SplitFuse, vLLM v1's scheduler). Each step:
   1. running requests, oldest first, each get min(tokens it has not computed, budget left): one
      token for a request that is decoding, a chunk for one whose prompt is not done. If the cache
      cannot hold the grant, the newest running request is preempted (blocks freed, computed count
      reset to 0, put back at the head of the queue) until it can, possibly preempting itself.
   2. waiting requests, first come first served, join while there is budget, a sequence slot and
      cache room for their first chunk. Nobody new joins in a step that preempted.
-Requests join and leave between steps; a step is any mix of prompt chunks and decodes.
+Requests join and leave between steps; a step is any mix of prompt chunks and decodes, so every
+forward pass carries about ``max_num_batched_tokens`` tokens while there is work.
+
+"prefill_first" (the classic scheduler, kept for comparison): while a waiting prompt fits, a step
+runs whole prompts only (first come first served, within the budget) and every decode waits;
+otherwise it runs one token for every running request. Prompts are never split.
 """
 
 from __future__ import annotations
@@ -20,13 +27,19 @@ from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.request import FinishReason, Request, RequestStatus
 
 
+POLICIES = ("splitfuse", "prefill_first")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048  # the per-step token budget
     enable_chunked_prefill: bool = True  # False: a prompt is scheduled whole or not at all
+    policy: str = "splitfuse"  # or "prefill_first"; see the module docstring
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -87,7 +100,23 @@ class Scheduler:
         request.metrics.finished_time = time.perf_counter()
 
     # -- one step -----------------------------------------------------------------------------
+    @property
+    def splits_prompts(self) -> bool:
+        """Whether a prompt may be computed over several steps."""
+        return self.config.policy == "splitfuse" and self.config.enable_chunked_prefill
+
     def schedule(self) -> SchedulerOutput:
+        if self.config.policy == "prefill_first":
+            out = SchedulerOutput()
+            self._admit_waiting(out, self.config.max_num_batched_tokens)
+            if out.chunks:
+                return out  # decodes wait while prompts are being admitted
+            return self._schedule_running(admit=False)
+        return self._schedule_running(admit=True)
+
+    def _schedule_running(self, admit: bool) -> SchedulerOutput:
+        """Grant running requests their tokens (preempting when blocks run out), then, if ``admit``,
+        fill what is left of the budget from the queue."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -106,12 +135,16 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
             i += 1
+        if admit and not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
 
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Move waiting requests (FCFS) into running while budget, sequence slots and blocks last."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_uncomputed_tokens, budget)
-            if n < req.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+            if n < req.num_uncomputed_tokens and not self.splits_prompts:
                 break
             if self.blocks.allocate(req.block_table, req.num_computed_tokens + n) is None:
                 break
@@ -122,7 +155,6 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
-        return out
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -1,0 +1,67 @@
+"""Linear methods (how weight matrices are multiplied) against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tierlm.model.kernels import bf16_gemm, cpu_has_avx512_bf16
+from tierlm.model.linear import AVX512BF16Linear, CPULinear, DenseLinear, default_linear_method
+
+
+def _methods():
+    methods = [DenseLinear(), CPULinear(), CPULinear(min_fp32_packed_elements=0)]
+    if bf16_gemm() is not None:
+        methods.append(AVX512BF16Linear(bf16_gemm()))
+    return methods
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17])
+def test_every_method_computes_the_same_product(dtype, m):
+    g = torch.Generator().manual_seed(m)
+    n, k = 37, 96  # n not a multiple of the kernel's 8-row slabs; k a multiple of 32
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.double(), w.double(), bias.double())
+    # bf16 outputs are rounded to 8 bits of mantissa: allow a few bf16 steps at |ref| ~ 10.
+    tol = 1e-4 if dtype == torch.float32 else 0.08
+    for method in _methods():
+        out = method.apply(x, method.prepare(w), bias)
+        assert out.dtype == dtype and out.shape == (m, n), method.name
+        assert torch.allclose(out.double(), ref, atol=tol, rtol=0.01 if dtype == torch.bfloat16 else 0), method.name
+
+
+def test_bf16_kernel_accumulates_in_float32_exactly_like_a_float_product():
+    """Before its final rounding to bf16 the kernel's sum equals the fp32 product of bf16 inputs."""
+    kernel = bf16_gemm()
+    if not cpu_has_avx512_bf16():
+        assert kernel is None
+        return
+    assert kernel is not None, "the bf16 kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(19, 2048, generator=g).to(torch.bfloat16)
+    x = torch.randn(5, 2048, generator=g).to(torch.bfloat16)
+    y = torch.empty(5, 19)
+    kernel(x.data_ptr(), w.data_ptr(), y.data_ptr(), 5, 19, 2048, torch.get_num_threads())
+    ref = x.double() @ w.double().T
+    assert (y.double() - ref).abs().max() < 1e-3
+
+
+def test_default_method_follows_the_machine():
+    assert isinstance(default_linear_method("cpu", torch.float32), CPULinear)
+    bf16 = default_linear_method("cpu", torch.bfloat16)
+    assert isinstance(bf16, AVX512BF16Linear if cpu_has_avx512_bf16() else CPULinear)
+
+
+def test_bf16_model_stays_close_to_float32(hf_model):
+    from tierlm import LLM
+
+    _, folder = hf_model("llama")
+    ids = list(range(3, 40))
+    f32 = LLM(folder, dtype="float32").score(ids)
+    b16 = LLM(folder, dtype="bfloat16").score(ids)
+    rel = (b16 - f32).norm() / f32.norm()
+    assert rel < 0.03, rel
