@@ -44,17 +44,20 @@ def measure_memory_bandwidth(num_bytes: int = 1 << 30, passes: int = 5) -> float
     cols = 4096
     mat = x[: (x.numel() // cols) * cols].view(-1, cols)
     vec = torch.ones(cols)
-    rates = []
-    for read, nbytes in ((lambda: x.sum(), x.numel() * 4), (lambda: torch.mv(mat, vec), mat.numel() * 4)):
-        read()  # warm-up: excluded
-        times = []
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            read()
-            times.append(time.perf_counter() - t0)
-        rates.append(nbytes / statistics.median(times) / 1e9)
-    del x, mat
+    rates = [_read_rate(x.sum, x.numel() * 4, passes),
+             _read_rate(lambda: torch.mv(mat, vec), mat.numel() * 4, passes)]
     return max(rates)
+
+
+def _read_rate(read, nbytes: int, passes: int) -> float:
+    """GB/s of ``read()``, which streams ``nbytes``: median of ``passes`` after one warm-up."""
+    read()  # warm-up: excluded
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, passes: int = 5) -> float:

@@ -1,4 +1,4 @@
-"""The ``tierlm`` command: generate, chat, info, perplexity.
+"""The ``tierlm`` command: generate, chat, info, perplexity, serve.
 
 Every subcommand takes an optional MODEL (an HF folder or a .gguf file; default: the embedded
 SmolLM2-135M-Instruct). User mistakes (bad paths, broken checkpoints, unknown architectures, invalid
@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window, BOS included (default: 512)")
     ppl.add_argument("--windows", type=int, default=6, help="number of windows; 0: all that fit (default: 6)")
     ppl.set_defaults(run=cmd_perplexity)
+
+    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (/v1/completions, ...)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests waiting or running before new ones get 429 (default: 64)")
+    srv.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="batch slots (default: 16)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+                     help="tokens per engine step (default: 2048)")
+    srv.add_argument("--served-model-name", metavar="NAME", help="name in /v1/models and responses "
+                     "(default: the model's file or folder name); requests may name any model")
+    srv.set_defaults(run=cmd_serve)
     return parser
 
 
@@ -256,4 +268,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     result = perplexity(llm, text, ctx=args.ctx, num_windows=args.windows or None, progress=True)
     print("per-window mean NLL: " + " ".join(f"{n:.4f}" for n in result.window_mean_nll))
     print(result.describe())
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_queue < 1 or not 0 <= args.port <= 65535:
+        raise ValueError("--max-queue must be >= 1 and --port in [0, 65535]")
+    from tierlm.serve.server import serve  # fastapi and uvicorn load only for this command
+
+    llm = _load_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,
+          access_log=args.verbose)
     return 0
