@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="batch slots (default: 16)")
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
                      help="tokens per engine step (default: 2048)")
+    srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
+                     help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
+                     "first, decodes wait (default: splitfuse)")
     srv.add_argument("--served-model-name", metavar="NAME", help="name in /v1/models and responses "
                      "(default: the model's file or folder name); requests may name any model")
     srv.set_defaults(run=cmd_serve)
@@ -278,7 +281,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-queue must be >= 1 and --port in [0, 65535]")
     from tierlm.serve.server import serve  # fastapi and uvicorn load only for this command
 
-    llm = _load_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = _load_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    scheduling_policy=args.scheduling_policy)
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,
           access_log=args.verbose)
     return 0
