@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from tierlm.engine.block_manager import BlockManager
-from tierlm.engine.request import FinishReason, Request, RequestStatus
+from tierlm.engine.request import FinishReason, Request
 from tierlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tierlm.outputs import RequestOutput, TokenLogprob
 from tierlm.sampling_params import SamplingParams
@@ -182,5 +182,3 @@ class EngineCore:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-
-__all__ = ["EngineCore", "RequestError", "SampledToken", "ModelRunner", "RequestStatus"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
-from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
+from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ModelConfig
 
