@@ -131,31 +131,27 @@ class _Names:
         return self.load(canonical, dtype, layer) if self.has(canonical, layer) else None
 
 
-def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype) -> ModelWeights:
-    """Read every tensor the family names from ``reader``; fail on missing or unexplained tensors."""
-    names = _Names(spec, reader)
-    f32 = torch.float32
-    d, hd = cfg.hidden_size, cfg.head_dim
-    q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
+class WeightAssembler:
+    """Reads a model's weights piece by piece: ``globals()`` then ``layer(i)`` for each layer.
 
-    def norm(canonical: str, layer: int | None = None) -> torch.Tensor | None:
-        w = names.load_optional(canonical, f32, layer)
-        if w is not None and cfg.norm_weight_offset:
-            w += cfg.norm_weight_offset
+    The store builder (tierlm.memory.store) uses this to hold one layer at a time; ``load_weights``
+    assembles everything. ``finish()`` checks that no checkpoint tensor went unread.
+    """
+
+    def __init__(self, spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype):
+        self.spec, self.cfg, self.reader, self.dtype = spec, cfg, reader, dtype
+        self.names = _Names(spec, reader)
+
+    def _norm(self, canonical: str, layer: int | None = None) -> torch.Tensor | None:
+        w = self.names.load_optional(canonical, torch.float32, layer)
+        if w is not None and self.cfg.norm_weight_offset:
+            w += self.cfg.norm_weight_offset
         return w
 
-    def required_norm(canonical: str, layer: int) -> torch.Tensor:
-        names.require(canonical, layer)  # raises the clear "checkpoint lacks tensor" error
-        return norm(canonical, layer)
-
-    def expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{what} has shape {tuple(t.shape)}, the config implies {shape}")
-        return t
-
-    embed = expect(names.load("embed", dtype), (cfg.vocab_size, d), "embedding")
-    layers: list[LayerWeights] = []
-    for i in range(cfg.num_layers):
+    def layer(self, i: int) -> LayerWeights:
+        names, cfg, dtype = self.names, self.cfg, self.dtype
+        d, hd = cfg.hidden_size, cfg.head_dim
+        q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
         qkv = torch.empty(q_rows + 2 * kv_rows, d, dtype=dtype)
         if names.has("layer.qkv", i):
             names.read("layer.qkv", qkv, i)
@@ -182,38 +178,59 @@ def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, d
                 names.read("layer.gate.bias", up_bias[:inter], i)
                 names.read("layer.up.bias", up_bias[inter:], i)
         else:
-            up = expect(names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
+            up = _expect(names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
             up_bias = names.load_optional("layer.up.bias", dtype, i)
+        names.require("layer.attn_norm", i)  # raises the clear "checkpoint lacks tensor" error
         lw = LayerWeights(
-            attn_norm=required_norm("layer.attn_norm", i),
+            attn_norm=self._norm("layer.attn_norm", i),
             attn_norm_bias=names.load_optional("layer.attn_norm.bias", dtype, i),
             qkv=qkv, qkv_bias=qkv_bias,
-            o=expect(names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
+            o=_expect(names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
             o_bias=names.load_optional("layer.o.bias", dtype, i),
-            q_norm=norm("layer.q_norm", i), k_norm=norm("layer.k_norm", i),
-            post_attn_norm=norm("layer.post_attn_norm", i),
-            mlp_norm=norm("layer.mlp_norm", i),
+            q_norm=self._norm("layer.q_norm", i), k_norm=self._norm("layer.k_norm", i),
+            post_attn_norm=self._norm("layer.post_attn_norm", i),
+            mlp_norm=self._norm("layer.mlp_norm", i),
             mlp_norm_bias=names.load_optional("layer.mlp_norm.bias", dtype, i),
             up=up, up_bias=up_bias,
-            down=expect(names.load("layer.down", dtype, i), (d, inter), f"layer {i} down"),
+            down=_expect(names.load("layer.down", dtype, i), (d, inter), f"layer {i} down"),
             down_bias=names.load_optional("layer.down.bias", dtype, i),
-            post_mlp_norm=norm("layer.post_mlp_norm", i),
+            post_mlp_norm=self._norm("layer.post_mlp_norm", i),
         )
         if lw.mlp_norm is None and cfg.residual == "sequential":
             names.require("layer.mlp_norm", i)  # raises: a sequential block needs its own MLP norm
-        layers.append(lw)
+        return lw
 
-    lm_head = names.load_optional("lm_head", dtype)
-    if lm_head is None:
-        lm_head = embed  # tied (or the checkpoint omits the duplicate)
-    pos_embed = None
-    if cfg.position == "learned":
-        pos_embed = names.load("pos_embed", dtype)
-    weights = ModelWeights(
-        embed=embed, final_norm=norm("final_norm"), final_norm_bias=names.load_optional("final_norm.bias", dtype),
-        lm_head=lm_head, lm_head_bias=names.load_optional("lm_head.bias", dtype), layers=layers, pos_embed=pos_embed,
-    )
-    _check_all_used(spec, reader, names)
+    def globals(self) -> ModelWeights:
+        """Everything outside the blocks; ``layers`` is left empty."""
+        names, cfg, dtype = self.names, self.cfg, self.dtype
+        embed = _expect(names.load("embed", dtype), (cfg.vocab_size, cfg.hidden_size), "embedding")
+        lm_head = names.load_optional("lm_head", dtype)
+        if lm_head is None:
+            lm_head = embed  # tied (or the checkpoint omits the duplicate)
+        pos_embed = names.load("pos_embed", dtype) if cfg.position == "learned" else None
+        return ModelWeights(
+            embed=embed, final_norm=self._norm("final_norm"),
+            final_norm_bias=names.load_optional("final_norm.bias", dtype),
+            lm_head=lm_head, lm_head_bias=names.load_optional("lm_head.bias", dtype), layers=[],
+            pos_embed=pos_embed,
+        )
+
+    def finish(self) -> None:
+        _check_all_used(self.spec, self.reader, self.names)
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{what} has shape {tuple(t.shape)}, the config implies {shape}")
+    return t
+
+
+def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype) -> ModelWeights:
+    """Read every tensor the family names from ``reader``; fail on missing or unexplained tensors."""
+    asm = WeightAssembler(spec, cfg, reader, dtype)
+    weights = asm.globals()
+    weights.layers = [asm.layer(i) for i in range(cfg.num_layers)]
+    asm.finish()
     return weights
 
 
