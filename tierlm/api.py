@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Union
 
 import torch
 
@@ -13,12 +14,16 @@ from tierlm.config import ConfigError, EngineConfig
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.engine import EngineCore, RequestError
 from tierlm.engine.scheduler import SchedulerConfig
-from tierlm.loader.model_loader import LoadedModel, load_model
+from tierlm.loader.model_loader import LoadedModel, load_model, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer
+from tierlm.memory.plan import PlanError
+from tierlm.memory.tiered import TieredWeights, TierSettings, load_tiered
 from tierlm.model.attention import KVCache
 from tierlm.model.linear import default_linear_method
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
+from tierlm.quant import GGUF_NATIVE
+from tierlm.quant.linear import quant_linear
 from tierlm.runner import TorchModelRunner
 from tierlm.sampling_params import SamplingParams
 
@@ -40,14 +45,38 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", *, device: str = "cpu",
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_tokens: int | None = None, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "splitfuse", spec_dirs: Sequence[str | Path] = ()):
+                 scheduling_policy: str = "splitfuse", spec_dirs: Sequence[str | Path] = (),
+                 weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
+                 tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
+                 quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
+        if quant is not None and weight_memory is not None:
+            raise ConfigError("quant and weight_memory cannot be combined yet")
+        if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
+            raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
         t0 = time.perf_counter()
-        loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs))
+        tiers: TieredWeights | None = None
+        if weight_memory is None:
+            loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs),
+                                             native_quant=quant == GGUF_NATIVE)
+        else:
+            # Weights beyond the budget stay in a weight store on disk and stream in (tierlm.memory).
+            opened = open_checkpoint(model, tuple(Path(d) for d in spec_dirs))
+            settings = TierSettings(weight_memory, prefetch_window, tier_locking, tier_order, num_io_threads,
+                                    None if store_dir is None else str(store_dir))
+            try:
+                tiers = load_tiered(opened, _TORCH_DTYPES[dtype], settings)
+            except PlanError as e:
+                raise ConfigError(str(e)) from e
+            finally:
+                opened.reader.close()
+            loaded = LoadedModel(opened.path, opened.family, opened.config, tiers.weights, opened.tokenizer,
+                                 opened.source, opened.tensor_types())
         self.loaded = loaded
+        self.tiers = tiers
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         max_len = loaded.config.max_position if max_model_len is None else int(max_model_len)
@@ -61,15 +90,26 @@ class LLM:
                                    block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    enable_chunked_prefill=enable_chunked_prefill,
-                                   scheduling_policy=scheduling_policy)
-        self.model = Transformer(loaded.config, loaded.weights, _TORCH_DTYPES[dtype],
-                                 default_linear_method(device, _TORCH_DTYPES[dtype]), device)
-        cache = self.model.new_kv_cache(num_blocks, block_size, device)
+                                   scheduling_policy=scheduling_policy,
+                                   weight_memory_bytes=None if tiers is None else tiers.plan.budget_bytes,
+                                   prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
+                                   quant=quant, quant_group=quant_group, kv_quant=kv_quant)
+        linear = default_linear_method(device, _TORCH_DTYPES[dtype])
+        if quant is not None:  # matrices are quantized as the model takes them (tierlm.quant)
+            linear = quant_linear(quant, quant_group, linear, device)
+        self.model = Transformer(loaded.config, loaded.weights if tiers is None else tiers, _TORCH_DTYPES[dtype],
+                                 linear, device)
+        if kv_quant is None:
+            cache = self.model.new_kv_cache(num_blocks, block_size, device)
+        else:
+            c = loaded.config
+            cache = KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, _TORCH_DTYPES[dtype],
+                            device, quant=kv_quant)
         self.runner = TorchModelRunner(self.model, cache, device)
         detok = None
         if self.tokenizer is not None:
             tok = self.tokenizer
-            detok = lambda prompt_ids: IncrementalDetokenizer(tok, prompt_ids)  # noqa: E731
+            detok = lambda prompt_ids: IncrementalDetokenizer(tok, prompt_ids)
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else loaded.config.eos_token_ids
         self.engine = EngineCore(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

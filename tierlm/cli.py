@@ -28,6 +28,7 @@ from tierlm.sampling_params import SamplingParams, SamplingParamsError
 USER_ERRORS = (CheckpointError, GGUFError, UnknownArchitectureError, SpecError, SamplingParamsError, RequestError,
                ConfigError, TokenizerError, OSError, ValueError)
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+QUANT_FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")  # tierlm.quant.FORMATS, without importing torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,11 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of extra family files (*.toml); repeatable, searched before the built-ins")
     common.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
     common.add_argument("-v", "--verbose", action="store_true", help="log the engine configuration and timings")
+    t = common.add_argument_group("tiered weights (tierlm.memory)")
+    t.add_argument("--weight-memory", metavar="SIZE",
+                   help="keep at most SIZE of weights resident (e.g. 2GiB, 500MB, 25%%) and stream the rest from a "
+                   "weight store on disk (default: all resident)")
+    t.add_argument("--prefetch-window", type=int, default=3, metavar="N",
+                   help="layers prefetched ahead of the one computing; 0 = synchronous reads (default: 3)")
+    t.add_argument("--store-dir", metavar="DIR", help="weight store folder (default: under $TIERLM_CACHE or "
+                   "~/.cache/tierlm)")
+
+    quant = argparse.ArgumentParser(add_help=False)
+    g = quant.add_argument_group("quantization (tierlm.quant)")
+    g.add_argument("--quant", choices=(*QUANT_FORMATS, "gguf"), metavar="FORMAT",
+                   help=f"quantize weights on load: {', '.join(QUANT_FORMATS)}; or gguf: keep a GGUF file's own "
+                   "quantized blocks (default: float weights)")
+    g.add_argument("--quant-group", type=int, default=64, metavar="N", help="weights per group (default: 64)")
+    g.add_argument("--kv-quant", choices=("q8", "q4"), help="store the KV cache 8- or 4-bit (default: compute dtype)")
 
     parser = argparse.ArgumentParser(prog="tierlm", description="Run language models with tierlm.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", parents=[common], help="complete prompts")
+    gen = sub.add_parser("generate", parents=[common, quant], help="complete prompts")
     gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                      help="a prompt (repeatable: batched); none: read one prompt from stdin")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
@@ -70,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen, max_tokens=128, temperature=1.0)
     gen.set_defaults(run=cmd_generate)
 
-    chat = sub.add_parser("chat", parents=[common], help="interactive chat (/reset clears, /exit quits)")
+    chat = sub.add_parser("chat", parents=[common, quant], help="interactive chat (/reset clears, /exit quits)")
     chat.add_argument("--system", metavar="TEXT", help="system message")
     chat.add_argument("--once", metavar="TEXT", help="answer this one user turn and exit")
     _add_sampling_args(chat, max_tokens=512, temperature=0.7)
@@ -79,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", parents=[common], help="describe a model: architecture, sizes, tokenizer")
     info.set_defaults(run=cmd_info)
 
-    ppl = sub.add_parser("perplexity", parents=[common], help="perplexity of a text (Brown protocol)")
+    ppl = sub.add_parser("perplexity", parents=[common, quant], help="perplexity of a text (Brown protocol)")
     ppl.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text file (default: the Brown press excerpt)")
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window, BOS included (default: 512)")
     ppl.add_argument("--windows", type=int, default=6, help="number of windows; 0: all that fit (default: 6)")
     ppl.set_defaults(run=cmd_perplexity)
 
-    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (/v1/completions, ...)")
+    srv = sub.add_parser("serve", parents=[common, quant], help="OpenAI-compatible HTTP server (/v1/completions, ...)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--max-queue", type=int, default=64, metavar="N",
@@ -99,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", metavar="NAME", help="name in /v1/models and responses "
                      "(default: the model's file or folder name); requests may name any model")
     srv.set_defaults(run=cmd_serve)
+
+    qz = sub.add_parser("quantize", help="quantize a model's weights into a tierlm weight store")
+    qz.add_argument("model", metavar="IN", help="HF model folder or .gguf file")
+    qz.add_argument("out", metavar="OUT", type=Path, help="folder for the weight store")
+    qz.add_argument("--format", choices=QUANT_FORMATS, default="q4", help="quantization format (default: q4)")
+    qz.add_argument("--group", type=int, default=64, help="weights per group (default: 64)")
+    qz.add_argument("--spec-dir", action="append", default=[], metavar="DIR", help="folder of extra family files")
+    qz.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    qz.set_defaults(run=cmd_quantize)
     return parser
 
 
@@ -128,7 +154,10 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load_llm(args: argparse.Namespace, **kwargs):
     from tierlm.api import LLM  # torch is imported here, after the arguments are known to be valid
 
-    return LLM(args.model, args.dtype, max_model_len=args.max_model_len, spec_dirs=args.spec_dir, **kwargs)
+    return LLM(args.model, args.dtype, max_model_len=args.max_model_len, spec_dirs=args.spec_dir,
+               quant=args.quant, quant_group=args.quant_group, kv_quant=args.kv_quant,
+               weight_memory=args.weight_memory, prefetch_window=args.prefetch_window, store_dir=args.store_dir,
+               **kwargs)
 
 
 # -- generate -----------------------------------------------------------------------------------------
@@ -271,6 +300,21 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     result = perplexity(llm, text, ctx=args.ctx, num_windows=args.windows or None, progress=True)
     print("per-window mean NLL: " + " ".join(f"{n:.4f}" for n in result.window_mean_nll))
     print(result.describe())
+    return 0
+
+
+# -- quantize -----------------------------------------------------------------------------------------
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tierlm.memory.store import WeightStore
+    from tierlm.quant.store import quantize_to_store
+
+    t0 = time.perf_counter()
+    folder = quantize_to_store(args.model, args.out, args.format, args.group, tuple(Path(d) for d in args.spec_dir))
+    store = WeightStore(folder)
+    print(f"wrote {folder}: {len(store.meta['quantized'])} matrices in {args.format} (group {args.group}), "
+          f"{store.data_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+    store.close()
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tierlm.engine.scheduler import POLICIES
+from tierlm.memory.plan import LOCKINGS, ORDERS
+from tierlm.quant import FORMATS, GGUF_NATIVE, KV_FORMATS
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -31,12 +33,31 @@ class EngineConfig:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
+    weight_memory_bytes: int | None = None  # None: every weight resident; else see tierlm.memory.plan
+    prefetch_window: int = 3
+    tier_locking: str = "balanced"
+    tier_order: str = "auto"
+    quant: str | None = None  # weights: None (as loaded), a tierlm.quant format, or "gguf" (the file's blocks)
+    quant_group: int = 64  # weights per group of the tierlm formats
+    kv_quant: str | None = None  # KV cache: None (compute dtype), "q8" or "q4"
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in POLICIES:
             raise ConfigError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.prefetch_window < 0:
+            raise ConfigError(f"prefetch_window must be >= 0, got {self.prefetch_window}")
+        if self.tier_locking not in LOCKINGS:
+            raise ConfigError(f"tier_locking must be one of {LOCKINGS}, got {self.tier_locking!r}")
+        if self.tier_order not in ORDERS:
+            raise ConfigError(f"tier_order must be one of {ORDERS}, got {self.tier_order!r}")
+        if self.quant is not None and self.quant not in (*FORMATS, GGUF_NATIVE):
+            raise ConfigError(f"quant must be one of {(*FORMATS, GGUF_NATIVE)} or None, got {self.quant!r}")
+        if self.quant_group < 32 or self.quant_group % 32:
+            raise ConfigError(f"quant_group must be a positive multiple of 32, got {self.quant_group}")
+        if self.kv_quant is not None and self.kv_quant not in KV_FORMATS:
+            raise ConfigError(f"kv_quant must be one of {KV_FORMATS} or None, got {self.kv_quant!r}")
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -250,6 +250,13 @@ class GGUFFile:
     def quant_type(self, name: str) -> str:
         return self._tensors[name].type_name
 
+    def read_raw(self, name: str) -> torch.Tensor:
+        """A tensor's stored bytes, uint8 (rows, bytes_per_row): quantized blocks left as they are."""
+        info = self._tensors[name]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        _pread_exact(self._fd, raw, info.offset, name)
+        return raw.view(info.shape[0], -1)
+
     def read_into(self, name: str, dest: torch.Tensor, transpose: bool = False) -> None:
         info = self._tensors[name]
         want = info.shape[::-1] if transpose else info.shape

@@ -19,6 +19,9 @@ import torch
 
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader
 from tierlm.model.spec import FamilySpec, ModelConfig
+from tierlm.quant import AnyQuantized, FusedWeight, QuantizedWeight
+from tierlm.quant.gguf import SUPPORTED as GGUF_NATIVE_TYPES
+from tierlm.quant.gguf import GGUFFormat
 
 
 @dataclass
@@ -26,6 +29,8 @@ class LayerWeights:
     """One decoder block. Optional entries are None when the family/checkpoint lacks them."""
 
     attn_norm: torch.Tensor  # (hidden,) float32
+    # The four matrices are tensors, or quantized matrices (tierlm.quant) when a GGUF file's blocks
+    # are kept (WeightAssembler's native_quant).
     qkv: torch.Tensor  # (q_rows + 2 * kv_rows, hidden), q_rows = num_heads * head_dim
     o: torch.Tensor  # (hidden, q_rows)
     down: torch.Tensor  # (hidden, intermediate)
@@ -43,7 +48,7 @@ class LayerWeights:
     post_mlp_norm: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        return sum(_nbytes(t) for t in vars(self).values())
 
 
 @dataclass
@@ -61,8 +66,7 @@ class ModelWeights:
         return self.lm_head is self.embed
 
     def nbytes_by_group(self) -> dict[str, int]:
-        def nb(t: torch.Tensor | None) -> int:
-            return 0 if t is None else t.numel() * t.element_size()
+        nb = _nbytes
 
         groups = {"embedding": nb(self.embed) + nb(self.pos_embed),
                   "attention": 0, "mlp": 0, "norms": nb(self.final_norm) + nb(self.final_norm_bias),
@@ -138,9 +142,31 @@ class WeightAssembler:
     assembles everything. ``finish()`` checks that no checkpoint tensor went unread.
     """
 
-    def __init__(self, spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype):
+    def __init__(self, spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+                 native_quant: bool = False):
+        """``native_quant``: keep a GGUF file's quantized matrices as their blocks (tierlm.quant.gguf)."""
         self.spec, self.cfg, self.reader, self.dtype = spec, cfg, reader, dtype
         self.names = _Names(spec, reader)
+        self.native_quant = native_quant and reader.source == "gguf"
+
+    def _native(self, canonicals: list[str], i: int) -> AnyQuantized | None:
+        """These GGUF tensors' blocks stacked along the rows (one matrix when their types agree, else a
+        FusedWeight), or None when native execution is off or one of them is not a native type; the
+        caller then reads the group as float."""
+        if not self.native_quant:
+            return None
+        names = [self.names.require(c, i) for c in canonicals]
+        types = [self.reader.quant_type(n) for n in names]
+        if any(t not in GGUF_NATIVE_TYPES for t in types):
+            return None
+        parts = [GGUFFormat(t).weight(self.reader.read_raw(n), self.reader.shape(n)) for n, t in zip(names, types)]
+        self.names.used.update(names)
+        if len(parts) == 1:
+            return parts[0]
+        if len(set(types)) == 1:
+            rows = sum(p.shape[0] for p in parts)
+            return GGUFFormat(types[0]).weight(torch.cat([p.codes for p in parts]), (rows, parts[0].shape[1]))
+        return FusedWeight(tuple(parts))
 
     def _norm(self, canonical: str, layer: int | None = None) -> torch.Tensor | None:
         w = self.names.load_optional(canonical, torch.float32, layer)
@@ -152,10 +178,13 @@ class WeightAssembler:
         names, cfg, dtype = self.names, self.cfg, self.dtype
         d, hd = cfg.hidden_size, cfg.head_dim
         q_rows, kv_rows = cfg.num_heads * hd, cfg.num_kv_heads * hd
-        qkv = torch.empty(q_rows + 2 * kv_rows, d, dtype=dtype)
-        if names.has("layer.qkv", i):
-            names.read("layer.qkv", qkv, i)
+        qkv = self._native(["layer.qkv"] if names.has("layer.qkv", i) else ["layer.q", "layer.k", "layer.v"], i)
+        if qkv is not None:
+            _expect(qkv, (q_rows + 2 * kv_rows, d), f"layer {i} qkv")
+        elif names.has("layer.qkv", i):
+            qkv = names.read("layer.qkv", torch.empty(q_rows + 2 * kv_rows, d, dtype=dtype), i)
         else:
+            qkv = torch.empty(q_rows + 2 * kv_rows, d, dtype=dtype)
             names.read("layer.q", qkv[:q_rows], i)
             names.read("layer.k", qkv[q_rows:q_rows + kv_rows], i)
             names.read("layer.v", qkv[q_rows + kv_rows:], i)
@@ -169,30 +198,34 @@ class WeightAssembler:
             names.read("layer.v.bias", qkv_bias[q_rows + kv_rows:], i)
         inter = cfg.intermediate_size
         if cfg.gated_mlp:
-            up = torch.empty(2 * inter, d, dtype=dtype)
-            names.read("layer.gate", up[:inter], i)
-            names.read("layer.up", up[inter:], i)
+            up = self._native(["layer.gate", "layer.up"], i)
+            if up is None:
+                up = torch.empty(2 * inter, d, dtype=dtype)
+                names.read("layer.gate", up[:inter], i)
+                names.read("layer.up", up[inter:], i)
+            _expect(up, (2 * inter, d), f"layer {i} gate/up")
             up_bias = None
             if names.has("layer.up.bias", i):
                 up_bias = torch.empty(2 * inter, dtype=dtype)
                 names.read("layer.gate.bias", up_bias[:inter], i)
                 names.read("layer.up.bias", up_bias[inter:], i)
         else:
-            up = _expect(names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
+            up = _expect(self._native(["layer.up"], i) or names.load("layer.up", dtype, i), (inter, d), f"layer {i} up")
             up_bias = names.load_optional("layer.up.bias", dtype, i)
         names.require("layer.attn_norm", i)  # raises the clear "checkpoint lacks tensor" error
         lw = LayerWeights(
             attn_norm=self._norm("layer.attn_norm", i),
             attn_norm_bias=names.load_optional("layer.attn_norm.bias", dtype, i),
             qkv=qkv, qkv_bias=qkv_bias,
-            o=_expect(names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
+            o=_expect(self._native(["layer.o"], i) or names.load("layer.o", dtype, i), (d, q_rows), f"layer {i} o"),
             o_bias=names.load_optional("layer.o.bias", dtype, i),
             q_norm=self._norm("layer.q_norm", i), k_norm=self._norm("layer.k_norm", i),
             post_attn_norm=self._norm("layer.post_attn_norm", i),
             mlp_norm=self._norm("layer.mlp_norm", i),
             mlp_norm_bias=names.load_optional("layer.mlp_norm.bias", dtype, i),
             up=up, up_bias=up_bias,
-            down=_expect(names.load("layer.down", dtype, i), (d, inter), f"layer {i} down"),
+            down=_expect(self._native(["layer.down"], i) or names.load("layer.down", dtype, i), (d, inter),
+                         f"layer {i} down"),
             down_bias=names.load_optional("layer.down.bias", dtype, i),
             post_mlp_norm=self._norm("layer.post_mlp_norm", i),
         )
@@ -219,15 +252,23 @@ class WeightAssembler:
         _check_all_used(self.spec, self.reader, self.names)
 
 
-def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+def _nbytes(t: object) -> int:
+    """Bytes held by a tensor or a quantized matrix (0 for None)."""
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return t.nbytes if isinstance(t, (QuantizedWeight, FusedWeight)) else 0
+
+
+def _expect(t: torch.Tensor | AnyQuantized, shape: tuple[int, ...], what: str) -> torch.Tensor:
     if tuple(t.shape) != shape:
         raise CheckpointError(f"{what} has shape {tuple(t.shape)}, the config implies {shape}")
     return t
 
 
-def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype) -> ModelWeights:
+def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+                 native_quant: bool = False) -> ModelWeights:
     """Read every tensor the family names from ``reader``; fail on missing or unexplained tensors."""
-    asm = WeightAssembler(spec, cfg, reader, dtype)
+    asm = WeightAssembler(spec, cfg, reader, dtype, native_quant)
     weights = asm.globals()
     weights.layers = [asm.layer(i) for i in range(cfg.num_layers)]
     asm.finish()

@@ -20,13 +20,25 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """K and V for every layer. Slot arithmetic is described in the module docstring."""
+    """K and V for every layer. Slot arithmetic is described in the module docstring.
+
+    ``quant`` ("q8" or "q4"): each layer's K and V are ``tierlm.quant.kv.QuantizedSlots``, which
+    quantize on ``index_copy_`` and dequantize on ``index_select``, so attention below is unchanged.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", quant: str | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         num_slots = num_blocks * block_size
+        if quant is not None:
+            from tierlm.quant.kv import QuantizedSlots
+
+            self.k = [QuantizedSlots(quant, num_slots, num_kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
+            self.v = [QuantizedSlots(quant, num_slots, num_kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
+            for t in self.k + self.v:
+                t.zero_(block_size)  # the null block
+            return
         # torch.empty does not touch pages: memory is committed as blocks are first written.
         self.k = [torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
+from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
@@ -33,24 +34,41 @@ _ACTIVATIONS = {
 class Transformer:
     """Weights + config -> logits. Stateless apart from the rotary tables; the KV cache is passed in."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights | TieredWeights, dtype: torch.dtype,
                  linear: LinearMethod | None = None, device: torch.device | str = "cpu"):
         """Takes ownership of ``weights``: each tensor is moved to ``device`` and matrices are
         replaced by ``linear.prepare``'d versions one at a time, so two copies of the whole model
-        never coexist."""
+        never coexist.
+
+        ``TieredWeights`` (tierlm.memory) keep part of each matrix on disk: the forward pass then
+        brackets each layer with ``acquire_layer`` / ``release_layer`` so the streamer knows which
+        ring slot may be refilled.
+        """
         self.cfg = cfg
-        self.w = weights
         self.dtype = dtype
         self.device = torch.device(device)
-        self.linear = linear if linear is not None else default_linear_method(self.device, dtype)
-        _move_(weights, self.device)
-        for lw in weights.layers:
-            for name in ("qkv", "o", "up", "down"):
-                setattr(lw, name, self.linear.prepare(getattr(lw, name)))
-        # A tied lm_head is also the embedding table, which must stay a plain tensor.
-        self.lm_head_linear: LinearMethod = DenseLinear() if weights.tied else self.linear
-        if not weights.tied:
-            weights.lm_head = self.linear.prepare(weights.lm_head)
+        inner = linear if linear is not None else default_linear_method(self.device, dtype)
+        self.tiers: TieredWeights | None = None
+        if isinstance(weights, TieredWeights):
+            if self.device.type != "cpu":
+                raise ValueError("tiered weights run on the CPU only so far")
+            self.tiers = weights
+            weights.prepare(inner)
+            self.linear: LinearMethod = TieredLinear(inner, weights)
+            self.w = weights.weights
+            # As below: a tied head is the embedding table and stays plain.
+            self.lm_head_linear: LinearMethod = TieredLinear(DenseLinear() if weights.tied else inner, weights)
+        else:
+            self.w = weights
+            self.linear = inner
+            _move_(weights, self.device)
+            for lw in weights.layers:
+                for name in ("qkv", "o", "up", "down"):
+                    setattr(lw, name, self.linear.prepare(getattr(lw, name)))
+            # A tied lm_head is also the embedding table, which must stay a plain tensor.
+            self.lm_head_linear = DenseLinear() if weights.tied else self.linear
+            if not weights.tied:
+                weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -82,7 +100,10 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         """input_ids (N,) -> final hidden states (N, hidden), before the final norm."""
-        x = F.embedding(input_ids, self.w.embed)  # (N, d)
+        if self.tiers is not None:
+            x = self.tiers.embedding(input_ids)  # (N, d)
+        else:
+            x = F.embedding(input_ids, self.w.embed)  # (N, d)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.w.pos_embed is not None:
@@ -90,7 +111,14 @@ class Transformer:
         rope = {t: table.lookup(batch.positions, self.dtype) for t, table in self.rope.items()}
         for i, lw in enumerate(self.w.layers):
             layer_type = self.cfg.layer_types[i]
-            x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
+            if self.tiers is None:
+                x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
+                continue
+            lw = self.tiers.acquire_layer(i)
+            try:
+                x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
+            finally:
+                self.tiers.release_layer(i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

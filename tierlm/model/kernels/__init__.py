@@ -14,24 +14,49 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("bf16_gemm.c")
 LIBRARY = Path(__file__).with_name("libtierlm_bf16.so")
+QUANT_SOURCE = Path(__file__).with_name("quant_gemv.c")
+QUANT_LIBRARY = Path(__file__).with_name("libtierlm_quant.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
 def cpu_has_avx512_bf16() -> bool:
+    return _cpu_has("avx512_bf16")
+
+
+def cpu_has_avx512_vnni() -> bool:
+    return _cpu_has("avx512_vnni") and _cpu_has("avx512bw") and _cpu_has("avx512vl") and _cpu_has("f16c")
+
+
+def _cpu_has(flag: str) -> bool:
     try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        return f" {flag}" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def _fresh(library: Path, source: Path) -> bool:
+    return library.exists() and library.stat().st_mtime >= source.stat().st_mtime
 
 
 def build(force: bool = False) -> Path | None:
     """Compile the bf16 GEMM if this CPU runs it; returns the library path, or None."""
     if not cpu_has_avx512_bf16():
         return None
-    if LIBRARY.exists() and not force and LIBRARY.stat().st_mtime >= SOURCE.stat().st_mtime:
+    if _fresh(LIBRARY, SOURCE) and not force:
         return LIBRARY
     subprocess.run(["gcc", *_FLAGS, str(SOURCE), "-o", str(LIBRARY)], check=True)
     return LIBRARY
+
+
+def build_quant(force: bool = False) -> Path | None:
+    """Compile the quantized GEMV (AVX512-VNNI) if this CPU runs it; returns the library path, or None."""
+    if not cpu_has_avx512_vnni():
+        return None
+    if _fresh(QUANT_LIBRARY, QUANT_SOURCE) and not force:
+        return QUANT_LIBRARY
+    subprocess.run(["gcc", *_QUANT_FLAGS, str(QUANT_SOURCE), "-o", str(QUANT_LIBRARY)], check=True)
+    return QUANT_LIBRARY
 
 
 @functools.cache
@@ -41,11 +66,27 @@ def bf16_gemm():
     The library links libgomp.so.1 by soname; torch has already loaded its own copy under that
     soname, so both share one OpenMP thread pool instead of fighting over the cores.
     """
-    if not cpu_has_avx512_bf16() or not LIBRARY.exists() or LIBRARY.stat().st_mtime < SOURCE.stat().st_mtime:
+    if not cpu_has_avx512_bf16() or not _fresh(LIBRARY, SOURCE):
         return None
     import torch  # noqa: F401  (load torch's libgomp first; see above)
 
     fn = ctypes.CDLL(str(LIBRARY)).tierlm_bf16_gemm
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
     fn.restype = None
+    return fn
+
+
+@functools.cache
+def quant_gemv():
+    """``f(fmt, x_ptr, M, K, codes_ptr, steps_ptr, mins_ptr, group, row_bytes, y_ptr, N, num_threads) -> int``
+    from quant_gemv.c (0 = done, -1 = shape or format it does not take), or None when unavailable.
+    Format ids: tierlm.quant.kernel.KERNEL_FORMATS."""
+    if not cpu_has_avx512_vnni() or not _fresh(QUANT_LIBRARY, QUANT_SOURCE):
+        return None
+    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
+
+    fn = ctypes.CDLL(str(QUANT_LIBRARY)).tierlm_quant_gemv
+    fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    fn.restype = ctypes.c_int
     return fn

@@ -1,7 +1,10 @@
 """``python -m tierlm.model.kernels``: build the compiled kernels this CPU can run (make calls it)."""
 
-from tierlm.model.kernels import build
+from tierlm.model.kernels import build, build_quant
 
 path = build()
 print(f"tierlm kernels: built {path}" if path else
       "tierlm kernels: this CPU has no AVX512-BF16; bf16 matmuls will use oneDNN")
+path = build_quant()
+print(f"tierlm kernels: built {path}" if path else
+      "tierlm kernels: this CPU has no AVX512-VNNI; quantized matmuls will dequantize tile by tile")

@@ -1,0 +1,150 @@
+"""Batch-1 decode speed of quantized weights: tierlm against llama.cpp on the same GGUF files.
+
+Model: the random Llama 1.1B (bench/make_models.py -> .cache/models/llama-1.1b). Its F16 GGUF
+(bench/gguf_export.py) is quantized to Q8_0 and Q4_0 with llama-cpp-python's quantizer; then, each in
+its own process, one after another in the same run:
+
+* llama.cpp on the F16, Q8_0 and Q4_0 files (2 threads, mmap, the weights in the page cache);
+* tierlm on the Q8_0 and Q4_0 files with ``quant="gguf"`` (the file's blocks, the VNNI kernel);
+* tierlm bf16 and tierlm q8 / q4 / q3h quantized on load from the HF folder.
+
+Each engine: a 16-token prompt, then ``--tokens`` greedy decode steps; the median step time after
+2 warm-up steps. Achieved GB/s = bytes of weight matrices read per step / step time, held against
+RAM read bandwidth measured in the same run.
+
+    .venv/bin/python bench/quant.py [--tokens 24] [--engines ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import MODELS_DIR, REPO_ROOT, measure_memory_bandwidth, write_results
+
+GGUF_DIR = REPO_ROOT / ".cache" / "gguf"
+HF_MODEL = MODELS_DIR / "llama-1.1b"
+ENGINES = ("llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_0", "tierlm gguf Q8_0", "tierlm gguf Q4_0",
+           "tierlm bf16", "tierlm q8", "tierlm q4", "tierlm q3h")
+PROMPT = list(range(100, 116))
+
+
+def gguf_file(kind: str) -> Path:
+    """The 1.1B Llama as a GGUF of ``kind`` (F16, Q8_0, Q4_0), made once."""
+    f16 = GGUF_DIR / "llama-1.1b-f16.gguf"
+    if not f16.exists():
+        from bench.gguf_export import export
+
+        GGUF_DIR.mkdir(parents=True, exist_ok=True)
+        export(HF_MODEL, f16, "f16")
+    if kind == "F16":
+        return f16
+    out = GGUF_DIR / f"llama-1.1b-{kind.lower()}.gguf"
+    if not out.exists():
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+        params.nthread = 2
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {f16} to {kind}")
+    return out
+
+
+def _child(engine: str, num_tokens: int) -> dict:
+    """Runs in a fresh process: load, decode, return step times and bytes read per step."""
+    import torch
+
+    if engine.startswith("llama.cpp"):
+        import llama_cpp
+
+        path = gguf_file(engine.split()[1])
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=64, verbose=False)
+        llm.eval(PROMPT)
+        times = []
+        for _ in range(num_tokens):
+            tok = llm.sample(top_k=1)
+            t0 = time.perf_counter()
+            llm.eval([tok])
+            times.append(time.perf_counter() - t0)
+        from tierlm.loader.gguf import parse_gguf
+
+        _, infos = parse_gguf(path)
+        weight_bytes = sum(t.nbytes for t in infos if t.name != "token_embd.weight")
+        return {"step_s": times, "weight_bytes": weight_bytes}
+
+    from tierlm import LLM, SamplingParams
+
+    kind = engine.split()[1]
+    if kind == "gguf":
+        llm = LLM(gguf_file(engine.split()[2]), quant="gguf", max_model_len=256, max_num_seqs=1)
+    elif kind == "bf16":
+        llm = LLM(HF_MODEL, dtype="bfloat16", max_model_len=256, max_num_seqs=1)
+    else:
+        llm = LLM(HF_MODEL, quant=kind, max_model_len=256, max_num_seqs=1)
+    w = llm.model.w
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes
+
+    weight_bytes = sum(nbytes(getattr(lw, n)) for lw in w.layers for n in ("qkv", "o", "up", "down"))
+    weight_bytes += nbytes(w.lm_head)
+    times: list[float] = []
+    last = [time.perf_counter()]
+    params = SamplingParams(max_tokens=num_tokens + 1, temperature=0, ignore_eos=True)
+    for i, _ in enumerate(llm.stream(PROMPT, params)):
+        now = time.perf_counter()
+        if i:  # the first output comes after the prompt (prefill)
+            times.append(now - last[0])
+        last[0] = now
+    return {"step_s": times, "weight_bytes": weight_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.tokens)))
+        return
+    for kind in ("Q8_0", "Q4_0"):
+        gguf_file(kind)  # made before any timing
+    bandwidth = measure_memory_bandwidth()
+    rows = []
+    for engine in args.engines:
+        out = subprocess.run([sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens)],
+                             capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        step = statistics.median(r["step_s"][2:])
+        rows.append({"engine": engine, "decode_tok_s": round(1 / step, 2), "weight_mb": round(r["weight_bytes"] / 1e6),
+                     "achieved_gbps": round(r["weight_bytes"] / step / 1e9, 1),
+                     "share_of_bandwidth": round(r["weight_bytes"] / step / 1e9 / bandwidth, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    by = {r["engine"]: r for r in rows}
+    for r in rows:
+        for kind in ("Q8_0", "Q4_0"):
+            if r["engine"] == f"tierlm gguf {kind}" and f"llama.cpp {kind}" in by:
+                r["vs_llama_cpp"] = round(r["decode_tok_s"] / by[f"llama.cpp {kind}"]["decode_tok_s"], 2)
+        if r["engine"].startswith("tierlm") and "tierlm bf16" in by:
+            bf = by["tierlm bf16"]
+            r["speedup_vs_bf16"] = round(r["decode_tok_s"] / bf["decode_tok_s"], 2)
+            r["bytes_ratio_vs_bf16"] = round(bf["weight_mb"] / r["weight_mb"], 2)
+    write_results("quant", rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
+                                  "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2},
+                  columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",
+                           "vs_llama_cpp", "speedup_vs_bf16", "bytes_ratio_vs_bf16"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Quantization formats: exact packing, bounded dequantization error, products, kernels."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import tierlm.quant.base as qbase
+from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
+from tierlm.model.linear import DenseLinear
+from tierlm.quant import (
+    FORMATS,
+    FusedWeight,
+    QuantError,
+    QuantizedWeight,
+    get_quantizer,
+    method_for,
+)
+from tierlm.quant.gguf import SUPPORTED, GGUFFormat
+from tierlm.quant.linear import KERNEL_FORMATS, QuantLinear, kernel_matmul
+
+LEVELS = {"q8": 256, "q6": 64, "q5": 32, "q4": 16, "q3h": 11, "q3": 8, "q2": 4}
+BITS_PER_WEIGHT = {"q8": 8, "q6": 6, "q5": 5, "q4": 4, "q3h": 3.5, "q3": 3, "q2": 2}
+
+
+def _weights(rows: int = 37, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[3] *= 1e-3  # a row of tiny weights: steps near float16's subnormals
+    w[5, :128] = 0.25  # a constant group (any group size up to 128): step 0
+    return w
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pack_unpack_is_exact_for_every_code(fmt):
+    q = get_quantizer(fmt)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, LEVELS[fmt], (5, 192), generator=g, dtype=torch.int64).to(torch.uint8)
+    codes[0] = LEVELS[fmt] - 1  # the largest code everywhere
+    packed = q.pack(codes)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (5, int(192 * BITS_PER_WEIGHT[fmt] / 8))
+    assert torch.equal(q.unpack(packed, 192), codes)
+    assert q.levels == LEVELS[fmt]
+
+
+def test_packed_bytes_are_the_documented_layouts():
+    # q4: byte j = code j | code j+16 << 4 within each 32-weight run
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)
+    assert get_quantizer("q4").pack(codes).tolist() == [[j | (j << 4) for j in range(16)]]
+    # q3: little-endian bit stream, 8 codes in 3 bytes
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0] * 4], dtype=torch.uint8)
+    word = sum(c << (3 * i) for i, c in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))
+    assert get_quantizer("q3").pack(codes)[0, :3].tolist() == [word & 255, (word >> 8) & 255, word >> 16]
+    # q3h: pairs a*11 + b in 7 bits; 16 codes in 7 bytes
+    codes = torch.tensor([[10, 10, 0, 1] + [0] * 28], dtype=torch.uint8)
+    packed = get_quantizer("q3h").pack(codes)
+    assert packed.shape == (1, 14)
+    value = 120 | (1 << 7)  # pair 0 = 10*11 + 10 = 120, pair 1 = 0*11 + 1 = 1
+    assert packed[0, :2].tolist() == [value & 255, value >> 8]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_dequantization_error_is_at_most_half_a_step_of_each_group(fmt, group):
+    w = _weights()
+    q = get_quantizer(fmt, group)
+    qw = q.quantize(w)
+    assert qw.format == fmt and qw.group == group and qw.shape == (37, 256)
+    assert qw.scales.dtype == torch.float16 and qw.scales.shape == (37, 256 // group)
+    deq = q.dequantize(qw)
+    err = (deq - w).abs().view(37, -1, group).amax(dim=-1)  # (rows, groups)
+    half_step = qw.scales.float() / 2
+    assert (err <= half_step * (1 + 1e-3) + 1e-7).all()
+    assert deq[5, :128].eq(0.25).all() and qw.scales[5, 0] == 0  # a constant group is exact
+    # min-max: each group's extremes are representable (the largest code is used)
+    codes = q.unpack(qw.codes, 256).view(37, -1, group)
+    assert (codes.amax(dim=-1)[qw.scales > 0] >= LEVELS[fmt] - 2).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_product_with_quantized_weight_equals_product_with_dequantized(fmt, monkeypatch):
+    monkeypatch.setattr(qbase, "TILE_BYTES", 10 * 256 * 4)  # several tiles, the last one partial
+    w = _weights()
+    q = get_quantizer(fmt)
+    qw = q.quantize(w)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(2))
+    ref = x.double() @ q.dequantize(qw).double().T
+    y = q.matmul(x, qw)
+    assert y.shape == (6, 37) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_more_bits_give_smaller_errors_and_q3h_sits_between_q3_and_q4():
+    w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3))
+    rms = {f: (get_quantizer(f).dequantize(get_quantizer(f).quantize(w)) - w).pow(2).mean().sqrt().item()
+           for f in FORMATS}
+    order = ["q8", "q6", "q5", "q4", "q3h", "q3", "q2"]
+    assert all(rms[a] < rms[b] for a, b in itertools.pairwise(order)), rms
+
+
+def test_unknown_formats_and_bad_groups_are_clear_errors():
+    with pytest.raises(QuantError, match="unknown quantization format 'q7'"):
+        get_quantizer("q7")
+    for group in (0, 16, 48, -64):
+        with pytest.raises(QuantError, match="multiple of 32"):
+            get_quantizer("q4", group)
+    with pytest.raises(QuantError, match="not a whole number of groups of 128"):
+        get_quantizer("q4", 128).quantize(torch.zeros(4, 576))
+    with pytest.raises(QuantError, match="not executed natively"):
+        GGUFFormat("Q2_K")
+
+
+# -- GGUF block types -------------------------------------------------------------------------------
+
+def _gguf_weight(type_name: str, rows: int = 24, cols: int = 512, seed: int = 4) -> QuantizedWeight:
+    """Blocks made by the gguf package's quantizer, or (K-quants, which it cannot make) random blocks
+    with sane float16 scales."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    fmt = GGUFFormat(type_name)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).numpy()
+    try:
+        raw = quantize(w, GGMLQuantizationType[type_name])
+    except NotImplementedError:
+        rng = np.random.default_rng(seed)
+        raw = rng.integers(0, 256, (rows, cols // fmt.block * fmt.type_size), dtype=np.uint8)
+        blocks = raw.reshape(rows, -1, fmt.type_size)
+        halves = blocks[..., :4].view(np.float16) if type_name != "Q6_K" else blocks[..., -2:].view(np.float16)
+        halves[...] = rng.uniform(1e-3, 1e-2, halves.shape).astype(np.float16)
+    return fmt.weight(torch.from_numpy(np.ascontiguousarray(raw)), (rows, cols))
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_gguf_blocks_decode_like_the_gguf_package_and_multiply_tile_by_tile(type_name, monkeypatch):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qw = _gguf_weight(type_name)
+    fmt = method_for(qw.format, qw.group)
+    ref_w = dequantize(qw.codes.numpy(), GGMLQuantizationType[type_name])
+    assert np.array_equal(fmt.dequantize(qw).numpy(), ref_w)
+    assert np.array_equal(fmt.dequantize(qw.rows(5, 9)).numpy(), ref_w[5:9])
+    monkeypatch.setattr(qbase, "TILE_BYTES", 7 * 512 * 4)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(fmt.matmul(x, qw).double(), x.double() @ torch.from_numpy(ref_w).double().T,
+                          atol=1e-4, rtol=1e-5)
+
+
+# -- the compiled kernel ----------------------------------------------------------------------------
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 in blocks of 32, scale max|x| / 127, float64."""
+    xb = x.double().view(x.shape[0], -1, 32)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))) * d).view_as(x)
+
+
+def _kernel():
+    kernel = quant_gemv()
+    if not cpu_has_avx512_vnni():
+        assert kernel is None
+        return None
+    assert kernel is not None, "the quantized kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
+    return kernel
+
+
+@pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("rows", [41, 3])  # 41: the last 4-row tile overlaps; 3: fewer rows than a tile
+def test_kernel_equals_dequantized_weight_times_int8_rounded_input(fmt, m, rows):
+    kernel = _kernel()
+    if kernel is None:
+        return
+    if fmt.startswith("gguf:"):
+        qw = _gguf_weight(fmt[5:], rows=rows)
+    else:
+        qw = get_quantizer(fmt, 128 if m == 3 else 64).quantize(_weights(41, 512)[:rows])
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # an all-zero block of x: scale 0
+    deq = method_for(qw.format, qw.group).dequantize(qw).double()
+    y = kernel_matmul(kernel, x, qw, num_threads=2)
+    ref = _int8_blocks(x) @ deq.T
+    assert y.shape == (m, rows)
+    assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+    # and int8 rounding of x costs little against the float product
+    exact = x.double() @ deq.T
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+
+
+def test_quant_linear_quantizes_on_prepare_and_uses_the_kernel_only_for_small_batches():
+    kernel = _kernel()
+    lin = QuantLinear(get_quantizer("q4"), DenseLinear(), kernel)
+    w = _weights(40, 256)
+    bias = torch.randn(40)
+    qw = lin.prepare(w)
+    assert isinstance(qw, QuantizedWeight) and qw.format == "q4"
+    assert qw.nbytes == 40 * 128 + 2 * 40 * 4 * 2  # codes + float16 steps and mins
+    deq = get_quantizer("q4").dequantize(qw)
+    x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(6))  # > max_kernel_rows: float path
+    assert torch.allclose(lin.apply(x16, qw, bias), x16 @ deq.T + bias, atol=1e-4)
+    x1 = x16[:1]
+    expected = (_int8_blocks(x1) @ deq.double().T).float() if kernel is not None else x1 @ deq.T
+    assert torch.allclose(lin.apply(x1, qw, bias), expected + bias, atol=1e-4)
+    # quantized weights pass through prepare; float ones stay float without a quantizer
+    assert lin.prepare(qw) is qw
+    native = QuantLinear(None, DenseLinear(), kernel)
+    assert native.prepare(w) is w and torch.equal(native.apply(x16, w, None), x16 @ w.T)
+
+
+def test_fused_weight_concatenates_its_parts_outputs():
+    a = _gguf_weight("Q5_0", rows=8, cols=256)
+    b = _gguf_weight("Q8_0", rows=4, cols=256)
+    fused = FusedWeight((a, b))
+    assert fused.shape == (12, 256) and fused.nbytes == a.nbytes + b.nbytes
+    lin = QuantLinear(None, DenseLinear(), None)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7))
+    deq = torch.cat([method_for(p.format, p.group).dequantize(p) for p in (a, b)])
+    assert torch.allclose(lin.apply(x, fused, None), x @ deq.T, atol=1e-4)

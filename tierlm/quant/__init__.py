@@ -1,0 +1,69 @@
+"""Quantized weights: one protocol (tierlm.quant.base), one module per format.
+
+Formats tierlm produces from float weights (``LLM(..., quant="q4")``), group-wise along the input
+dimension, ``group`` weights per float16 step and min (default 64):
+
+    name  levels  bits/weight (group 64, with step and min)   module
+    q8    256     8.5                                          groupwise
+    q6    64      6.5                                          groupwise
+    q5    32      5.5                                          groupwise
+    q4    16      4.5                                          groupwise
+    q3h   11      4.0  (3.5 for the codes)                     q3h
+    q3    8       3.5                                          groupwise
+    q2    4       2.5                                          groupwise
+
+``quant="gguf"`` keeps a GGUF file's own blocks (tierlm.quant.gguf) instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tierlm.quant.base import (
+    AnyQuantized,
+    FusedWeight,
+    QuantError,
+    QuantizedWeight,
+    Quantizer,
+    QuantMethod,
+    check_group,
+)
+from tierlm.quant.gguf import GGUFFormat
+from tierlm.quant.groupwise import GroupwiseFormat
+from tierlm.quant.q3h import Q3HFormat
+
+FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")
+GGUF_NATIVE = "gguf"
+KV_FORMATS = ("q8", "q4")
+
+__all__ = [
+    "FORMATS",
+    "GGUF_NATIVE",
+    "KV_FORMATS",
+    "AnyQuantized",
+    "FusedWeight",
+    "QuantError",
+    "QuantMethod",
+    "QuantizedWeight",
+    "Quantizer",
+    "get_quantizer",
+    "method_for",
+]
+
+
+def get_quantizer(name: str, group: int = 64) -> Quantizer:
+    """The format called ``name`` (one of FORMATS) with ``group`` weights per group."""
+    check_group(group)
+    if name == "q3h":
+        return Q3HFormat(group)
+    if name in FORMATS:
+        return GroupwiseFormat(int(name[1:]), group)
+    raise QuantError(f"unknown quantization format {name!r}; choose one of {', '.join(FORMATS)}")
+
+
+@functools.cache
+def method_for(fmt: str, group: int) -> QuantMethod:
+    """The method that executes a weight of format ``fmt`` (``QuantizedWeight.format``, ``.group``)."""
+    if fmt.startswith("gguf:"):
+        return GGUFFormat(fmt[5:])
+    return get_quantizer(fmt, group)

@@ -1,0 +1,162 @@
+"""What a quantized weight is, and the protocol every storage format implements.
+
+A format is one module: how it lays codes out in bytes (``pack``/``unpack``), how it turns a float
+(out, in) matrix into codes plus per-group parameters (``quantize``), and how it gets floats back
+(``dequantize``, a band of rows at a time) and multiplies by them (``matmul``). Execution never
+expands a whole matrix: ``tiled_matmul`` dequantizes ``TILE_BYTES`` of float weights at a time.
+
+Group-wise asymmetric min-max (FlexGen), shared by q8..q2 and q3h: each run of ``group``
+consecutive weights of a row (along the input dimension) gets
+
+    min_g  = min(w) rounded *down* to float16
+    step_g = (max(w) - min_g) / (levels - 1) rounded *up* to float16
+    code   = round((w - min_g) / step_g)  in [0, levels)        w ~= min_g + step_g * code
+
+Rounding the stored parameters outward keeps every weight inside [min_g, min_g + step_g * (levels-1)],
+so no code is clamped and the error stays <= step_g / 2 (the round-trip tests assert this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+TILE_BYTES = 4 * 2**20  # float weights dequantized per tile of a tiled matmul: about L2-sized
+
+
+class QuantError(ValueError):
+    """An unknown format, a bad group size or a matrix a format cannot hold; the message says which."""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An (out, in) matrix held in a quantized format.
+
+    ``codes`` is uint8 (out, bytes_per_row): the format's packed codes, or for a GGUF type its raw
+    blocks (each block carries its own scales; ``scales``/``mins`` are then None). A row's bytes are
+    contiguous, so any band of rows decodes on its own and rows can be permuted or concatenated.
+    """
+
+    format: str  # a name in tierlm.quant.FORMATS, or "gguf:<TYPE>"
+    shape: tuple[int, int]  # (out, in) of the float matrix
+    codes: torch.Tensor  # uint8 (out, bytes_per_row)
+    group: int  # weights per group (GGUF: per block)
+    scales: torch.Tensor | None = None  # float16 (out, in // group): step_g
+    mins: torch.Tensor | None = None  # float16 (out, in // group): min_g
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+
+    def rows(self, r0: int, r1: int) -> QuantizedWeight:
+        """Rows [r0, r1) as a view (no copy)."""
+        pick = (lambda t: None if t is None else t[r0:r1])
+        return QuantizedWeight(self.format, (r1 - r0, self.shape[1]), self.codes[r0:r1], self.group,
+                               pick(self.scales), pick(self.mins))
+
+
+@dataclass(frozen=True)
+class FusedWeight:
+    """Matrices stacked along the output dimension whose formats differ (a GGUF file may store q and
+    k as Q5_0 but v as Q8_0); multiplied part by part, outputs concatenated."""
+
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+AnyQuantized = QuantizedWeight | FusedWeight
+
+
+class QuantMethod(Protocol):
+    """How one storage format is executed."""
+
+    name: str
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        """All of ``qw`` as float32 (out, in); callers pass a band of rows (``qw.rows``)."""
+        ...
+
+    def matmul(self, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        """x (N, in) -> x @ W^T (N, out) in x's dtype, without expanding all of W at once."""
+        ...
+
+
+class Quantizer(QuantMethod, Protocol):
+    """A format tierlm can also produce from float weights."""
+
+    levels: int  # distinct codes per weight
+    group: int
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        """float (out, in) -> quantized; ``in`` must be a multiple of ``group``."""
+        ...
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes (out, in), each < levels -> uint8 (out, bytes_per_row)."""
+        ...
+
+    def unpack(self, packed: torch.Tensor, num_cols: int) -> torch.Tensor:
+        """Inverse of ``pack``: exactly the codes that were packed."""
+        ...
+
+
+def check_group(group: int) -> int:
+    """Groups are whole multiples of 32 weights: whole bytes at every bit width, and the unit of
+    the compiled kernels (tierlm/model/kernels/quant_gemv.c)."""
+    if not isinstance(group, int) or group < 32 or group % 32:
+        raise QuantError(f"quantization group size must be a positive multiple of 32, got {group!r}")
+    return group
+
+
+def _round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
+    """float32 -> float16 rounded toward -inf or +inf (not to nearest)."""
+    h = x.to(torch.float16)
+    off = h.float() > x if toward < 0 else h.float() < x
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, toward)), h)
+
+
+def minmax_quantize(w: torch.Tensor, levels: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float (R, K) -> codes uint8 (R, K), steps and mins float16 (R, K // group). See the module docstring."""
+    r, k = w.shape
+    if k % group:
+        raise QuantError(f"a row of {k} weights is not a whole number of groups of {group}")
+    g = w.detach().float().reshape(r, k // group, group)  # (R, G, group)
+    mins = _round_fp16(g.amin(dim=-1), float("-inf"))  # (R, G)
+    steps = _round_fp16((g.amax(dim=-1) - mins.float()) / (levels - 1), float("inf"))
+    if not torch.isfinite(steps).all():
+        raise QuantError("a weight group's range does not fit float16 steps")
+    inv = torch.where(steps > 0, 1.0 / steps.float(), torch.zeros((), dtype=torch.float32))
+    codes = torch.round((g - mins.float()[..., None]) * inv[..., None]).clamp_(0, levels - 1)
+    return codes.to(torch.uint8).reshape(r, k), steps, mins
+
+
+def minmax_dequantize(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """codes uint8 (R, K), steps/mins float16 (R, G) -> float32 (R, K)."""
+    r, k = codes.shape
+    num_groups = steps.shape[1]
+    g = codes.reshape(r, num_groups, k // num_groups).float()
+    return (g * steps.float()[..., None] + mins.float()[..., None]).reshape(r, k)
+
+
+def tiled_matmul(method: QuantMethod, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """x (N, in) @ W^T, W dequantized one band of rows at a time (TILE_BYTES of float32 per band)."""
+    out, k = qw.shape
+    if x.shape[-1] != k:
+        raise QuantError(f"input has {x.shape[-1]} features, the {qw.format} weight expects {k}")
+    y = torch.empty(x.shape[0], out, dtype=x.dtype, device=x.device)
+    step = max(1, TILE_BYTES // (4 * k))
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        w = method.dequantize(qw.rows(r0, r1)).to(device=x.device, dtype=x.dtype)  # (r1 - r0, in)
+        y[:, r0:r1] = F.linear(x, w)
+    return y

@@ -1,0 +1,93 @@
+"""``QuantLinear``: the LinearMethod (tierlm.model.linear) for quantized weights.
+
+``prepare`` quantizes a float matrix into the engine's format (or passes through weights that are
+already quantized, such as a GGUF file's own blocks); ``apply`` multiplies without expanding the
+whole matrix: decode-sized batches go to the compiled VNNI kernel where it has the format
+(tierlm/model/kernels/quant_gemv.c), everything else dequantizes a tile of rows at a time and uses
+``F.linear`` on it (tierlm.quant.base.tiled_matmul), which for prompt chunks costs one dequantization
+of the weights per step, shared by all the chunk's tokens.
+
+The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does), so its products
+differ from the float product by that rounding; the tiled path is float throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierlm.quant import (
+    AnyQuantized,
+    FusedWeight,
+    QuantizedWeight,
+    Quantizer,
+    method_for,
+)
+
+# format name -> format id in quant_gemv.c
+KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6}
+
+
+def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight, num_threads: int | None = None) -> torch.Tensor:
+    """x (M, in) @ W^T with the compiled kernel; float32 (M, out). The caller checks KERNEL_FORMATS."""
+    out, k = qw.shape
+    xf = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    codes = qw.codes if qw.codes.is_contiguous() else qw.codes.contiguous()
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    status = kernel(KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, codes.data_ptr(), ptr(qw.scales),
+                    ptr(qw.mins), qw.group, codes.shape[1], y.data_ptr(), out,
+                    num_threads or torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"the quantized kernel does not take a {qw.format} matrix of shape {qw.shape}")
+    return y
+
+
+class QuantLinear:
+    """Quantized weights: ``quantizer`` (None = keep float matrices float, run by ``dense``) for float
+    matrices; quantized ones (GGUF blocks) are used as they are."""
+
+    max_kernel_rows = 8  # above this a product is compute-bound: dequantize a tile, use oneDNN
+
+    def __init__(self, quantizer: Quantizer | None, dense, kernel=None):
+        self.quantizer = quantizer
+        self.dense = dense
+        self.kernel = kernel
+        self.name = f"quant-{quantizer.name if quantizer else 'native'}+{dense.name}" + ("+vnni" if kernel else "")
+
+    def prepare(self, weight: torch.Tensor | AnyQuantized) -> torch.Tensor | AnyQuantized:
+        if isinstance(weight, (QuantizedWeight, FusedWeight)):
+            return weight
+        if self.quantizer is None:
+            return self.dense.prepare(weight)
+        qw = self.quantizer.quantize(weight)
+        if self.kernel is not None and qw.format in KERNEL_FORMATS:  # kernel reads codes in place
+            qw = QuantizedWeight(qw.format, qw.shape, qw.codes.contiguous(), qw.group,
+                                 qw.scales.contiguous(), qw.mins.contiguous())
+        return qw
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(weight, torch.Tensor):
+            return self.dense.apply(x, weight, bias)
+        if isinstance(weight, FusedWeight):
+            y = torch.cat([self._matmul(x, part) for part in weight.parts], dim=-1)
+        else:
+            y = self._matmul(x, weight)
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def _matmul(self, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+        if (self.kernel is not None and x.shape[0] <= self.max_kernel_rows and x.device.type == "cpu"
+                and qw.format in KERNEL_FORMATS):
+            return kernel_matmul(self.kernel, x, qw).to(x.dtype)
+        return method_for(qw.format, qw.group).matmul(x, qw)
+
+
+def quant_linear(quant: str, group: int, dense, device: torch.device | str) -> QuantLinear:
+    """The linear method for ``LLM(..., quant=...)``: a tierlm format name, or "gguf" (keep the file's
+    blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float."""
+    from tierlm.model.kernels import quant_gemv
+    from tierlm.quant import GGUF_NATIVE, get_quantizer
+
+    kernel = quant_gemv() if torch.device(device).type == "cpu" else None
+    return QuantLinear(None if quant == GGUF_NATIVE else get_quantizer(quant, group), dense, kernel)
