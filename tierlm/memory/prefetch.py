@@ -98,7 +98,8 @@ class StreamedUnit:
 class Streamer:
     """Streams the plan's non-resident rows from ``store`` through a ring of plan.num_slots slots."""
 
-    def __init__(self, store: WeightStore, plan: TierPlan, num_threads: int = 4, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, store: WeightStore, plan: TierPlan, num_threads: int = 4, chunk_bytes: int | None = None):
+        chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         if chunk_bytes % ALIGN:
             raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}")
         self.store = store

@@ -75,10 +75,18 @@ class StoredTensor:
 def aligned_buffer(nbytes: int) -> torch.Tensor:
     """A page-aligned uint8 tensor of ``nbytes`` (rounded up to ALIGN), as O_DIRECT requires.
 
-    Anonymous mmap memory is page aligned and is returned to the OS when the tensor is freed.
+    Anonymous mmap memory is page aligned, backed by transparent huge pages where the kernel
+    allows, and returned to the OS when the tensor is freed.
     """
     size = max(ALIGN, align_up(nbytes))
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Every O_DIRECT read pins its destination pages. With 4 KiB pages that is 1,024 pins
+        # per 4 MiB chunk, kernel work on the reading thread; when the cores are also busy
+        # computing (the whole point of prefetching) it starved the disk. Measured on this 2-core
+        # VM, 1.1B bf16 at a 50% budget: 1.2-1.4 tok/s with 4 KiB pages, 2.0 with huge pages,
+        # while synchronous reads (no overlap) got 1.65.
+        mem.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(mem, dtype=torch.uint8)
 
 
