@@ -242,7 +242,8 @@ def main() -> int:
     ap.add_argument("--out-mean", type=float, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--budget", type=int, default=512, help="--max-num-batched-tokens for splitfuse")
+    ap.add_argument("--budget", type=int, default=192,
+                    help="--max-num-batched-tokens for splitfuse (default: the knee bench/step_cost.py measured)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=32000, help="token ids drawn from [100, vocab)")
     ap.add_argument("--sla-scale", type=float, default=4.0, help="R = lone prefill rate / this; g likewise")
