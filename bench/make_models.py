@@ -77,16 +77,28 @@ def _build_llama_3b(out: Path) -> None:
     def rnd(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    ones = lambda: torch.ones(d, dtype=torch.bfloat16)
-    save_file({"model.embed_tokens.weight": rnd(vocab, d), "lm_head.weight": rnd(vocab, d),
-               "model.norm.weight": ones()}, out / "model-globals.safetensors")
+    def ones() -> torch.Tensor:
+        return torch.ones(d, dtype=torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+
+    def save(tensors: dict[str, torch.Tensor], name: str) -> None:
+        save_file(tensors, out / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    save({"model.embed_tokens.weight": rnd(vocab, d), "lm_head.weight": rnd(vocab, d),
+          "model.norm.weight": ones()}, "model-globals.safetensors")
     for i in range(layers):
         p = f"model.layers.{i}."
-        save_file({p + "self_attn.q_proj.weight": rnd(d, d), p + "self_attn.k_proj.weight": rnd(kv, d),
-                   p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.o_proj.weight": rnd(d, d),
-                   p + "mlp.gate_proj.weight": rnd(inter, d), p + "mlp.up_proj.weight": rnd(inter, d),
-                   p + "mlp.down_proj.weight": rnd(d, inter), p + "input_layernorm.weight": ones(),
-                   p + "post_attention_layernorm.weight": ones()}, out / f"model-layer{i:02d}.safetensors")
+        save({p + "self_attn.q_proj.weight": rnd(d, d), p + "self_attn.k_proj.weight": rnd(kv, d),
+              p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.o_proj.weight": rnd(d, d),
+              p + "mlp.gate_proj.weight": rnd(inter, d), p + "mlp.up_proj.weight": rnd(inter, d),
+              p + "mlp.down_proj.weight": rnd(d, inter), p + "input_layernorm.weight": ones(),
+              p + "post_attention_layernorm.weight": ones()}, f"model-layer{i:02d}.safetensors")
+    # transformers (the accelerate baseline) finds shards through the index.
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1) + "\n")
 
 
 def _build_smollm2(out: Path) -> None:

@@ -178,6 +178,17 @@ class LLM:
         finally:
             self.engine.abort(rid)  # no-op when it finished; frees the blocks if the caller stopped early
 
+    def close(self) -> None:
+        """Stop the weight streamer's I/O threads (tiered weights); the LLM is unusable afterwards.
+        Called when the LLM is garbage-collected, and for live streamers at interpreter exit."""
+        tiers = getattr(self, "tiers", None)
+        if tiers is not None:
+            tiers.close()
+            self.tiers = None
+
+    def __del__(self) -> None:
+        self.close()
+
     def chat_prompt(self, messages: list[dict]) -> str:
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer, so it has no chat template")

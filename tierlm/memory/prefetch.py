@@ -22,8 +22,10 @@ the data, as StoreError; nothing waits forever on a read that failed.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +114,9 @@ class Streamer:
         self.layouts = [self._layout(u) for u in self.cycle]
         slot_bytes = max(sum(s.read_bytes for s in lay if s) for lay in self.layouts)
         self.slots = [aligned_buffer(slot_bytes) for _ in range(self.num_slots)]
+        # The I/O threads write through numpy views: no torch (C++) frames on their stacks, so
+        # nothing can turn the interpreter's shutdown of a thread into std::terminate.
+        self._slot_arrays = [s.numpy() for s in self.slots]
         self.slot_bytes = self.slots[0].numel()
         # Views are made once per (slot, unit) and reused: creating tensors per step is cheap,
         # but there is no reason to.
@@ -124,6 +129,8 @@ class Streamer:
                          for i in range(num_threads)]
         for t in self._threads:
             t.start()
+        _register_for_exit(self)
+        self._closed = False
         self.num_stalls = 0  # times the forward pass waited for a unit that was not ready
         if self.window > 0:
             for _ in range(self.num_slots):
@@ -194,7 +201,7 @@ class Streamer:
             error = None
             try:
                 if fill.error is None:
-                    self.store.read_range(self.slots[slot][slot_offset:slot_offset + size], file_offset)
+                    self.store.read_range(self._slot_arrays[slot][slot_offset:slot_offset + size], file_offset)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 error = e
             fill.done(seg, error)
@@ -235,10 +242,28 @@ class Streamer:
         return (kind, index) in self._position_of
 
     def close(self) -> None:
+        """Stop the I/O threads once the reads already queued are done (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=30)
+
+
+_live: weakref.WeakSet[Streamer] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _register_for_exit(streamer: Streamer) -> None:
+    """Close live streamers before the interpreter finalizes: daemon threads still reading at
+    shutdown are killed mid-call (a reference in ``_live`` does not keep a streamer alive)."""
+    global _exit_hook_registered
+    _live.add(streamer)
+    if not _exit_hook_registered:
+        atexit.register(lambda: [s.close() for s in list(_live)])
+        _exit_hook_registered = True
 
 
 def _prod(shape: tuple[int, ...]) -> int:

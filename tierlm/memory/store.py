@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tierlm.memory.align import ALIGN, align_down, align_up
@@ -187,10 +188,10 @@ class WeightStore:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read_range(self, dest: torch.Tensor, offset: int) -> None:
-        """Fill the uint8 tensor ``dest`` with bytes from ``offset``. With O_DIRECT, ``offset``,
-        ``dest.numel()`` and ``dest``'s address must be multiples of ALIGN."""
-        view = memoryview(dest.numpy())
+    def read_range(self, dest: torch.Tensor | np.ndarray, offset: int) -> None:
+        """Fill the uint8 tensor or array ``dest`` with bytes from ``offset``. With O_DIRECT,
+        ``offset``, ``dest``'s size and address must be multiples of ALIGN."""
+        view = memoryview(dest.numpy() if isinstance(dest, torch.Tensor) else dest)
         done = 0
         while done < len(view):
             try:
