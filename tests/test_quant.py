@@ -71,14 +71,30 @@ def test_dequantization_error_is_at_most_half_a_step_of_each_group(fmt, group):
     qw = q.quantize(w)
     assert qw.format == fmt and qw.group == group and qw.shape == (37, 256)
     assert qw.scales.dtype == torch.float16 and qw.scales.shape == (37, 256 // group)
-    deq = q.dequantize(qw)
-    err = (deq - w).abs().view(37, -1, group).amax(dim=-1)  # (rows, groups)
-    half_step = qw.scales.float() / 2
-    assert (err <= half_step * (1 + 1e-3) + 1e-7).all()
-    assert deq[5, :128].eq(0.25).all() and qw.scales[5, 0] == 0  # a constant group is exact
-    # min-max: each group's extremes are representable (the largest code is used)
+    deq = q.dequantize(qw).view(37, -1, group)
+    wg = w.view(37, -1, group)
     codes = q.unpack(qw.codes, 256).view(37, -1, group)
+    step, lo = qw.scales.float()[..., None], qw.mins.float()[..., None]
+    hi = lo + step * (LEVELS[fmt] - 1)  # the group's (chosen) range [lo, hi]
+    inside = (wg >= lo) & (wg <= hi)
+    # inside the range: within half a step of the group
+    assert ((deq - wg).abs() <= step / 2 * (1 + 1e-3) + 1e-7)[inside].all()
+    # outside it (only where the range search clipped): clamped to the range's ends, exactly
+    below, above = wg < lo, wg > hi
+    assert (codes[below] == 0).all() and torch.equal(deq[below], lo.expand_as(wg)[below])
+    assert (codes[above] == LEVELS[fmt] - 1).all()
+    assert torch.allclose(deq[above], hi.expand_as(wg)[above], rtol=1e-6, atol=0)
+    # clipping trims tails only: most of each group lies inside its range
+    assert (inside.float().mean(-1) >= 0.6).all()
+    if fmt == "q8" or not q.search:  # plain min-max: nothing is clipped
+        assert not (below | above).any()
+    assert deq.view(37, 256)[5, :128].eq(0.25).all() and qw.scales[5, 0] == 0  # a constant group is exact
+    # each group's largest code is used (its maximum is representable or clamped to the top level)
     assert (codes.amax(dim=-1)[qw.scales > 0] >= LEVELS[fmt] - 2).all()
+    # the range search never does worse than plain min-max, group by group
+    plain = get_quantizer(fmt, group, search=False)
+    plain_err = (plain.dequantize(plain.quantize(w)).view(37, -1, group) - wg).square().sum(-1)
+    assert ((deq - wg).square().sum(-1) <= plain_err * (1 + 1e-5) + 1e-12).all()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

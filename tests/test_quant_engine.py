@@ -24,7 +24,7 @@ def test_quantized_slots_store_and_load_exactly_what_quantization_gives(fmt):
     values = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(0))
     index = torch.tensor([9, 4, 6])
     slots.index_copy_(0, index, values)
-    q = get_quantizer(fmt, 64)
+    q = get_quantizer(fmt, 64, search=False)
     expected = q.dequantize(q.quantize(values.reshape(6, 64))).view(3, 2, 64)
     assert torch.equal(slots.index_select(0, torch.tensor([9, 4, 6])), expected)
     assert torch.equal(slots.index_select(0, torch.tensor([6, 9])), expected[[2, 0]])
@@ -104,6 +104,22 @@ def test_gguf_native_keeps_blocks_and_scores_like_the_dequantized_model():
     assert _rel(llm.score(ids), ref) < 1e-5
     out = llm.generate([ids[:6]], SamplingParams(max_tokens=8, temperature=0))[0]
     assert llm.tokenizer.decode(out.token_ids).startswith(" Paris.")
+
+
+def test_gguf_native_keeps_an_untied_head_quantized(hf_model, tmp_path):
+    from bench.gguf_export import export
+
+    _, folder = hf_model("llama")  # untied lm_head
+    path = export(folder, tmp_path / "llama-q8_0.gguf", "q8_0")
+    llm = LLM(path, quant="gguf", max_model_len=64)
+    w = llm.model.w
+    assert not w.tied and isinstance(w.lm_head, QuantizedWeight) and w.lm_head.format == "gguf:Q8_0"
+    assert w.lm_head.shape == (384, 64) and w.lm_head.nbytes == 384 * 64 // 32 * 34
+    assert w.num_parameters() >= 384 * 64 * 2  # a quantized head still counts (embedding + head)
+    ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
+    ref = LLM(path, max_model_len=64).score(ids)
+    assert _rel(llm.score(ids), ref) < 1e-5  # > 8 tokens: the tiled float path
+    assert _rel(llm.score(ids[:4]), LLM(path, max_model_len=64).score(ids[:4])) < 2e-2  # the int8 kernel
 
 
 def test_gguf_native_fuses_mixed_types_part_by_part():

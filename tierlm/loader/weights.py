@@ -55,7 +55,7 @@ class LayerWeights:
 class ModelWeights:
     embed: torch.Tensor  # (vocab, hidden)
     final_norm: torch.Tensor | None
-    lm_head: torch.Tensor  # (vocab, hidden); the same tensor as embed when tied
+    lm_head: torch.Tensor | AnyQuantized  # (vocab, hidden); the same tensor as embed when tied
     layers: list[LayerWeights] = field(default_factory=list)
     pos_embed: torch.Tensor | None = None  # (max_position + offset, hidden)
     final_norm_bias: torch.Tensor | None = None
@@ -81,8 +81,8 @@ class ModelWeights:
     def num_parameters(self) -> int:
         total = sum(t.numel() for t in (self.embed, self.pos_embed, self.final_norm, self.final_norm_bias,
                                         self.lm_head_bias) if t is not None)
-        if not self.tied:
-            total += self.lm_head.numel()
+        if not self.tied:  # the head may be a quantized matrix (a GGUF file's blocks)
+            total += self.lm_head.shape[0] * self.lm_head.shape[1]
         for lw in self.layers:
             total += sum(t.numel() for t in vars(lw).values() if isinstance(t, torch.Tensor))
         return total
@@ -237,7 +237,17 @@ class WeightAssembler:
         """Everything outside the blocks; ``layers`` is left empty."""
         names, cfg, dtype = self.names, self.cfg, self.dtype
         embed = _expect(names.load("embed", dtype), (cfg.vocab_size, cfg.hidden_size), "embedding")
-        lm_head = names.load_optional("lm_head", dtype)
+        # An untied GGUF head (output.weight) stays as its blocks, like the layers' matrices, where its
+        # type has a compiled kernel: decoding multiplies the whole (vocab, hidden) head every token,
+        # which the tiled path (a numpy dequantization per tile, e.g. Q6_K) would make far slower
+        # than the float32 head it replaces.
+        from tierlm.quant.linear import KERNEL_FORMATS
+
+        lm_head = self._native(["lm_head"], None) if names.has("lm_head") else None
+        if lm_head is not None and getattr(lm_head, "format", None) not in KERNEL_FORMATS:
+            lm_head = None
+        if lm_head is None:
+            lm_head = names.load_optional("lm_head", dtype)
         if lm_head is None:
             lm_head = embed  # tied (or the checkpoint omits the duplicate)
         pos_embed = names.load("pos_embed", dtype) if cfg.position == "learned" else None

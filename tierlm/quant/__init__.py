@@ -51,13 +51,14 @@ __all__ = [
 ]
 
 
-def get_quantizer(name: str, group: int = 64) -> Quantizer:
-    """The format called ``name`` (one of FORMATS) with ``group`` weights per group."""
+def get_quantizer(name: str, group: int = 64, search: bool | None = None) -> Quantizer:
+    """The format called ``name`` (one of FORMATS) with ``group`` weights per group. ``search``: the
+    per-group range search (tierlm.quant.base); by default on below 8 bits, off for q8."""
     check_group(group)
     if name == "q3h":
-        return Q3HFormat(group)
+        return Q3HFormat(group, True if search is None else search)
     if name in FORMATS:
-        return GroupwiseFormat(int(name[1:]), group)
+        return GroupwiseFormat(int(name[1:]), group, search)
     raise QuantError(f"unknown quantization format {name!r}; choose one of {', '.join(FORMATS)}")
 
 

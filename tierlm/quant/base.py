@@ -13,7 +13,17 @@ consecutive weights of a row (along the input dimension) gets
     code   = round((w - min_g) / step_g)  in [0, levels)        w ~= min_g + step_g * code
 
 Rounding the stored parameters outward keeps every weight inside [min_g, min_g + step_g * (levels-1)],
-so no code is clamped and the error stays <= step_g / 2 (the round-trip tests assert this).
+so no code is clamped and the error stays <= step_g / 2.
+
+Range search (``search=True``, used for weights at 6 bits and fewer): plain min-max spends the
+levels on a group's one or two outliers. Instead each group tries ``SEARCH_FACTORS`` (1.0 down to
+0.7) shrinking its range toward zero (negative min and positive max scaled by the factor), rounds
+the candidate's parameters to float16 as above, and keeps the candidate with the smallest squared
+reconstruction error over the group (factor 1.0 is plain min-max, so the search never does worse).
+Then ``REFINE_ITERS`` times: for the codes so chosen, the least-squares step and min (rounded to
+float16 to nearest), kept per group where they lower the error.
+Weights inside the chosen range [min_g, min_g + step_g * (levels-1)] are then within step_g / 2;
+weights outside it are clamped to its ends (codes 0 and levels-1). The round-trip tests assert both.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 TILE_BYTES = 4 * 2**20  # float weights dequantized per tile of a tiled matmul: about L2-sized
+SEARCH_FACTORS = tuple(1.0 - 0.3 * i / 19 for i in range(20))  # range shrink factors tried per group
+REFINE_ITERS = 3  # least-squares refinements of the searched step and min
 
 
 class QuantError(ValueError):
@@ -125,18 +137,59 @@ def _round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
     return torch.where(off, torch.nextafter(h, torch.full_like(h, toward)), h)
 
 
-def minmax_quantize(w: torch.Tensor, levels: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float (R, K) -> codes uint8 (R, K), steps and mins float16 (R, K // group). See the module docstring."""
+def _params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group range [lo, hi] -> float16 (steps, mins), rounded outward (module docstring)."""
+    mins = _round_fp16(lo, float("-inf"))
+    steps = _round_fp16((hi - mins.float()) / (levels - 1), float("inf"))
+    if not torch.isfinite(steps).all():
+        raise QuantError("a weight group's range does not fit float16 steps")
+    return steps, mins
+
+
+def _codes(g: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, levels: int) -> torch.Tensor:
+    """float32 (R, G, group) -> float32 codes in [0, levels) (clamped)."""
+    inv = torch.where(steps > 0, 1.0 / steps.float(), torch.zeros((), dtype=torch.float32))
+    return torch.round((g - mins.float()[..., None]) * inv[..., None]).clamp_(0, levels - 1)
+
+
+def minmax_quantize(w: torch.Tensor, levels: int, group: int,
+                    search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float (R, K) -> codes uint8 (R, K), steps and mins float16 (R, K // group). See the module
+    docstring; ``search`` picks each group's range among ``SEARCH_FACTORS`` shrinkings of [min, max]."""
     r, k = w.shape
     if k % group:
         raise QuantError(f"a row of {k} weights is not a whole number of groups of {group}")
     g = w.detach().float().reshape(r, k // group, group)  # (R, G, group)
-    mins = _round_fp16(g.amin(dim=-1), float("-inf"))  # (R, G)
-    steps = _round_fp16((g.amax(dim=-1) - mins.float()) / (levels - 1), float("inf"))
-    if not torch.isfinite(steps).all():
-        raise QuantError("a weight group's range does not fit float16 steps")
-    inv = torch.where(steps > 0, 1.0 / steps.float(), torch.zeros((), dtype=torch.float32))
-    codes = torch.round((g - mins.float()[..., None]) * inv[..., None]).clamp_(0, levels - 1)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (R, G)
+    steps, mins = _params(lo, hi, levels)
+    if search:
+        best = None
+        for f in SEARCH_FACTORS:
+            lo_f = torch.where(lo < 0, lo * f, lo)
+            hi_f = torch.maximum(torch.where(hi > 0, hi * f, hi), lo_f)
+            s_f, m_f = (steps, mins) if f == 1.0 else _params(lo_f, hi_f, levels)
+            deq = _codes(g, s_f, m_f, levels) * s_f.float()[..., None] + m_f.float()[..., None]
+            err = (deq - g).square_().sum(dim=-1)  # (R, G)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            steps, mins = torch.where(better, s_f, steps), torch.where(better, m_f, mins)
+        for _ in range(REFINE_ITERS):  # least-squares step and min for the chosen codes, kept where better
+            q = _codes(g, steps, mins, levels)
+            qm, wm = q.mean(dim=-1, keepdim=True), g.mean(dim=-1, keepdim=True)
+            var, cov = (q - qm).square().sum(dim=-1), ((q - qm) * (g - wm)).sum(dim=-1)
+            s_f = torch.where(var > 0, cov / var.clamp(min=1e-30), steps.float())
+            s_f, m_f = s_f.to(torch.float16), (wm[..., 0] - s_f * qm[..., 0]).to(torch.float16)
+            if not (torch.isfinite(s_f).all() and torch.isfinite(m_f).all()):
+                break
+            deq = _codes(g, s_f, m_f, levels) * s_f.float()[..., None] + m_f.float()[..., None]
+            err = (deq - g).square_().sum(dim=-1)
+            better = (err < best) & (s_f >= 0)
+            best = torch.where(better, err, best)
+            steps, mins = torch.where(better, s_f, steps), torch.where(better, m_f, mins)
+    codes = _codes(g, steps, mins, levels)
     return codes.to(torch.uint8).reshape(r, k), steps, mins
 
 

@@ -1,6 +1,7 @@
 """FlexGen's group-wise asymmetric min-max quantization at 8, 6, 5, 4, 3 and 2 bits (q8 .. q2).
 
-The math (codes, float16 steps and mins per group) is ``tierlm.quant.base.minmax_quantize``;
+The math (codes, float16 steps and mins per group, with a per-group range search below 8 bits) is
+``tierlm.quant.base.minmax_quantize``;
 what differs between bit widths is only how codes become bytes:
 
 * q8: one code per byte.
@@ -63,10 +64,11 @@ def unpack_nibbles(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
 class GroupwiseFormat:
     """``bits``-bit group-wise asymmetric min-max (a ``Quantizer``)."""
 
-    def __init__(self, bits: int, group: int = 64):
+    def __init__(self, bits: int, group: int = 64, search: bool | None = None):
         if bits not in (2, 3, 4, 5, 6, 8):
             raise ValueError(f"no group-wise format with {bits} bits")
         self.bits = bits
+        self.search = bits < 8 if search is None else search  # per-group range search (tierlm.quant.base)
         self.levels = 1 << bits
         self.group = check_group(group)
         self.name = f"q{bits}"
@@ -86,7 +88,7 @@ class GroupwiseFormat:
         return unpack_bits(packed, self.bits, num_cols)
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        codes, steps, mins = minmax_quantize(w, self.levels, self.group)
+        codes, steps, mins = minmax_quantize(w, self.levels, self.group, self.search)
         return QuantizedWeight(self.name, tuple(w.shape), self.pack(codes), self.group, steps, mins)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:

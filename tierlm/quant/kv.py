@@ -4,8 +4,9 @@ A ``QuantizedSlots`` stands in for one layer's K (or V) tensor of the paged cach
 (tierlm.model.attention.KVCache): the same (num_slots, kv_heads, head_dim) shape, written with
 ``index_copy_`` and read with ``index_select``, the only two operations paged attention uses on it.
 Each (slot, head) vector of ``head_dim`` values is quantized in groups of ``kv_group(head_dim)``
-consecutive values with the min-max scheme of the weights (tierlm.quant.base): float16 step and min
-per group, so a slot reads back exactly as ``dequantize(quantize(vector))``, whatever else is written.
+consecutive values with the weights' min-max scheme (tierlm.quant.base; plain, no range search,
+which would cost too much per decoded token): float16 step and min per group, so a slot reads back
+exactly as ``dequantize(quantize(vector))``, whatever else is written.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class QuantizedSlots:
         if fmt not in KV_FORMATS:
             raise QuantError(f"unknown KV cache format {fmt!r}; choose one of {', '.join(KV_FORMATS)}")
         self.format = fmt
-        self.quantizer = get_quantizer(fmt, kv_group(head_dim))
+        self.quantizer = get_quantizer(fmt, kv_group(head_dim), search=False)  # plain min-max: cheap per token
         self.shape = (num_slots, num_kv_heads, head_dim)
         self.dtype = dtype
         row_bytes = head_dim if fmt == "q8" else head_dim // 2

@@ -3,7 +3,7 @@
 Two codes a, b in [0, 11) make one value ``a * 11 + b`` <= 120 < 128, which needs 7 bits; eight such
 pairs (16 weights) fill 7 bytes as a little-endian bit stream (``pack_bits`` with 7 bits). So 3.5
 bits per weight buy 11 levels where 3 bits buy 8 and 4 bits 16. The levels and float16 steps/mins
-per group are the same min-max scheme as q8..q2 (tierlm.quant.base).
+per group are the same scheme as q6..q2 (tierlm.quant.base), range search included.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ class Q3HFormat:
     name = "q3h"
     levels = LEVELS
 
-    def __init__(self, group: int = 64):
+    def __init__(self, group: int = 64, search: bool = True):
         self.group = check_group(group)
+        self.search = search  # per-group range search (tierlm.quant.base)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         r, k = codes.shape
@@ -39,7 +40,7 @@ class Q3HFormat:
         return torch.stack([pairs // LEVELS, pairs % LEVELS], dim=-1).reshape(packed.shape[0], num_cols)
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        codes, steps, mins = minmax_quantize(w, LEVELS, self.group)
+        codes, steps, mins = minmax_quantize(w, LEVELS, self.group, self.search)
         return QuantizedWeight(self.name, tuple(w.shape), self.pack(codes), self.group, steps, mins)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
