@@ -124,8 +124,12 @@ class ModelLayout:
 
     @property
     def total_bytes(self) -> int:
-        return (sum(t.nbytes for layer in self.layers for t in layer) + self.head.nbytes
-                + self.always_resident_bytes + self.embed_bytes)
+        return self.matrix_bytes + self.always_resident_bytes + self.embed_bytes
+
+    @property
+    def matrix_bytes(self) -> int:
+        """Bytes of the streamable matrices: every layer's and the head."""
+        return sum(t.nbytes for layer in self.layers for t in layer) + self.head.nbytes
 
     @property
     def max_layer_bytes(self) -> int:
@@ -289,10 +293,9 @@ def make_plan(layout: ModelLayout, budget_bytes: int, *, window: int = 3, lockin
     if locking == "whole_layer":
         units = _whole_layer(layout, budget_bytes)
         return TierPlan(budget_bytes, locking, order, window, tuple(units), fixed, False, layout.embed_bytes)
-    full_units, _ = _balanced(layout, 0.0, order)
     # Beyond the matrices, the rest of a budget would go to the embedding table, which is only
     # kept when all of it fits (handled above): its rows are cheap to read on demand.
-    fraction = min(1.0, budget_bytes / sum(u.nbytes for u in full_units))
+    fraction = min(1.0, budget_bytes / layout.matrix_bytes)
     units, chosen = _balanced(layout, fraction, order)
     return TierPlan(budget_bytes, locking, order, window, tuple(units), fixed, False, layout.embed_bytes, chosen)
 

@@ -200,7 +200,6 @@ class TieredWeights:
             return store.read(name, bounce=bounce) if name in store.tensors else None
 
         self.tied = "lm_head" not in store.tensors
-        self.embed_name = "embed"
         self.embed: torch.Tensor | None = None
         if self.tied and self._fully_resident("embed"):
             self.embed = self._resident["embed"][0][2]
@@ -282,7 +281,7 @@ class TieredWeights:
         if self.embed is not None:
             return F.embedding(ids, self.embed)
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        rows = self.store.read_row_set(self.embed_name, uniq.tolist())  # (U, hidden)
+        rows = self.store.read_row_set("embed", uniq.tolist())  # (U, hidden)
         return rows[inverse]
 
     def close(self) -> None:
