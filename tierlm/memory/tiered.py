@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,8 +56,11 @@ def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype) -> dict:
             "num_layers": opened.config.num_layers, **opened.fingerprint()}
 
 
-def _store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype):
-    """Yield (store name, tensor) with one layer in memory at a time. Tied heads are not repeated."""
+def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (store name, tensor) with one layer in memory at a time. Tied heads are not repeated.
+
+    The one naming of a store's tensors (``embed``, ``lm_head``, ``layers.{i}.qkv``, ...): the
+    tiered loader reads these names, and ``tierlm quantize`` (tierlm.quant.store) writes them."""
     asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype)
     g = asm.globals()
     tied = g.tied
@@ -93,7 +96,7 @@ def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir:
             reason = str(e)
     log.warning("building the weight store %s (%s)", folder, reason)
     t0 = time.perf_counter()
-    write_store(folder, _store_tensors(opened, dtype), meta)
+    write_store(folder, store_tensors(opened, dtype), meta)
     log.info("weight store written in %.1f s", time.perf_counter() - t0)
     return WeightStore(folder)
 

@@ -14,39 +14,25 @@ from pathlib import Path
 
 import torch
 
-from tierlm.loader.weights import WeightAssembler
+from tierlm.memory.plan import MATRICES
+from tierlm.memory.tiered import store_tensors
 from tierlm.quant import QuantizedWeight, get_quantizer
 
 STORE_FORMAT = "tierlm-quantized-1"
-MATRICES = ("qkv", "o", "up", "down")
 
 
 def _tensors(opened, quantizer, dtype: torch.dtype, quantized: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) with one layer in memory at a time; quantized matrices as codes/scales/mins."""
-    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype)
-
-    def emit(name: str, t: torch.Tensor, quantize: bool):
-        if not quantize:
+    """The tiered store's tensors (one layer in memory at a time), with every linear matrix and an
+    untied head replaced by its codes/scales/mins."""
+    for name, t in store_tensors(opened, dtype):
+        if name != "lm_head" and not (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES):
             yield name, t
-            return
+            continue
         qw = quantizer.quantize(t)
         quantized.append(name)
         yield f"{name}.codes", qw.codes
         yield f"{name}.scales", qw.scales
         yield f"{name}.mins", qw.mins
-
-    g = asm.globals()
-    for name, value in vars(g).items():
-        if isinstance(value, torch.Tensor) and not (name == "lm_head" and g.tied):
-            yield from emit(name, value, name == "lm_head")
-    del g
-    for i in range(opened.config.num_layers):
-        lw = asm.layer(i)
-        for name, value in vars(lw).items():
-            if isinstance(value, torch.Tensor):
-                yield from emit(f"layers.{i}.{name}", value, name in MATRICES)
-        del lw
-    asm.finish()
 
 
 def quantize_to_store(model: str | Path | None, out: str | Path, fmt: str, group: int = 64,
