@@ -39,24 +39,23 @@ def _fresh(library: Path, source: Path) -> bool:
     return library.exists() and library.stat().st_mtime >= source.stat().st_mtime
 
 
+def _compile(supported: bool, source: Path, library: Path, flags: list[str], force: bool) -> Path | None:
+    if not supported:
+        return None
+    if _fresh(library, source) and not force:
+        return library
+    subprocess.run(["gcc", *flags, str(source), "-o", str(library)], check=True)
+    return library
+
+
 def build(force: bool = False) -> Path | None:
     """Compile the bf16 GEMM if this CPU runs it; returns the library path, or None."""
-    if not cpu_has_avx512_bf16():
-        return None
-    if _fresh(LIBRARY, SOURCE) and not force:
-        return LIBRARY
-    subprocess.run(["gcc", *_FLAGS, str(SOURCE), "-o", str(LIBRARY)], check=True)
-    return LIBRARY
+    return _compile(cpu_has_avx512_bf16(), SOURCE, LIBRARY, _FLAGS, force)
 
 
 def build_quant(force: bool = False) -> Path | None:
     """Compile the quantized GEMV (AVX512-VNNI) if this CPU runs it; returns the library path, or None."""
-    if not cpu_has_avx512_vnni():
-        return None
-    if _fresh(QUANT_LIBRARY, QUANT_SOURCE) and not force:
-        return QUANT_LIBRARY
-    subprocess.run(["gcc", *_QUANT_FLAGS, str(QUANT_SOURCE), "-o", str(QUANT_LIBRARY)], check=True)
-    return QUANT_LIBRARY
+    return _compile(cpu_has_avx512_vnni(), QUANT_SOURCE, QUANT_LIBRARY, _QUANT_FLAGS, force)
 
 
 @functools.cache
