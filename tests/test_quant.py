@@ -237,3 +237,25 @@ def test_fused_weight_concatenates_its_parts_outputs():
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7))
     deq = torch.cat([method_for(p.format, p.group).dequantize(p) for p in (a, b)])
     assert torch.allclose(lin.apply(x, fused, None), x @ deq.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q3h", "gguf:Q4_0"])
+def test_packed_rows_round_trip_as_views_and_multiply_exactly_like_the_original(fmt):
+    """A store keeps a quantized matrix as one record per row (codes, steps, mins); the views read
+    back are the same weight, and the kernel takes their row strides without copying."""
+    qw = _gguf_weight("Q4_0", rows=41) if fmt.startswith("gguf:") else get_quantizer(fmt, 64).quantize(_weights(41, 512))
+    rows = qw.packed_rows()
+    assert rows.dtype == torch.uint8 and rows.shape[0] == 41
+    back = QuantizedWeight.from_packed_rows(rows, qw.format, qw.group, qw.shape[1])
+    assert back.shape == qw.shape and back.nbytes == qw.nbytes == rows.numel()
+    assert back.codes.data_ptr() == rows.data_ptr()  # a view, not a copy
+    assert torch.equal(back.codes, qw.codes)
+    if qw.scales is not None:
+        assert torch.equal(back.scales, qw.scales) and torch.equal(back.mins, qw.mins)
+    method = method_for(qw.format, qw.group)
+    band = QuantizedWeight.from_packed_rows(rows[7:30], qw.format, qw.group, qw.shape[1])
+    assert torch.equal(method.dequantize(band), method.dequantize(qw)[7:30])
+    kernel = _kernel()
+    if kernel is not None and fmt in KERNEL_FORMATS:
+        x = torch.randn(2, 512, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(kernel_matmul(kernel, x, band), kernel_matmul(kernel, x, qw.rows(7, 30)))

@@ -63,6 +63,27 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
 
+    def packed_rows(self) -> torch.Tensor:
+        """uint8 (out, row_bytes): each row's codes, then its float16 steps, then its float16 mins, so
+        that one row is one self-contained record and a store can split and stream a quantized matrix
+        by rows exactly like a float one (tierlm.memory.tiered). GGUF rows are such records already."""
+        if self.scales is None:
+            return self.codes.contiguous()
+        as_bytes = (lambda t: t.contiguous().view(torch.uint8))
+        return torch.cat([self.codes, as_bytes(self.scales), as_bytes(self.mins)], dim=1)
+
+    @staticmethod
+    def from_packed_rows(rows: torch.Tensor, fmt: str, group: int, num_cols: int) -> QuantizedWeight:
+        """Inverse of ``packed_rows``, as views into ``rows`` (uint8 (out, row_bytes), last dim contiguous;
+        no copy): codes, steps and mins keep ``rows``'s row stride, which the kernel accepts."""
+        if fmt.startswith("gguf:"):
+            return QuantizedWeight(fmt, (rows.shape[0], num_cols), rows, group)
+        num_groups = num_cols // group
+        cb = rows.shape[1] - 4 * num_groups
+        scales = rows[:, cb:cb + 2 * num_groups].view(torch.float16)
+        mins = rows[:, cb + 2 * num_groups:].view(torch.float16)
+        return QuantizedWeight(fmt, (rows.shape[0], num_cols), rows[:, :cb], group, scales, mins)
+
     def rows(self, r0: int, r1: int) -> QuantizedWeight:
         """Rows [r0, r1) as a view (no copy)."""
         pick = (lambda t: None if t is None else t[r0:r1])

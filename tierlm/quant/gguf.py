@@ -4,7 +4,8 @@ A GGUF row of ``in`` weights is ``in / block`` blocks of ``type_size`` bytes (ea
 own float16 scale(s)), so ``QuantizedWeight.codes`` is simply the raw bytes, (out, bytes_per_row),
 and a band of rows decodes on its own. Decoding uses the ``gguf`` package's reference (numpy)
 dequantizers, a tile of rows at a time; the compiled kernel (tierlm/model/kernels/quant_gemv.c)
-reads Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 blocks directly for decode-sized batches.
+reads every supported type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) directly for decode-sized
+batches.
 
 Llama-family q/k rows are stored permuted for llama.cpp's RoPE; tierlm applies RoPE in the
 matching (interleaved) layout, so rows are used as stored (see tierlm/model/specs/llama.toml).

@@ -13,6 +13,8 @@ differ from the float product by that rounding; the tiled path is float througho
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from tierlm.quant import (
@@ -23,8 +25,11 @@ from tierlm.quant import (
     method_for,
 )
 
+log = logging.getLogger("tierlm")
+
 # format name -> format id in quant_gemv.c
-KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6}
+KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6,
+                  "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9}
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight, num_threads: int | None = None) -> torch.Tensor:
@@ -32,11 +37,16 @@ def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight, num_threads: int
     out, k = qw.shape
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
-    codes = qw.codes if qw.codes.is_contiguous() else qw.codes.contiguous()
+    # Rows may be strided (views into a store's packed rows, QuantizedWeight.from_packed_rows): the
+    # kernel takes the row stride of the codes and of the steps/mins, which must share one stride.
+    codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
+    scales, mins = qw.scales, qw.mins
+    if scales is not None and not (scales.stride(-1) == 1 and mins.stride() == scales.stride()):
+        scales, mins = scales.contiguous(), mins.contiguous()
     ptr = (lambda t: None if t is None else t.data_ptr())
-    status = kernel(KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, codes.data_ptr(), ptr(qw.scales),
-                    ptr(qw.mins), qw.group, codes.shape[1], y.data_ptr(), out,
-                    num_threads or torch.get_num_threads())
+    status = kernel(KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, codes.data_ptr(), ptr(scales),
+                    ptr(mins), qw.group, codes.stride(0), 0 if scales is None else scales.stride(0), y.data_ptr(),
+                    out, num_threads or torch.get_num_threads())
     if status != 0:
         raise ValueError(f"the quantized kernel does not take a {qw.format} matrix of shape {qw.shape}")
     return y
@@ -86,8 +96,12 @@ class QuantLinear:
 def quant_linear(quant: str, group: int, dense, device: torch.device | str) -> QuantLinear:
     """The linear method for ``LLM(..., quant=...)``: a tierlm format name, or "gguf" (keep the file's
     blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float."""
-    from tierlm.model.kernels import quant_gemv
+    from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
     from tierlm.quant import GGUF_NATIVE, get_quantizer
 
     kernel = quant_gemv() if torch.device(device).type == "cpu" else None
+    if kernel is None and torch.device(device).type == "cpu" and cpu_has_avx512_vnni():
+        # Without it decode runs through numpy dequantization, tens of times slower: say so.
+        log.warning("the quantized kernel is missing or older than its source: run `make setup` "
+                    "(python -m tierlm.model.kernels); decoding with the slow tiled path")
     return QuantLinear(None if quant == GGUF_NATIVE else get_quantizer(quant, group), dense, kernel)

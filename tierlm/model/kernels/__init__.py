@@ -77,7 +77,8 @@ def bf16_gemm():
 
 @functools.cache
 def quant_gemv():
-    """``f(fmt, x_ptr, M, K, codes_ptr, steps_ptr, mins_ptr, group, row_bytes, y_ptr, N, num_threads) -> int``
+    """``f(fmt, x_ptr, M, K, codes_ptr, steps_ptr, mins_ptr, group, row_bytes, scale_stride, y_ptr, N,
+    num_threads) -> int``
     from quant_gemv.c (0 = done, -1 = shape or format it does not take), or None when unavailable.
     Format ids: tierlm.quant.kernel.KERNEL_FORMATS."""
     if not cpu_has_avx512_vnni() or not _fresh(QUANT_LIBRARY, QUANT_SOURCE):
@@ -86,6 +87,7 @@ def quant_gemv():
 
     fn = ctypes.CDLL(str(QUANT_LIBRARY)).tierlm_quant_gemv
     fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                    ctypes.c_int])
     fn.restype = ctypes.c_int
     return fn

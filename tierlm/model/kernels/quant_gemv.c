@@ -18,10 +18,23 @@
  *   Q5_0          fp16 d, u32 high bits, 16 B nibbles            5 bits       d       16    0
  *   Q5_1          fp16 d, fp16 m, u32 high bits, 16 B nibbles    5 bits       d       0     m
  *
+ * K-quants group 8 such blocks of 32 (or 16 of 16) in a 256-weight super-block with one float16
+ * scale and 6- or 8-bit sub-block scales:
+ *
+ *   Q4_K  144 B: fp16 d, fp16 dmin, 12 B of 6-bit (scale, min) pairs, 128 B nibbles
+ *                block j: nibble (low for even j, high for odd) of bytes 32*(j/2)..   wd = d*sc_j, wm = -dmin*m_j
+ *   Q5_K  176 B: as Q4_K plus 32 B of high bits (bit j of byte l: weight l of block j)
+ *   Q6_K  210 B: 128 B low nibbles, 64 B 2-bit highs, 16 x s8 scales, fp16 d; weight = d*sc*(c - 32)
+ *                with a scale per 16 weights: each half of the 32-byte block fills 4 of the 8 int32
+ *                lanes of vpdpbusd, so the scale becomes a per-lane vector and the -32 offset is a
+ *                lane-wise dot of 32 with x, computed once per block of x for all rows.
+ *
  * which is exactly the product of the dequantized W with the int8-rounded x (the tests check that).
  * Per block the vector part accumulates lane-wise (no horizontal sum per block) and the scalar part
  * uses per-block sums xd * sum q computed once per call.
- * Rows of W are independent: threads split the rows. Requires K % 32 == 0 and, for TQ*, group % 32 == 0.
+ * Steps/mins: row r's at steps + r * scale_stride (0: K / group, i.e. stored on their own).
+ * Rows of W are independent: threads split the rows. Requires K % 32 == 0 (K-quants: K % 256 == 0) and,
+ * for TQ*, group % 32 == 0.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -29,7 +42,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9 };
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
@@ -64,6 +77,24 @@ static inline __m256i high_bits(const uint8_t *p) {  /* bit j of a u32 -> 0x10 i
     return _mm256_and_si256(_mm256_movm_epi8((__mmask32)h), _mm256_set1_epi8(0x10));
 }
 
+/* 32 bytes -> their low (shift 0) or high (shift 4) nibbles */
+static inline __m256i nibbles32(const uint8_t *p, int shift) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(0x0F));
+}
+
+/* 32 bytes -> (byte >> shift) & mask, moved up by `up` bits */
+static inline __m256i bit_field32(const uint8_t *p, int shift, int mask, int up) {
+    __m256i v = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)p), shift), _mm256_set1_epi8((char)mask));
+    return _mm256_slli_epi16(v, up);  /* mask << up < 256: nothing crosses into the next byte */
+}
+
+/* ggml's 6-bit (scale, min) of sub-block j from a K-quant's 12 scale bytes */
+static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -83,15 +114,39 @@ static inline __attribute__((always_inline)) __m256i decode(int fmt, const uint8
     case Q4_1: { const uint8_t *p = row + 20 * b; *wd = fp16(p); *wm = fp16(p + 2); return nibbles(p + 4); }
     case Q5_0: { const uint8_t *p = row + 22 * b; *wd = fp16(p); *wm = -16.f * *wd;
                  return _mm256_or_si256(nibbles(p + 6), high_bits(p + 2)); }
-    default: { const uint8_t *p = row + 24 * b; *wd = fp16(p); *wm = fp16(p + 2);
-               return _mm256_or_si256(nibbles(p + 8), high_bits(p + 4)); }
+    case Q5_1: { const uint8_t *p = row + 24 * b; *wd = fp16(p); *wm = fp16(p + 2);
+                 return _mm256_or_si256(nibbles(p + 8), high_bits(p + 4)); }
+    case Q4_K: case Q5_K: {
+        const int j = b & 7;
+        const uint8_t *p = row + (fmt == Q4_K ? 144 : 176) * (b >> 3);
+        int sc, m;
+        scale_min_k4(j, p + 4, &sc, &m);
+        *wd = fp16(p) * (float)sc;
+        *wm = -fp16(p + 2) * (float)m;
+        if (fmt == Q4_K) return nibbles32(p + 16 + 32 * (j >> 1), 4 * (j & 1));
+        return _mm256_or_si256(nibbles32(p + 48 + 32 * (j >> 1), 4 * (j & 1)), bit_field32(p + 16, j, 1, 4));
+    }
+    default: {  /* Q6_K: block k of half n; *wd, *wm unused (per-lane scales, see q6k_scales) */
+        const int j = b & 7, n = j >> 2, k = j & 3;
+        const uint8_t *p = row + 210 * (b >> 3);
+        return _mm256_or_si256(nibbles32(p + 64 * n + 32 * (k & 1), 4 * (k >> 1)), bit_field32(p + 128 + 32 * n, 2 * k, 3, 4));
+    }
     }
 }
 
-/* ROWS rows of W (row r at codes + r * row_bytes; steps/mins with G groups per row) against one
+/* Q6_K block b: d * scale of each 16-weight half, broadcast to the 4 int32 lanes that half fills */
+static inline __m256 q6k_scales(const uint8_t *row, int b) {
+    const int j = b & 7, n = j >> 2, k = j & 3;
+    const uint8_t *p = row + 210 * (b >> 3);
+    const int8_t *sc = (const int8_t *)(p + 192) + 8 * n + 2 * k;
+    const float d = fp16(p + 208);
+    return _mm256_set_m128(_mm_set1_ps(d * (float)sc[1]), _mm_set1_ps(d * (float)sc[0]));
+}
+
+/* ROWS rows of W (row r at codes + r * row_bytes; its steps/mins at steps + r * G) against one
  * quantized x; out[r] for r < ROWS. */
 static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes,
-                                                           const uint16_t *steps, const uint16_t *mins, int G,
+                                                           const uint16_t *steps, const uint16_t *mins, int64_t G,
                                                            int group, int K, const XBlocks *xb, float *out) {
     const int tq = fmt == TQ8 || fmt == TQ4;
     __m256 acc[ROWS];
@@ -104,6 +159,18 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
         if (++in_group == bpg) { in_group = 0; g++; }
         const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * b));
         const float xd = xb->xd[b], xs = xb->xs[b];
+        if (fmt == Q6_K) {
+            /* lane-wise 32 * sum(q) over each 4 bytes of x: the -32 offset of every code */
+            const __m256i xoff = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(32), xq);
+            const __m256 vxd = _mm256_set1_ps(xd);
+            for (int r = 0; r < ROWS; r++) {
+                const uint8_t *row = codes + r * row_bytes;
+                __m256i c = decode(fmt, row, b, &wd[r], &wm[r]);
+                __m256i dot = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xq), xoff);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(q6k_scales(row, b), vxd), acc[r]);
+            }
+            continue;
+        }
         for (int r = 0; r < ROWS; r++) {
             __m256i c = decode(fmt, codes + r * row_bytes, b, &wd[r], &wm[r]);
             __m256 dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xq));
@@ -119,8 +186,7 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
 #define DEFINE_RUN(F)                                                                                      \
     static void run_##F(const XBlocks *xbs, int M, const uint8_t *codes, const uint16_t *steps,            \
                         const uint16_t *mins, int group, float *y, int N, int K, int64_t row_bytes,        \
-                        int num_threads) {                                                                 \
-        const int G = group > 0 ? K / group : 0;                                                           \
+                        int64_t G, int num_threads) {                                                      \
         const int num_tiles = (N + ROWS - 1) / ROWS;                                                       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
         for (int t = 0; t < num_tiles; t++) {                                                              \
@@ -150,13 +216,20 @@ DEFINE_RUN(Q4_0)
 DEFINE_RUN(Q4_1)
 DEFINE_RUN(Q5_0)
 DEFINE_RUN(Q5_1)
+DEFINE_RUN(Q4_K)
+DEFINE_RUN(Q5_K)
+DEFINE_RUN(Q6_K)
 
 /* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
-                      const uint16_t *mins, int group, int64_t row_bytes, float *y, int N, int num_threads) {
-    if (fmt < 0 || fmt > Q5_1 || K % 32 || M < 1 || ((fmt == TQ8 || fmt == TQ4) && (group < 32 || group % 32 || K % group)))
+                      const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
+                      int num_threads) {
+    if (fmt < 0 || fmt > Q6_K || K % 32 || (fmt >= Q4_K && K % 256) || M < 1 || ((fmt == TQ8 || fmt == TQ4) && (group < 32 || group % 32 || K % group)))
         return -1;
     int nb = K / 32;
+    /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
+     * inside packed rows (codes, steps, mins per row: tierlm.quant.base.QuantizedWeight.packed_rows) */
+    const int64_t G = scale_stride > 0 ? scale_stride : (group > 0 ? K / group : 0);
     XBlocks *xbs = malloc(sizeof(XBlocks) * M);
     int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float *f = malloc(sizeof(float) * 2 * (size_t)M * nb);
@@ -165,13 +238,16 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
     }
     switch (fmt) {
-    case TQ8: run_TQ8(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, num_threads); break;
-    case TQ4: run_TQ4(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, num_threads); break;
-    case Q8_0: run_Q8_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
-    case Q4_0: run_Q4_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
-    case Q4_1: run_Q4_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
-    case Q5_0: run_Q5_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
-    default: run_Q5_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, num_threads); break;
+    case TQ8: run_TQ8(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case TQ4: run_TQ4(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case Q8_0: run_Q8_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q4_0: run_Q4_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q4_1: run_Q4_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q5_0: run_Q5_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q5_1: run_Q5_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q4_K: run_Q4_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    case Q5_K: run_Q5_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
+    default: run_Q6_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
     }
     free(f); free(q); free(xbs);
     return 0;
