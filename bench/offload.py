@@ -14,6 +14,13 @@ measured in this run (disk: the store read with O_DIRECT by 4 threads, page cach
 
     python bench/offload.py                                  # 1.1B bf16, budgets 0..100%, batch 1 and 16
     python bench/offload.py --budgets 25,50 --batches 1 --variants full,sync
+
+Quantized (``--quant q4``): tierlm's variants store and stream the q4 rows; ``gguf`` streams the
+blocks of the GGUF file given by ``--gguf`` (e.g. llama.cpp's Q4_0 of the same model), which is
+also the file llama.cpp maps, so both engines read the same bytes per token:
+
+    python bench/offload.py --quant q4 --gguf .cache/gguf/llama-1.1b-q4_0.gguf --budgets 0,25,50 \
+        --batches 1 --variants full,sync,gguf,llamacpp --name offload_q4
 """
 
 from __future__ import annotations
@@ -201,19 +208,28 @@ def main() -> None:
     ap.add_argument("--variants", default="full,sync,whole_layer,attn_first,ffn_first,llamacpp,accelerate")
     ap.add_argument("--ablations-batch1-only", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--name", default="offload")
+    ap.add_argument("--quant", default=None, help="tierlm format the store holds (q8, q4, ...); default bf16")
+    ap.add_argument("--quant-group", type=int, default=64)
     a = ap.parse_args()
 
     import torch
 
     from tierlm.loader.model_loader import open_checkpoint
-    from tierlm.memory.tiered import default_store_dir, open_or_build_store
-    opened = open_checkpoint(a.model)
-    store = open_or_build_store(opened, torch.bfloat16)
-    store_dir = store.path
-    store.close()
-    opened.reader.close()
+    from tierlm.memory.tiered import StoreQuant, open_or_build_store
+
+    def build_store(model: Path, quant: StoreQuant | None) -> Path:
+        opened = open_checkpoint(model)
+        store = open_or_build_store(opened, torch.bfloat16, quant=quant)
+        store.close()
+        opened.reader.close()
+        return store.path
+
+    quant = None if a.quant is None else StoreQuant(a.quant, a.quant_group)
+    quant_kw = {} if quant is None else {"quant": a.quant, "quant_group": a.quant_group}
+    store_dir = build_store(a.model, quant)
     gguf = a.gguf or REPO_ROOT / ".cache" / "gguf" / f"{a.model.name}-f16.gguf"
     variants = a.variants.split(",")
+    gguf_store = build_store(gguf, StoreQuant("gguf")) if "gguf" in variants else None
     if "llamacpp" in variants and not gguf.exists():
         from gguf_export import export
         gguf.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +238,6 @@ def main() -> None:
     mem_bw = measure_memory_bandwidth() * 1e9  # bytes/s
     disk_bw = disk_bandwidth(store_dir) * 1e9
     print(f"memory {mem_bw / 1e9:.1f} GB/s, disk {disk_bw / 1e9:.2f} GB/s (O_DIRECT, 4 threads)", flush=True)
-    assert default_store_dir  # the store lives where LLM(weight_memory=...) will look for it
     rows = []
     dropped = True
     for batch in [int(b) for b in a.batches.split(",")]:
@@ -235,7 +250,11 @@ def main() -> None:
                     if v != "full" and (pct == 100 or (batch > 1 and a.ablations_batch1_only)):
                         continue
                     dropped &= drop_page_cache()
-                    r = run_child(_TIERLM_CHILD, {**base, "kw": TIERLM_VARIANTS[v]})
+                    r = run_child(_TIERLM_CHILD, {**base, "kw": {**TIERLM_VARIANTS[v], **quant_kw}})
+                elif v == "gguf":  # tierlm streaming the GGUF file's own blocks
+                    dropped &= drop_page_cache()
+                    r = run_child(_TIERLM_CHILD, {**base, "model": str(gguf), "store": str(gguf_store),
+                                                  "kw": {"quant": "gguf"}})
                 elif v == "llamacpp":
                     if batch > 1:
                         continue
@@ -267,7 +286,7 @@ def main() -> None:
                     row["full_vs_this"] = full["tok_s"] / r["tok_s"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"model": str(a.model), "dtype": "bfloat16", "memory_bandwidth_gbps": mem_bw / 1e9,
+    meta = {"model": str(a.model), "dtype": "bfloat16", "quant": a.quant, "gguf": str(gguf), "memory_bandwidth_gbps": mem_bw / 1e9,
             "disk_bandwidth_gbps": disk_bw / 1e9, "page_cache_dropped": dropped, "steps": a.steps,
             "machine": machine_info(), "baseline_memory_limit": "cgroup v1 child group at tierlm full's peak RSS"}
     cols = ["batch", "budget_pct", "engine", "tok_s", "tpot_ms", "limit_tok_s", "share_of_limit", "full_vs_this",

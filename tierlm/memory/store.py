@@ -149,6 +149,9 @@ def write_store(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write weight store {folder}: {e.strerror or e} "
                          f"({offset / 2**20:.0f} MiB written)") from e
+    except BaseException:  # a tensor that cannot be stored, an interrupt: no half-written file stays
+        tmp.unlink(missing_ok=True)
+        raise
     return folder
 
 

@@ -12,6 +12,12 @@ tensor or a segment of a streamed unit; the product is computed part by part int
 Each output element is the same dot product as in the resident model, so with a kernel that
 computes outputs independently (tierlm's bf16 kernel, F.linear in fp32) results match the fully
 resident model.
+
+Quantized weights (``quant=``) tier the same way: the store holds each quantized matrix as uint8
+rows that carry their own codes and group parameters (``QuantizedWeight.packed_rows``), so the plan
+splits and the streamer reads them by rows like float rows, only fewer bytes; a resident range or a
+ring slot is wrapped back into a ``QuantizedWeight`` view and multiplied by the quantized method.
+GGUF blocks (``quant="gguf"``) are such rows already.
 """
 
 from __future__ import annotations
@@ -33,35 +39,57 @@ from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
 from tierlm.model.linear import AVX512BF16Linear, DenseLinear, LinearMethod
+from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, get_quantizer
+from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
 
 STORE_FORMAT = "dense-v1"
+QUANT_STORE_FORMAT = "rows-v1"  # matrices as packed quantized rows (module docstring)
 _LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
 _GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
 
 
 # -- the store: build, reuse, rebuild ------------------------------------------------------------
 
-def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype) -> Path:
-    """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>."""
+@dataclass(frozen=True)
+class StoreQuant:
+    """How a store's matrices are held: ``quant`` a tierlm format name (quantized while the store is
+    built) or "gguf" (a GGUF file's own blocks), ``group`` its group size."""
+
+    quant: str
+    group: int = 64
+
+    @property
+    def tag(self) -> str:
+        return self.quant if self.quant == GGUF_NATIVE else f"{self.quant}g{self.group}"
+
+
+def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
+    """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>[-<quant>]."""
     root = Path(os.environ.get("TIERLM_CACHE", Path.home() / ".cache" / "tierlm"))
     key = hashlib.sha1(str(opened.path.resolve()).encode()).hexdigest()[:10]
     name = opened.path.stem if opened.path.is_file() else opened.path.name
-    return root / "stores" / f"{name}-{key}-{str(dtype).replace('torch.', '')}"
+    suffix = "" if quant is None else f"-{quant.tag}"
+    return root / "stores" / f"{name}-{key}-{str(dtype).replace('torch.', '')}{suffix}"
 
 
-def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype) -> dict:
-    return {"format": STORE_FORMAT, "dtype": str(dtype).replace("torch.", ""), "family": opened.family.name,
+def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> dict:
+    meta = {"format": STORE_FORMAT, "dtype": str(dtype).replace("torch.", ""), "family": opened.family.name,
             "num_layers": opened.config.num_layers, **opened.fingerprint()}
+    if quant is not None:
+        meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
+    return meta
 
 
-def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype,
+                  native_quant: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (store name, tensor) with one layer in memory at a time. Tied heads are not repeated.
 
     The one naming of a store's tensors (``embed``, ``lm_head``, ``layers.{i}.qkv``, ...): the
-    tiered loader reads these names, and ``tierlm quantize`` (tierlm.quant.store) writes them."""
-    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype)
+    tiered loader reads these names, and ``tierlm quantize`` (tierlm.quant.store) writes them.
+    ``native_quant``: a GGUF file's quantized matrices come as their blocks (QuantizedWeight)."""
+    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype, native_quant)
     g = asm.globals()
     tied = g.tied
     for name in _GLOBAL_FIELDS:
@@ -79,16 +107,37 @@ def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype) -> Iterator[tupl
     asm.finish()
 
 
-def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None) -> WeightStore:
-    """The store for this checkpoint and dtype: reused when its manifest matches the checkpoint,
+def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant,
+                             matrices: dict[str, list]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``store_tensors`` with every linear matrix and an untied head as packed quantized rows;
+    ``matrices`` is filled with name -> [format, group, num_cols] for the manifest."""
+    native = quant.quant == GGUF_NATIVE
+    quantizer = None if native else get_quantizer(quant.quant, quant.group)
+    for name, t in store_tensors(opened, dtype, native_quant=native):
+        is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
+        if isinstance(t, FusedWeight):
+            raise QuantError(f"{name} is stored in the GGUF file as parts of different types "
+                             f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
+                             f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
+        if is_matrix and quantizer is not None:
+            t = quantizer.quantize(t)
+        if isinstance(t, QuantizedWeight):
+            matrices[name] = [t.format, t.group, t.shape[1]]
+            t = t.packed_rows()
+        yield name, t
+
+
+def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None,
+                        quant: StoreQuant | None = None) -> WeightStore:
+    """The store for this checkpoint, dtype and quantization: reused when its manifest matches,
     (re)built otherwise, with a log line saying which and why."""
-    folder = Path(store_dir) if store_dir is not None else default_store_dir(opened, dtype)
-    meta = _store_meta(opened, dtype)
+    folder = Path(store_dir) if store_dir is not None else default_store_dir(opened, dtype, quant)
+    meta = _store_meta(opened, dtype, quant)
     reason = "none exists"
     if (folder / "manifest.json").exists():
         try:
             store = WeightStore(folder)
-            if store.meta == meta:
+            if {k: v for k, v in store.meta.items() if k != "matrices"} == meta:
                 return store
             store.close()
             reason = "it was built from a different checkpoint or dtype"
@@ -96,7 +145,12 @@ def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir:
             reason = str(e)
     log.warning("building the weight store %s (%s)", folder, reason)
     t0 = time.perf_counter()
-    write_store(folder, store_tensors(opened, dtype), meta)
+    if quant is None:
+        write_store(folder, store_tensors(opened, dtype), meta)
+    else:
+        # write_store writes the manifest after the last tensor, so ``matrices`` is complete by then.
+        meta["matrices"] = {}
+        write_store(folder, _quantized_store_tensors(opened, dtype, quant, meta["matrices"]), meta)
     log.info("weight store written in %.1f s", time.perf_counter() - t0)
     return WeightStore(folder)
 
@@ -121,9 +175,10 @@ def model_layout(store: WeightStore, num_layers: int) -> ModelLayout:
 class _Part:
     row_start: int
     row_end: int
-    resident: torch.Tensor | None  # prepared by the inner method
-    streamed: Callable[[], torch.Tensor] | None  # plain rows in a ring slot, valid while acquired
+    resident: torch.Tensor | QuantizedWeight | None  # prepared by the inner method
+    streamed: Callable[[], torch.Tensor | QuantizedWeight] | None  # rows in a ring slot, valid while acquired
     head_unit: int | None = None  # LM-head pieces acquire their own unit
+    wrap: Callable[[torch.Tensor], torch.Tensor | QuantizedWeight] | None = None  # a head slot's rows -> weight
 
 
 class SplitMatrix:
@@ -145,7 +200,9 @@ class TieredLinear:
 
     def __init__(self, inner: LinearMethod, tiers: TieredWeights):
         self.inner = inner
-        self.raw: LinearMethod = inner if isinstance(inner, (AVX512BF16Linear, DenseLinear)) else DenseLinear()
+        # QuantLinear multiplies QuantizedWeight views as they are, whatever backs them.
+        plain = (AVX512BF16Linear, DenseLinear, QuantLinear)
+        self.raw: LinearMethod = inner if isinstance(inner, plain) else DenseLinear()
         self.tiers = tiers
 
     def prepare(self, weight):
@@ -162,7 +219,7 @@ class TieredLinear:
             if part.head_unit is not None:
                 unit = self.tiers.streamer.acquire("head", part.head_unit)
                 try:
-                    out[:, part.row_start:part.row_end] = self.raw.apply(x, unit.segment(0), None)
+                    out[:, part.row_start:part.row_end] = self.raw.apply(x, part.wrap(unit.segment(0)), None)
                 finally:
                     self.tiers.streamer.release()
             else:
@@ -186,6 +243,8 @@ class TieredWeights:
         self._current: StreamedUnit | None = None
         self._layer_units = {u.index: u for u in plan.units if u.kind == "layer"}
         bounce = aligned_buffer(16 << 20)
+        # name -> [format, group, num_cols] of matrices stored as packed quantized rows
+        self._quantized: dict[str, list] = store.meta.get("matrices", {})
         resident: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
         # Read each matrix once (checking its checksum) and keep its resident row ranges.
         ranges: dict[str, list[tuple[int, int]]] = {}
@@ -197,7 +256,7 @@ class TieredWeights:
                 resident[name] = [(0, store.tensors[name].num_rows, store.read(name, bounce=bounce))]
             else:
                 resident[name] = [(a, b, t) for (a, b), t in zip(rs, store.read_rows(name, rs, bounce=bounce))]
-        self._resident = resident
+        self._resident = {name: [(a, b, self._wrap(name, t)) for a, b, t in rs] for name, rs in resident.items()}
 
         def small(name: str) -> torch.Tensor | None:
             return store.read(name, bounce=bounce) if name in store.tensors else None
@@ -221,6 +280,19 @@ class TieredWeights:
                     kw[name] = small(key)
             self.weights.layers.append(LayerWeights(**kw))
 
+    def _wrap(self, name: str, rows: torch.Tensor) -> torch.Tensor | QuantizedWeight:
+        """Rows of matrix ``name`` as read from the store (or a ring slot) -> the weight to multiply."""
+        if name not in self._quantized:
+            return rows
+        fmt, group, num_cols = self._quantized[name]
+        return QuantizedWeight.from_packed_rows(rows, fmt, group, num_cols)
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        e = self.store.tensors[name]
+        if name in self._quantized:
+            return (e.num_rows, self._quantized[name][2])
+        return (e.num_rows, e.row_bytes // e.dtype.itemsize)
+
     def _fully_resident(self, name: str) -> bool:
         num_rows = self.store.tensors[name].num_rows
         return sum(b - a for a, b, _ in self._resident.get(name, [])) == num_rows
@@ -234,12 +306,12 @@ class TieredWeights:
         parts = []
         if r > 0:
             parts.append(_Part(0, r, res, None))
-        parts.append(_Part(seg.resident_end, seg.row_end, None, lambda: self._current.segment(seg_index)))
-        return SplitMatrix((e.num_rows, e.row_bytes // e.dtype.itemsize), parts)
+        parts.append(_Part(seg.resident_end, seg.row_end, None,
+                           lambda: self._wrap(name, self._current.segment(seg_index))))
+        return SplitMatrix(self._shape(name), parts)
 
     def _head_matrix(self) -> SplitMatrix | torch.Tensor:
         name = "embed" if self.tied else "lm_head"
-        e = self.store.tensors[name]
         if self._fully_resident(name):
             return self._resident[name][0][2]
         parts = []
@@ -249,8 +321,9 @@ class TieredWeights:
             if r > a:
                 parts.append(_Part(a, r, t, None))
             if seg.row_end > r:
-                parts.append(_Part(r, seg.row_end, None, None, head_unit=u.index))
-        return SplitMatrix((e.num_rows, e.row_bytes // e.dtype.itemsize), parts)
+                parts.append(_Part(r, seg.row_end, None, None, head_unit=u.index,
+                                   wrap=lambda rows, name=name: self._wrap(name, rows)))
+        return SplitMatrix(self._shape(name), parts)
 
     def prepare(self, linear: LinearMethod) -> None:
         """Prepare the resident parts for the machine's method (e.g. oneDNN packing), once. A
@@ -303,6 +376,7 @@ class TierSettings:
     order: str = "auto"
     num_io_threads: int = 4
     store_dir: str | None = None
+    quant: StoreQuant | None = None  # matrices stored quantized (LLM's quant=, quant_group=)
 
 
 def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSettings) -> TieredWeights:
@@ -315,7 +389,8 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
     )
     from tierlm.memory.plan import PlanError, fmt_bytes, make_plan, parse_budget
 
-    store = open_or_build_store(opened, dtype, None if settings.store_dir is None else Path(settings.store_dir))
+    store = open_or_build_store(opened, dtype, None if settings.store_dir is None else Path(settings.store_dir),
+                                settings.quant)
     layout = model_layout(store, opened.config.num_layers)
     budget = parse_budget(settings.weight_memory, layout.total_bytes)
     plan = make_plan(layout, budget, window=settings.window, locking=settings.locking, order=settings.order)

@@ -18,11 +18,15 @@ static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 /* One slab: rows [n0, n0 + nr) of W against rows [m0, m0 + mb) of x, mb <= 4, nr <= ROWS. */
 static inline void slab(const uint16_t *x, const uint16_t *w, float *y, int N, int K,
-                        int n0, int nr, int m0, int mb) {
+                        int n0, int nr, int m0, int mb, int prefetch) {
     __m512 acc[ROWS][4];
     for (int r = 0; r < ROWS; r++)
         for (int m = 0; m < 4; m++) acc[r][m] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 32) {
+        /* Software prefetch of the next slab's cache lines at the same k, in step with this one
+         * (as in quant_gemv.c); prefetches never fault, so past the last row is harmless. */
+        if (prefetch)
+            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(w + (int64_t)(n0 + ROWS + r) * K + k), _MM_HINT_T0);
         __m512i wv[ROWS];
         for (int r = 0; r < ROWS; r++)
             wv[r] = r < nr ? _mm512_loadu_si512((const void *)(w + (int64_t)(n0 + r) * K + k)) : _mm512_setzero_si512();
@@ -43,7 +47,7 @@ void tierlm_bf16_gemm(const uint16_t *x, const uint16_t *w, float *y, int M, int
         int nr = N - n0 < ROWS ? N - n0 : ROWS;
         for (int m0 = 0; m0 < M; m0 += 4) {
             int mb = M - m0 < 4 ? M - m0 : 4;
-            slab(x, w, y, N, K, n0, nr, m0, mb);
+            slab(x, w, y, N, K, n0, nr, m0, mb, m0 == 0);
         }
     }
 }
