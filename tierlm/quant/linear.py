@@ -29,7 +29,8 @@ log = logging.getLogger("tierlm")
 
 # format name -> format id in quant_gemv.c
 KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6,
-                  "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10}
+                  "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
+                  "q6": 11, "q5": 12, "q3": 13, "q2": 14}
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight, num_threads: int | None = None) -> torch.Tensor:

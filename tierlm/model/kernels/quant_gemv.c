@@ -13,6 +13,7 @@
  *   TQ8  (q8)     codes (N, K) u8; step/min fp16 per group       byte         step    0     min
  *   TQ4  (q4)     codes (N, K/2): byte j = w_j | w_{j+16} << 4   nibble       step    0     min
  *   TQ3H (q3h)    codes (N, 7K/16): 7-bit pairs a*11 + b         a, b         step    0     min
+ *   TQ6/5/3/2     codes (N, bK/8): b-bit little-endian stream    b bits       step    0     min
  *   Q8_0          fp16 d, 32 x s8                                s8 ^ 0x80    d       128   0
  *   Q4_0          fp16 d, 16 B nibbles (same order as TQ4)       nibble       d       8     0
  *   Q4_1          fp16 d, fp16 m, 16 B nibbles                   nibble       d       0     m
@@ -37,6 +38,8 @@
  * q3h: a block of 32 weights is 16 pairs in 14 bytes, two 56-bit little-endian words; pdep spreads
  * each word's eight 7-bit fields into bytes, and a = p / 11 = (p * 373) >> 12 (exact for p <= 127),
  * b = p - 11 a in 16-bit lanes, so lane i holds a | b << 8: bytes w_2i, w_2i+1 in order.
+ * q6, q5, q3, q2: a block of 32 codes is 4b bytes, four b-byte words of 8 codes; pdep spreads a
+ * word's eight b-bit fields into the eight bytes of a 64-bit lane.
  * Rows of W are independent: threads split the rows. Requires K % 32 == 0 (K-quants: K % 256 == 0) and,
  * for TQ*, group % 32 == 0.
  */
@@ -46,7 +49,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14 };
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
@@ -106,6 +109,23 @@ static inline __m256i q3h_codes(const uint8_t *p) {
     return _mm256_or_si256(a, _mm256_slli_epi16(b, 8));
 }
 
+/* 4 * bits bytes of a little-endian bit stream -> its 32 codes of `bits` bits (a literal at call sites) */
+static inline __attribute__((always_inline)) __m256i stream_codes(const uint8_t *p, int bits) {
+    const uint64_t fields = 0x0101010101010101ULL * ((1u << bits) - 1);
+    uint64_t w[4];
+    for (int i = 0; i < 4; i++) {
+        /* One 8-byte load per word (pdep takes its low 8 * bits bits): from the word's start, or, where
+         * that would run past the block, ending at the word's end and shifted down. (A zeroed word
+         * filled by a `bits`-byte memcpy stalls on store forwarding: 15x slower.) */
+        const int off = i * bits;
+        uint64_t u;
+        if (off + 8 <= 4 * bits) { memcpy(&u, p + off, 8); }
+        else { memcpy(&u, p + off + bits - 8, 8); u >>= 8 * (8 - bits); }
+        w[i] = _pdep_u64(u, fields);
+    }
+    return _mm256_set_epi64x((long long)w[3], (long long)w[2], (long long)w[1], (long long)w[0]);
+}
+
 /* ggml's 6-bit (scale, min) of sub-block j from a K-quant's 12 scale bytes */
 static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
     if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
@@ -126,6 +146,10 @@ static inline __attribute__((always_inline)) __m256i decode(int fmt, const uint8
     case TQ8: return _mm256_loadu_si256((const __m256i *)(row + 32 * b));
     case TQ4: return nibbles(row + 16 * b);
     case TQ3H: return q3h_codes(row + 14 * b);
+    case TQ6: return stream_codes(row + 24 * b, 6);
+    case TQ5: return stream_codes(row + 20 * b, 5);
+    case TQ3: return stream_codes(row + 12 * b, 3);
+    case TQ2: return stream_codes(row + 8 * b, 2);
     case Q8_0: { const uint8_t *p = row + 34 * b; *wd = fp16(p); *wm = -128.f * *wd;
                  return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80)); }
     case Q4_0: { const uint8_t *p = row + 18 * b; *wd = fp16(p); *wm = -8.f * *wd; return nibbles(p + 2); }
@@ -166,7 +190,7 @@ static inline __m256 q6k_scales(const uint8_t *row, int b) {
 static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes,
                                                            const uint16_t *steps, const uint16_t *mins, int64_t G,
                                                            int group, int K, const XBlocks *xb, float *out) {
-    const int tq = fmt == TQ8 || fmt == TQ4 || fmt == TQ3H;
+    const int tq = fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H;
     __m256 acc[ROWS];
     float sv[ROWS], wd[ROWS], wm[ROWS];
     for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; wd[r] = 0.f; wm[r] = 0.f; }
@@ -244,12 +268,16 @@ DEFINE_RUN(Q4_K)
 DEFINE_RUN(Q5_K)
 DEFINE_RUN(Q6_K)
 DEFINE_RUN(TQ3H)
+DEFINE_RUN(TQ6)
+DEFINE_RUN(TQ5)
+DEFINE_RUN(TQ3)
+DEFINE_RUN(TQ2)
 
 /* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > TQ3H || K % 32 || (fmt >= Q4_K && fmt <= Q6_K && K % 256) || M < 1 || ((fmt == TQ8 || fmt == TQ4 || fmt == TQ3H) && (group < 32 || group % 32 || K % group)))
+    if (fmt < 0 || fmt > TQ2 || K % 32 || (fmt >= Q4_K && fmt <= Q6_K && K % 256) || M < 1 || ((fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H) && (group < 32 || group % 32 || K % group)))
         return -1;
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
@@ -273,7 +301,11 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     case Q4_K: run_Q4_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
     case Q5_K: run_Q5_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
     case Q6_K: run_Q6_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    default: run_TQ3H(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case TQ3H: run_TQ3H(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case TQ6: run_TQ6(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case TQ5: run_TQ5(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    case TQ3: run_TQ3(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
+    default: run_TQ2(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
     }
     free(f); free(q); free(xbs);
     return 0;
