@@ -84,17 +84,14 @@ static inline __m256i high_bits(const uint8_t *p) {  /* bit j of a u32 -> 0x10 i
     return _mm256_and_si256(_mm256_movm_epi8((__mmask32)h), _mm256_set1_epi8(0x10));
 }
 
-/* 32 bytes -> their low (shift 0) or high (shift 4) nibbles */
-static inline __m256i nibbles32(const uint8_t *p, int shift) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(0x0F));
-}
-
 /* 32 bytes -> (byte >> shift) & mask, moved up by `up` bits */
 static inline __m256i bit_field32(const uint8_t *p, int shift, int mask, int up) {
     __m256i v = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)p), shift), _mm256_set1_epi8((char)mask));
     return _mm256_slli_epi16(v, up);  /* mask << up < 256: nothing crosses into the next byte */
 }
+
+/* 32 bytes -> their low (shift 0) or high (shift 4) nibbles */
+static inline __m256i nibbles32(const uint8_t *p, int shift) { return bit_field32(p, shift, 0x0F, 0); }
 
 /* 14 bytes of 7-bit pairs -> the 32 codes they hold (see the header) */
 static inline __m256i q3h_codes(const uint8_t *p) {
@@ -137,6 +134,9 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+
+/* Formats with a float16 step and min per group of weights (tierlm's own), not per GGUF block. */
+static inline int is_tq(int fmt) { return fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H; }
 
 #define ROWS 4  /* rows of W per pass over x: 4 independent accumulator chains, x loaded once for all */
 
@@ -186,11 +186,13 @@ static inline __m256 q6k_scales(const uint8_t *row, int b) {
 }
 
 /* ROWS rows of W (row r at codes + r * row_bytes; its steps/mins at steps + r * G) against one
- * quantized x; out[r] for r < ROWS. */
+ * quantized x; out[r] for r < ROWS. `prefetch`: also prefetch the next tile (once per tile, for the
+ * first row of x: the later rows of x find it in cache). */
 static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes,
                                                            const uint16_t *steps, const uint16_t *mins, int64_t G,
-                                                           int group, int K, const XBlocks *xb, float *out) {
-    const int tq = fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H;
+                                                           int group, int K, const XBlocks *xb, float *out,
+                                                           int prefetch) {
+    const int tq = is_tq(fmt);
     __m256 acc[ROWS];
     float sv[ROWS], wd[ROWS], wm[ROWS];
     for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; wd[r] = 0.f; wm[r] = 0.f; }
@@ -201,7 +203,8 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
     const uint8_t *next = codes + ROWS * row_bytes;
     const int64_t pf_inc = (row_bytes << 16) / nb;  /* bytes per block of x, 16.16 fixed point */
     for (int b = 0, g = 0, in_group = 0; b < nb; b++) {
-        for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + ((b * pf_inc) >> 16)), _MM_HINT_T0);
+        if (prefetch)
+            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + ((b * pf_inc) >> 16)), _MM_HINT_T0);
         if (tq && in_group == 0)
             for (int r = 0; r < ROWS; r++) { wd[r] = _cvtsh_ss(steps[r * G + g]); wm[r] = _cvtsh_ss(mins[r * G + g]); }
         if (++in_group == bpg) { in_group = 0; g++; }
@@ -245,12 +248,12 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
             for (int m = 0; m < M; m++) {                                                                  \
                 if (nr == ROWS) {                                                                          \
                     rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, steps ? steps + (int64_t)n0 * G : 0, \
-                             mins ? mins + (int64_t)n0 * G : 0, G, group, K, &xbs[m], out);                \
+                             mins ? mins + (int64_t)n0 * G : 0, G, group, K, &xbs[m], out, m == 0);        \
                     for (int r = 0; r < ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
                 } else {                                                                                   \
                     for (int r = 0; r < nr; r++) { /* fewer than ROWS rows in all: one at a time */        \
                         rows_dot(F, codes + (int64_t)r * row_bytes, 0, steps ? steps + (int64_t)r * G : 0,  \
-                                 mins ? mins + (int64_t)r * G : 0, 0, group, K, &xbs[m], out);            \
+                                 mins ? mins + (int64_t)r * G : 0, 0, group, K, &xbs[m], out, 0);         \
                         y[(int64_t)m * N + r] = out[0];                                                    \
                     }                                                                                      \
                 }                                                                                          \
@@ -273,11 +276,18 @@ DEFINE_RUN(TQ5)
 DEFINE_RUN(TQ3)
 DEFINE_RUN(TQ2)
 
+typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int,
+                       int, int64_t, int64_t, int);
+/* indexed by the format ids of the enum; GGUF types ignore steps, mins and group (their blocks hold them) */
+static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, run_Q5_0, run_Q5_1, run_Q4_K,
+                              run_Q5_K, run_Q6_K, run_TQ3H, run_TQ6, run_TQ5, run_TQ3, run_TQ2};
+
 /* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > TQ2 || K % 32 || (fmt >= Q4_K && fmt <= Q6_K && K % 256) || M < 1 || ((fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H) && (group < 32 || group % 32 || K % group)))
+    if (fmt < 0 || fmt > TQ2 || K % 32 || M < 1 || (fmt >= Q4_K && fmt <= Q6_K && K % 256)
+        || (is_tq(fmt) && (group < 32 || group % 32 || K % group)))
         return -1;
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
@@ -290,23 +300,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         xbs[m] = (XBlocks){q + (int64_t)m * K, f + (2 * m) * nb, f + (2 * m + 1) * nb};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
     }
-    switch (fmt) {
-    case TQ8: run_TQ8(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    case TQ4: run_TQ4(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    case Q8_0: run_Q8_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q4_0: run_Q4_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q4_1: run_Q4_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q5_0: run_Q5_0(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q5_1: run_Q5_1(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q4_K: run_Q4_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q5_K: run_Q5_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case Q6_K: run_Q6_K(xbs, M, codes, 0, 0, 0, y, N, K, row_bytes, G, num_threads); break;
-    case TQ3H: run_TQ3H(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    case TQ6: run_TQ6(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    case TQ5: run_TQ5(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    case TQ3: run_TQ3(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    default: run_TQ2(xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads); break;
-    }
+    RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
     free(f); free(q); free(xbs);
     return 0;
 }
