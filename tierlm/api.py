@@ -40,6 +40,11 @@ class LLM:
     The KV cache is sized for ``kv_cache_tokens`` tokens (default: enough for max_num_seqs
     sequences of max_model_len, capped at 65,536 tokens, never below max_model_len).
     Its memory is allocated lazily by the OS as blocks are first written.
+
+    Weights beyond ``weight_memory`` (bytes or "25%" of the model) stay on disk and stream in
+    (tierlm.memory). ``device_memory`` keeps that part of the off-disk weights on ``device`` and
+    copies the rest in per layer, overlapped with compute (tierlm.memory.device); without
+    ``weight_memory`` everything else is in RAM.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", *, device: str = "cpu",
@@ -48,7 +53,8 @@ class LLM:
                  scheduling_policy: str = "splitfuse", spec_dirs: Sequence[str | Path] = (),
                  weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
-                 quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None):
+                 quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
+                 device_memory: str | int | None = None):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -57,6 +63,8 @@ class LLM:
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
         t0 = time.perf_counter()
         tiers: TieredWeights | None = None
+        if device_memory is not None and weight_memory is None:
+            weight_memory = "100%"  # everything off disk: in RAM, or on the device up to device_memory
         if weight_memory is None:
             loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs),
                                              native_quant=quant == GGUF_NATIVE)
@@ -66,7 +74,8 @@ class LLM:
             # Quantized matrices are stored (and streamed) quantized: fewer bytes per token from disk.
             settings = TierSettings(weight_memory, prefetch_window, tier_locking, tier_order, num_io_threads,
                                     None if store_dir is None else str(store_dir),
-                                    None if quant is None else StoreQuant(quant, quant_group))
+                                    None if quant is None else StoreQuant(quant, quant_group),
+                                    str(torch.device(device)), device_memory)
             try:
                 tiers = load_tiered(opened, _TORCH_DTYPES[dtype], settings)
             except (PlanError, QuantError) as e:

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--spec-dir", action="append", default=[], metavar="DIR",
                         help="folder of extra family files (*.toml); repeatable, searched before the built-ins")
     common.add_argument("--max-model-len", type=int, metavar="N", help="context length (default: the model's)")
+    common.add_argument("--device", default="cpu", help="where the model computes: cpu or cuda[:N] (default: cpu)")
     common.add_argument("-v", "--verbose", action="store_true", help="log the engine configuration and timings")
     t = common.add_argument_group("tiered weights (tierlm.memory)")
     t.add_argument("--weight-memory", metavar="SIZE",
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "weight store on disk (default: all resident)")
     t.add_argument("--prefetch-window", type=int, default=3, metavar="N",
                    help="layers prefetched ahead of the one computing; 0 = synchronous reads (default: 3)")
+    t.add_argument("--device-memory", metavar="SIZE",
+                   help="keep SIZE of the weights in device memory and copy the rest in per layer, overlapped "
+                   "with compute (a part of --weight-memory when both are given)")
     t.add_argument("--store-dir", metavar="DIR", help="weight store folder (default: under $TIERLM_CACHE or "
                    "~/.cache/tierlm)")
 
@@ -154,7 +158,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load_llm(args: argparse.Namespace, **kwargs):
     from tierlm.api import LLM  # torch is imported here, after the arguments are known to be valid
 
-    return LLM(args.model, args.dtype, max_model_len=args.max_model_len, spec_dirs=args.spec_dir,
+    return LLM(args.model, args.dtype, device=args.device, device_memory=args.device_memory,
+               max_model_len=args.max_model_len, spec_dirs=args.spec_dir,
                quant=args.quant, quant_group=args.quant_group, kv_quant=args.kv_quant,
                weight_memory=args.weight_memory, prefetch_window=args.prefetch_window, store_dir=args.store_dir,
                **kwargs)

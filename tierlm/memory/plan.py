@@ -328,3 +328,32 @@ def parse_budget(text: str | float, model_bytes: int) -> int:
         return int(value)
     except ValueError:
         raise PlanError(f"weight memory {text!r} is not a size: use e.g. 2GiB, 500MB, 25% or a byte count") from None
+
+
+def device_plan(host: TierPlan, device_bytes: int, *, window: int = 1) -> TierPlan:
+    """The device tier (FlexGen's GPU share) on top of ``host``, the RAM/disk plan.
+
+    ``host`` keeps rows [row_start, r) of every segment off disk. The device holds the first rows
+    of that: [row_start, d) with d - row_start = floor((r - row_start) * f), the same fraction
+    f = device_bytes / (matrix bytes ``host`` keeps) of every segment, so every unit copies the
+    same share host -> device (balanced, as on the host) and d <= r: a row on the device is never
+    also one the disk has to deliver. Rows [d, r) stay in (pinned) host RAM and [r, row_end) on
+    disk; both are *staged*: copied into a ring of window + 1 device slots before their unit runs.
+
+    The result is a TierPlan over the device: its resident rows are the device rows, its
+    "streamed" rows the staged ones, so ``streamed_bytes_per_pass`` is the host -> device traffic.
+    """
+    if device_bytes < 0:
+        raise PlanError(f"the device weight budget must be >= 0 bytes, got {device_bytes}")
+    if window < 0:
+        raise PlanError(f"the device prefetch window must be >= 0, got {window}")
+    kept = sum(u.resident_bytes for u in host.units)
+    fraction = 1.0 if device_bytes >= kept else device_bytes / kept
+    units = []
+    for u in host.units:
+        segs = tuple(Segment(s.tensor, s.row_start, s.row_end,
+                             s.row_start + int((s.resident_end - s.row_start) * fraction)) for s in u.segments)
+        units.append(Unit(u.kind, u.index, segs))
+    notes = (f"device tier: {fraction:.1%} of the {fmt_bytes(kept)} of matrices kept off disk",)
+    return TierPlan(device_bytes, host.locking, host.order, window, tuple(units), host.always_resident_bytes,
+                    False, host.embed_bytes, host.chosen_order, notes)

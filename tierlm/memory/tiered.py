@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from tierlm.loader.model_loader import OpenedCheckpoint
 from tierlm.loader.weights import LayerWeights, ModelWeights, WeightAssembler
+from tierlm.memory.device import DeviceStage, copy_engine_for
 from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
@@ -236,10 +237,21 @@ class TieredWeights:
     ``LayerWeights`` the transformer uses. ``acquire_layer(i)`` / ``release_layer(i)`` bracket
     layer i's compute."""
 
-    def __init__(self, store: WeightStore, plan: TierPlan, num_layers: int, *, num_io_threads: int = 4):
+    def __init__(self, store: WeightStore, plan: TierPlan, num_layers: int, *, num_io_threads: int = 4,
+                 device: torch.device | str = "cpu", host_plan: TierPlan | None = None):
+        """``plan`` says which rows stay where compute runs: RAM, or with ``host_plan`` (the RAM/disk
+        plan under it; tierlm.memory.plan.device_plan) device memory, the rest staged by a
+        ``DeviceStage`` from RAM and disk."""
         self.store = store
         self.plan = plan
-        self.streamer = Streamer(store, plan, num_io_threads) if plan.streams else None
+        self.host_plan = host_plan
+        self.device = torch.device(device)
+        self.streamer: Streamer | DeviceStage | None = None
+        if host_plan is None:
+            self.streamer = Streamer(store, plan, num_io_threads) if plan.streams else None
+        elif plan.streams:
+            host = Streamer(store, host_plan, num_io_threads) if host_plan.streams else None
+            self.streamer = DeviceStage(store, host_plan, plan, host, self.device, copy_engine_for(self.device))
         self._current: StreamedUnit | None = None
         self._layer_units = {u.index: u for u in plan.units if u.kind == "layer"}
         bounce = aligned_buffer(16 << 20)
@@ -256,16 +268,19 @@ class TieredWeights:
                 resident[name] = [(0, store.tensors[name].num_rows, store.read(name, bounce=bounce))]
             else:
                 resident[name] = [(a, b, t) for (a, b), t in zip(rs, store.read_rows(name, rs, bounce=bounce))]
-        self._resident = {name: [(a, b, self._wrap(name, t)) for a, b, t in rs] for name, rs in resident.items()}
+        self._resident = {name: [(a, b, self._wrap(name, t.to(self.device))) for a, b, t in rs]
+                          for name, rs in resident.items()}
 
         def small(name: str) -> torch.Tensor | None:
-            return store.read(name, bounce=bounce) if name in store.tensors else None
+            return store.read(name, bounce=bounce).to(self.device) if name in store.tensors else None
 
         self.tied = "lm_head" not in store.tensors
+        # The embedding table is looked up where it is: on the device when it is the (tied) head and
+        # all of it is there, else in RAM when the RAM plan keeps it, else row by row from the store.
         self.embed: torch.Tensor | None = None
         if self.tied and self._fully_resident("embed"):
             self.embed = self._resident["embed"][0][2]
-        elif plan.embed_resident:
+        elif (plan if host_plan is None else host_plan).embed_resident and not self.tied:
             self.embed = store.read("embed", bounce=bounce)
         self.weights = ModelWeights(
             embed=torch.empty(0), final_norm=small("final_norm"), final_norm_bias=small("final_norm_bias"),
@@ -355,10 +370,10 @@ class TieredWeights:
         """ids (N,) -> rows (N, hidden): from RAM when the table is resident, else read from the
         store (a step needs N rows, a few KiB each)."""
         if self.embed is not None:
-            return F.embedding(ids, self.embed)
-        uniq, inverse = torch.unique(ids, return_inverse=True)
+            return F.embedding(ids.to(self.embed.device), self.embed).to(self.device)
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
         rows = self.store.read_row_set("embed", uniq.tolist())  # (U, hidden)
-        return rows[inverse]
+        return rows[inverse].to(self.device)
 
     def close(self) -> None:
         if self.streamer is not None:
@@ -377,6 +392,8 @@ class TierSettings:
     num_io_threads: int = 4
     store_dir: str | None = None
     quant: StoreQuant | None = None  # matrices stored quantized (LLM's quant=, quant_group=)
+    device: str = "cpu"  # where the model computes
+    device_memory: str | int | None = None  # weight bytes kept on the device (a part of weight_memory)
 
 
 def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSettings) -> TieredWeights:
@@ -387,7 +404,7 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
         disk_read_bandwidth,
         memory_read_bandwidth,
     )
-    from tierlm.memory.plan import PlanError, fmt_bytes, make_plan, parse_budget
+    from tierlm.memory.plan import PlanError, device_plan, fmt_bytes, make_plan, parse_budget
 
     store = open_or_build_store(opened, dtype, None if settings.store_dir is None else Path(settings.store_dir),
                                 settings.quant)
@@ -395,7 +412,19 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
     budget = parse_budget(settings.weight_memory, layout.total_bytes)
     plan = make_plan(layout, budget, window=settings.window, locking=settings.locking, order=settings.order)
     log.info("%s", plan.describe())
+    on_device = None
     need = plan.resident_bytes + plan.ring_bytes
+    if settings.device_memory is not None:
+        device_bytes = parse_budget(settings.device_memory, layout.total_bytes)
+        if device_bytes > budget:
+            raise PlanError(f"device_memory={settings.device_memory!r} ({fmt_bytes(device_bytes)}) is more than "
+                            f"weight_memory={settings.weight_memory!r} ({fmt_bytes(budget)}): the device holds "
+                            f"a part of the weights kept off disk")
+        # One unit copied ahead is enough to overlap: the copies share one link, one after another.
+        on_device = device_plan(plan, device_bytes, window=min(settings.window, 1))
+        log.info("device %s: %s", settings.device, on_device.describe())
+        need -= sum(u.resident_bytes for u in on_device.units)  # those rows leave RAM for the device
+        _check_device_memory(torch.device(settings.device), on_device)
     avail = available_memory_bytes()
     if avail is not None and need > avail:
         raise PlanError(f"weight_memory={settings.weight_memory!r} needs {fmt_bytes(need)} of RAM (resident weights "
@@ -407,4 +436,20 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
         log.info("  measured now: memory %.1f GB/s, disk %.2f GB/s -> predicted %.2f forward passes/s "
                  "(limit min(mem/resident, disk/streamed) = %.2f)", mem_bw / 1e9, disk_bw / 1e9,
                  plan.predicted_tokens_per_pass_s(mem_bw, disk_bw), plan.issue_limit_tokens_s(mem_bw, disk_bw))
+    if on_device is not None:
+        return TieredWeights(store, on_device, opened.config.num_layers, num_io_threads=settings.num_io_threads,
+                             device=settings.device, host_plan=plan)
     return TieredWeights(store, plan, opened.config.num_layers, num_io_threads=settings.num_io_threads)
+
+
+def _check_device_memory(device: torch.device, plan: TierPlan) -> None:
+    """A device plan must fit the device's free memory (weights + its ring), checked before loading."""
+    from tierlm.memory.plan import PlanError, fmt_bytes
+
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(u.resident_bytes for u in plan.units) + plan.always_resident_bytes + plan.ring_bytes
+    if need > free:
+        raise PlanError(f"device_memory needs {fmt_bytes(need)} on {device} (weights + a ring of "
+                        f"{fmt_bytes(plan.ring_bytes)}), but only {fmt_bytes(free)} is free: lower device_memory")

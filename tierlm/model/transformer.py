@@ -50,8 +50,8 @@ class Transformer:
         inner = linear if linear is not None else default_linear_method(self.device, dtype)
         self.tiers: TieredWeights | None = None
         if isinstance(weights, TieredWeights):
-            if self.device.type != "cpu":
-                raise ValueError("tiered weights run on the CPU only so far")
+            if weights.device != self.device:
+                raise ValueError(f"tiered weights were loaded for {weights.device}, the model runs on {self.device}")
             self.tiers = weights
             weights.prepare(inner)
             self.linear: LinearMethod = TieredLinear(inner, weights)
