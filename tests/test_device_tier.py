@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tests.test_tiered import PROMPT, _run, mid_model  # noqa: F401 - mid_model is a fixture
+from tierlm import LLM, SamplingParams
 from tierlm.config import ConfigError
 from tierlm.memory.device import DeviceStage, HostCopy
 from tierlm.memory.plan import device_plan, make_plan
 from tierlm.memory.prefetch import Streamer
-from tierlm.memory.store import WeightStore, write_store
+from tierlm.memory.store import StoreError, WeightStore, write_store
 from tierlm.memory.tiered import model_layout
 
 # Two layers of fp32 rows of 16 (64 bytes): qkv 24, o 16, up 32, down 16 rows (5,632 bytes per
@@ -165,3 +166,12 @@ def test_quantized_weights_stage_as_packed_rows(mid_model, tmp_path):  # noqa: F
 def test_device_memory_above_weight_memory_is_a_config_error(mid_model, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="device_memory='60%'.*more than weight_memory='30%'"):
         _run(mid_model, weight_memory="30%", device_memory="60%", store_dir=tmp_path / "store")
+
+
+def test_store_truncated_mid_run_is_a_clear_error_through_the_device_stage(mid_model, tmp_path):  # noqa: F811
+    llm = LLM(mid_model, max_model_len=256, weight_memory="20%", device_memory="10%", store_dir=tmp_path / "store")
+    llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0))
+    with open(tmp_path / "store" / "weights.bin", "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(StoreError, match="truncated since it was opened|streaming weights failed"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0))

@@ -49,7 +49,7 @@ class GGUFFormat:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        raw = qw.codes.contiguous().numpy()
+        raw = qw.codes.contiguous().cpu().numpy()  # the reference decoder is numpy: blocks on the device come back
         values = dequantize(raw, GGMLQuantizationType[self.type_name])  # (out, in) float32
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(qw.shape)
 
