@@ -4,6 +4,8 @@ For SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma-3-270m (Q4_K_M GGUF), both from 
 
 * ``float``: the GGUF dequantized to float32 at load (what tierlm does by default): the baseline.
 * ``q8 .. q2``, ``q3h``: that float model re-quantized group-wise on load (group 64 by default).
+* ``q6 imatrix`` .. ``q2 imatrix``: the same with the range search weighted by an importance file
+  (tierlm.quant.imatrix) calibrated on 4,096 tokens of other Brown categories, never the press text.
 * ``kv q8``, ``kv q4``: float weights, KV cache stored 8- or 4-bit.
 * ``gguf``: the file's own blocks executed natively (quant="gguf"), against llama.cpp's perplexity on
   the same file and text (tests/data/llamacpp_reference.json).
@@ -36,7 +38,7 @@ from tierlm.loader.model_loader import default_model_path
 from tierlm.quant import FORMATS
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "llamacpp_reference.json"
-TARGETS = {"q8": 0.5, "q4": 3.0, "kv q8": 0.5}  # max % above float
+TARGETS = {"q8": 0.5, "q4": 3.0, "q4 imatrix": 3.0, "kv q8": 0.5}  # max % above float
 NAME = "quant_quality"
 
 
@@ -66,7 +68,10 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
     # A window scored in one chunk attends over its own fresh k/v and never reads the cache back, so the
     # KV rows (and their float baseline) score in 64-token chunks: every later chunk reads the cache.
     chunked = {"max_num_batched_tokens": 64}
+    weighted = [f for f in FORMATS if f != "q8"]  # q8 has no range search to weight
+    imatrix = lambda: calibrate(key, path)  # noqa: E731 - made once, on first use
     settings = [("float", {}), *((f, {"quant": f, "quant_group": group}) for f in FORMATS),
+                *((f"{f} imatrix", {"quant": f, "quant_group": group, "quant_importance": imatrix}) for f in weighted),
                 ("q4 g32", {"quant": "q4", "quant_group": 32}), ("gguf", {"quant": "gguf"}),
                 ("float, 64-token chunks", chunked), ("kv q8", {"kv_quant": "q8", **chunked}),
                 ("kv q4", {"kv_quant": "q4", **chunked})]
@@ -76,6 +81,8 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
     for label, kwargs in settings:
         if only is not None and label not in only:
             continue
+        if callable(kwargs.get("quant_importance")):
+            kwargs = {**kwargs, "quant_importance": kwargs["quant_importance"]()}
         ppl, seconds = measure(path, text, **kwargs)
         base = ppl if label.startswith("float") else base  # the chunked float run is the KV rows' baseline
         if base is None:
@@ -90,9 +97,33 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
         print(json.dumps(row), flush=True)
         rows.append(row)
     by = {**earlier, **{r["setting"]: r["ppl"] for r in rows}}
-    rows.append({"model": key, "setting": "q3 > q3h > q4", "ppl": None, "baseline": "-", "delta_pct": None,
-                 "target_pct": None, "seconds": None, "meets_target": by["q3"] > by["q3h"] > by["q4"]})
+    for suffix in ("", " imatrix"):
+        if all(f"{f}{suffix}" in by for f in ("q3", "q3h", "q4")):
+            rows.append({"model": key, "setting": f"q3 > q3h > q4{suffix}", "ppl": None, "baseline": "-",
+                         "delta_pct": None, "target_pct": None, "seconds": None,
+                         "meets_target": by[f"q3{suffix}"] > by[f"q3h{suffix}"] > by[f"q4{suffix}"]})
     return rows
+
+
+_CALIBRATED: dict[str, Path] = {}
+
+
+def calibrate(key: str, path: Path) -> Path:
+    """The model's importance file (tierlm imatrix: 8 Brown categories other than the evaluated press
+    text, 4,096 tokens), made once per run under .cache/imatrix."""
+    if key not in _CALIBRATED:
+        from tierlm.quant.imatrix import calibration_sequences, collect_importance, save_importance
+
+        t0 = time.perf_counter()
+        llm = LLM(path, max_num_seqs=1, max_model_len=512, kv_cache_tokens=512)
+        seqs = calibration_sequences(llm)
+        out = Path(__file__).resolve().parent.parent / ".cache" / "imatrix" / f"{key}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_importance(out, collect_importance(llm, seqs), path, sum(map(len, seqs)))
+        print(f"[{key}] importance from {sum(map(len, seqs))} tokens in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        _CALIBRATED[key] = out
+    return _CALIBRATED[key]
 
 
 def main() -> None:

@@ -130,6 +130,54 @@ def test_unknown_formats_and_bad_groups_are_clear_errors():
         GGUFFormat("Q2_K")
 
 
+# -- importance-weighted quantization ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_uniform_importance_quantizes_like_no_importance(fmt):
+    w = _weights()
+    q = get_quantizer(fmt)
+    plain = q.quantize(w)
+    # Only relative importance within a group matters; an all-zero row of importance means "no
+    # information" and falls back to uniform weights.
+    for imp in (torch.ones(256), torch.full((256,), 3.0), torch.ones(37, 256), torch.zeros(256)):
+        weighted = q.quantize(w, importance=imp)
+        assert torch.allclose(q.dequantize(weighted), q.dequantize(plain), rtol=0, atol=1e-6), imp.shape
+        assert (q.unpack(weighted.codes, 256) == q.unpack(plain.codes, 256)).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("fmt", ["q6", "q5", "q4", "q3h", "q3", "q2"])
+def test_a_heavily_weighted_column_gets_a_smaller_error(fmt):
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(5))
+    q = get_quantizer(fmt)
+    loud = torch.arange(256) % 64 == 7  # one column per group of 64
+    imp = torch.where(loud, 100.0, 1.0)  # (in,)
+    err_plain = (q.dequantize(q.quantize(w)) - w).square()  # (out, in)
+    err_weighted = (q.dequantize(q.quantize(w, importance=imp)) - w).square()
+    assert err_weighted[:, loud].mean() < 0.5 * err_plain[:, loud].mean()
+    # ... and the weighted error, the objective, is lower overall, bought with the other columns
+    assert (err_weighted * imp).sum() < (err_plain * imp).sum()
+    assert err_weighted[:, ~loud].mean() >= err_plain[:, ~loud].mean()
+    # a weighted column still cannot leave its group's range, so the half-step bound is kept there
+    qw = q.quantize(w, importance=imp)
+    deq = q.dequantize(qw).view(256, 4, 64)
+    lo = qw.mins.float()[..., None]
+    hi = lo + qw.scales.float()[..., None] * (q.levels - 1)
+    inside = (w.view(256, 4, 64) >= lo) & (w.view(256, 4, 64) <= hi)
+    assert ((deq - w.view(256, 4, 64)).abs() <= qw.scales.float()[..., None] / 2 * (1 + 1e-3) + 1e-7)[inside].all()
+
+
+def test_importance_is_checked():
+    q = get_quantizer("q4")
+    with pytest.raises(QuantError, match="does not fit"):
+        q.quantize(torch.zeros(4, 128), importance=torch.ones(64))
+    with pytest.raises(QuantError, match="non-negative"):
+        q.quantize(torch.zeros(4, 128), importance=-torch.ones(128))
+    # plain min-max (q8: no search) has nothing to steer: importance leaves it unchanged
+    w = _weights()
+    q8 = get_quantizer("q8")
+    assert torch.equal(q8.quantize(w, importance=torch.rand(256)).codes, q8.quantize(w).codes)
+
+
 # -- GGUF block types -------------------------------------------------------------------------------
 
 def _gguf_weight(type_name: str, rows: int = 24, cols: int = 512, seed: int = 4) -> QuantizedWeight:

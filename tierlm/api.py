@@ -22,7 +22,8 @@ from tierlm.model.attention import KVCache
 from tierlm.model.linear import default_linear_method
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
-from tierlm.quant import GGUF_NATIVE, QuantError
+from tierlm.quant import GGUF_NATIVE, QuantError, get_quantizer
+from tierlm.quant.imatrix import load_importance, quantize_layers_
 from tierlm.quant.linear import quant_linear
 from tierlm.runner import TorchModelRunner
 from tierlm.sampling_params import SamplingParams
@@ -54,13 +55,16 @@ class LLM:
                  weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
                  quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
-                 device_memory: str | int | None = None):
+                 device_memory: str | int | None = None, quant_importance: str | Path | None = None):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
         if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
+        if quant_importance is not None and (quant is None or quant == GGUF_NATIVE):
+            raise ConfigError("quant_importance weights how a tierlm format (quant='q4', ...) quantizes the "
+                              "float weights; it needs one")
         t0 = time.perf_counter()
         tiers: TieredWeights | None = None
         if device_memory is not None and weight_memory is None:
@@ -68,13 +72,20 @@ class LLM:
         if weight_memory is None:
             loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs),
                                              native_quant=quant == GGUF_NATIVE)
+            if quant_importance is not None:  # quantized here, each matrix with its own weighting
+                try:
+                    quantize_layers_(loaded.weights, get_quantizer(quant, quant_group),
+                                     load_importance(quant_importance, loaded.path))
+                except QuantError as e:
+                    raise ConfigError(str(e)) from e
         else:
             # Weights beyond the budget stay in a weight store on disk and stream in (tierlm.memory).
             opened = open_checkpoint(model, tuple(Path(d) for d in spec_dirs))
             # Quantized matrices are stored (and streamed) quantized: fewer bytes per token from disk.
             settings = TierSettings(weight_memory, prefetch_window, tier_locking, tier_order, num_io_threads,
                                     None if store_dir is None else str(store_dir),
-                                    None if quant is None else StoreQuant(quant, quant_group),
+                                    None if quant is None else StoreQuant(
+                                        quant, quant_group, None if quant_importance is None else str(quant_importance)),
                                     str(torch.device(device)), device_memory)
             try:
                 tiers = load_tiered(opened, _TORCH_DTYPES[dtype], settings)

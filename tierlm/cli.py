@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantized blocks (default: float weights)")
     g.add_argument("--quant-group", type=int, default=64, metavar="N", help="weights per group (default: 64)")
     g.add_argument("--kv-quant", choices=("q8", "q4"), help="store the KV cache 8- or 4-bit (default: compute dtype)")
+    g.add_argument("--quant-importance", type=Path, metavar="FILE",
+                   help="weight --quant's range search by an importance file from `tierlm imatrix`")
 
     parser = argparse.ArgumentParser(prog="tierlm", description="Run language models with tierlm.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,9 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("out", metavar="OUT", type=Path, help="folder for the weight store")
     qz.add_argument("--format", choices=QUANT_FORMATS, default="q4", help="quantization format (default: q4)")
     qz.add_argument("--group", type=int, default=64, help="weights per group (default: 64)")
+    qz.add_argument("--importance", type=Path, metavar="FILE", help="importance file from `tierlm imatrix`")
     qz.add_argument("--spec-dir", action="append", default=[], metavar="DIR", help="folder of extra family files")
     qz.add_argument("-v", "--verbose", action="store_true", help="log progress")
     qz.set_defaults(run=cmd_quantize)
+
+    im = sub.add_parser("imatrix", parents=[common], help="calibrate: per-matrix input importance for --quant-importance")
+    im.add_argument("out", metavar="OUT", type=Path, help="importance file to write (safetensors)")
+    im.add_argument("--windows", type=int, default=8, metavar="N",
+                    help="calibration windows of 512 tokens, one per Brown category other than the press "
+                    "excerpt (at most 8; default: 8)")
+    im.set_defaults(run=cmd_imatrix)
     return parser
 
 
@@ -160,7 +170,8 @@ def _load_llm(args: argparse.Namespace, **kwargs):
 
     return LLM(args.model, args.dtype, device=args.device, device_memory=args.device_memory,
                max_model_len=args.max_model_len, spec_dirs=args.spec_dir,
-               quant=args.quant, quant_group=args.quant_group, kv_quant=args.kv_quant,
+               quant=getattr(args, "quant", None), quant_group=getattr(args, "quant_group", 64),
+               kv_quant=getattr(args, "kv_quant", None), quant_importance=getattr(args, "quant_importance", None),
                weight_memory=args.weight_memory, prefetch_window=args.prefetch_window, store_dir=args.store_dir,
                **kwargs)
 
@@ -315,11 +326,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tierlm.quant.store import quantize_to_store
 
     t0 = time.perf_counter()
-    folder = quantize_to_store(args.model, args.out, args.format, args.group, tuple(Path(d) for d in args.spec_dir))
+    folder = quantize_to_store(args.model, args.out, args.format, args.group, tuple(Path(d) for d in args.spec_dir),
+                               importance=args.importance)
     store = WeightStore(folder)
     print(f"wrote {folder}: {len(store.meta['matrices'])} matrices in {args.format} (group {args.group}), "
           f"{store.data_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
     store.close()
+    return 0
+
+
+# -- imatrix ------------------------------------------------------------------------------------------
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from tierlm.quant.imatrix import CALIB_CATEGORIES, calibration_sequences, collect_importance, save_importance
+
+    if not 1 <= args.windows <= len(CALIB_CATEGORIES):
+        raise ValueError(f"--windows must be in [1, {len(CALIB_CATEGORIES)}]")
+    t0 = time.perf_counter()
+    args.max_model_len = args.max_model_len or 512  # one calibration window
+    llm = _load_llm(args, max_num_seqs=1, kv_cache_tokens=args.max_model_len)
+    seqs = calibration_sequences(llm, args.windows)
+    importance = collect_importance(llm, seqs)
+    save_importance(args.out, importance, llm.loaded.path, sum(map(len, seqs)))
+    print(f"wrote {args.out}: {len(importance)} matrices from {sum(map(len, seqs))} calibration tokens "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -41,6 +41,7 @@ from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
 from tierlm.model.linear import AVX512BF16Linear, DenseLinear, LinearMethod
 from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, get_quantizer
+from tierlm.quant.imatrix import file_digest, importance_for, load_importance
 from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
@@ -60,10 +61,13 @@ class StoreQuant:
 
     quant: str
     group: int = 64
+    importance: str | None = None  # an importance file weighting the range search (tierlm.quant.imatrix)
 
     @property
     def tag(self) -> str:
-        return self.quant if self.quant == GGUF_NATIVE else f"{self.quant}g{self.group}"
+        if self.quant == GGUF_NATIVE:
+            return self.quant
+        return f"{self.quant}g{self.group}" + ("" if self.importance is None else f"-im{file_digest(self.importance)}")
 
 
 def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
@@ -80,6 +84,8 @@ def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant 
             "num_layers": opened.config.num_layers, **opened.fingerprint()}
     if quant is not None:
         meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
+        if quant.importance is not None:
+            meta["importance"] = file_digest(quant.importance)
     return meta
 
 
@@ -114,6 +120,7 @@ def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant
     ``matrices`` is filled with name -> [format, group, num_cols] for the manifest."""
     native = quant.quant == GGUF_NATIVE
     quantizer = None if native else get_quantizer(quant.quant, quant.group)
+    importance = None if quant.importance is None else load_importance(quant.importance, opened.path)
     for name, t in store_tensors(opened, dtype, native_quant=native):
         is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
         if isinstance(t, FusedWeight):
@@ -121,7 +128,7 @@ def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant
                              f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
                              f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
         if is_matrix and quantizer is not None:
-            t = quantizer.quantize(t)
+            t = quantizer.quantize(t, None if name == "lm_head" else importance_for(importance, name, t.shape[1]))
         if isinstance(t, QuantizedWeight):
             matrices[name] = [t.format, t.group, t.shape[1]]
             t = t.packed_rows()

@@ -22,6 +22,10 @@ the candidate's parameters to float16 as above, and keeps the candidate with the
 reconstruction error over the group (factor 1.0 is plain min-max, so the search never does worse).
 Then ``REFINE_ITERS`` times: for the codes so chosen, the least-squares step and min (rounded to
 float16 to nearest), kept per group where they lower the error.
+With an ``importance`` (a non-negative weight per input column, e.g. llama.cpp's "imatrix": the mean
+of x^2 over calibration activations), "error" in both the search and the refinement is the weighted
+sum_j imp_j * (w_j - deq_j)^2 of the group (a weighted least squares for step and min): the columns
+that meet large activations are fitted first, since a weight's error reaches the output times its input.
 Weights inside the chosen range [min_g, min_g + step_g * (levels-1)] are then within step_g / 2;
 weights outside it are clamped to its ends (codes 0 and levels-1). The round-trip tests assert both.
 """
@@ -36,6 +40,9 @@ import torch.nn.functional as F
 
 TILE_BYTES = 4 * 2**20  # float weights dequantized per tile of a tiled matmul: about L2-sized
 SEARCH_FACTORS = tuple(1.0 - 0.3 * i / 19 for i in range(20))  # range shrink factors tried per group
+# (min factor, max factor) candidates of the range search, the first (1.0, 1.0): plain min-max. Both
+# ends shrink together by default; a grid of pairs also tries asymmetric ranges (one-sided outliers).
+SEARCH_PAIRS = tuple((f, f) for f in SEARCH_FACTORS)
 REFINE_ITERS = 3  # least-squares refinements of the searched step and min
 
 
@@ -130,8 +137,9 @@ class Quantizer(QuantMethod, Protocol):
     levels: int  # distinct codes per weight
     group: int
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        """float (out, in) -> quantized; ``in`` must be a multiple of ``group``."""
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """float (out, in) -> quantized; ``in`` must be a multiple of ``group``. ``importance``: optional
+        non-negative float32 (in,) or (out, in) weights of the squared error (``minmax_quantize``)."""
         ...
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
@@ -173,24 +181,73 @@ def _codes(g: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, levels: int
     return torch.round((g - mins.float()[..., None]) * inv[..., None]).clamp_(0, levels - 1)
 
 
-def minmax_quantize(w: torch.Tensor, levels: int, group: int,
-                    search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_importance(importance: torch.Tensor | None, r: int, k: int, group: int) -> torch.Tensor | None:
+    """importance (K,) or broadcastable to (R, K) -> float32 (R or 1, K // group, group), or None.
+
+    A group whose importances are all zero carries no information about which weights matter: it gets
+    uniform weights (the unweighted error), not a degenerate fit. Only relative values within a group
+    matter, so the units are free (mean of x^2 over calibration tokens, for an importance matrix)."""
+    if importance is None:
+        return None
+    imp = importance.detach().to(torch.float32)
+    if imp.dim() == 1:
+        imp = imp[None, :]  # (1, K): one weight per input column, shared by every row
+    if imp.dim() != 2 or imp.shape[1] != k or imp.shape[0] not in (1, r):
+        raise QuantError(f"importance of shape {tuple(importance.shape)} does not fit a ({r}, {k}) matrix")
+    if not (torch.isfinite(imp).all() and (imp >= 0).all()):
+        raise QuantError("importance must be finite and non-negative")
+    imp = imp.reshape(imp.shape[0], k // group, group)  # (R or 1, G, group)
+    return torch.where(imp.sum(dim=-1, keepdim=True) > 0, imp, torch.ones_like(imp))
+
+
+def _group_error(deq: torch.Tensor, g: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
+    """sum over each group of imp * (deq - g)^2 (imp = 1 when None): (R, G, group) -> (R, G)."""
+    err = (deq - g).square_()
+    if imp is not None:
+        err.mul_(imp)
+    return err.sum(dim=-1)
+
+
+def _least_squares(q: torch.Tensor, g: torch.Tensor, imp: torch.Tensor | None,
+                   steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and min minimising sum imp * (g - (min + step * q))^2 per group, for fixed codes q; float32
+    (R, G). A group whose codes are all equal keeps ``steps`` (its step is then undetermined)."""
+    if imp is None:
+        qm, wm = q.mean(dim=-1, keepdim=True), g.mean(dim=-1, keepdim=True)  # (R, G, 1)
+        var, cov = (q - qm).square().sum(dim=-1), ((q - qm) * (g - wm)).sum(dim=-1)
+    else:
+        tot = imp.sum(dim=-1, keepdim=True)  # (R or 1, G, 1), > 0 (_group_importance)
+        qm, wm = (imp * q).sum(dim=-1, keepdim=True) / tot, (imp * g).sum(dim=-1, keepdim=True) / tot
+        var, cov = (imp * (q - qm).square()).sum(dim=-1), (imp * (q - qm) * (g - wm)).sum(dim=-1)
+    s = torch.where(var > 0, cov / var.clamp(min=1e-30), steps.float())
+    return s, wm[..., 0] - s * qm[..., 0]
+
+
+def minmax_quantize(w: torch.Tensor, levels: int, group: int, search: bool = False,
+                    importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float (R, K) -> codes uint8 (R, K), steps and mins float16 (R, K // group). See the module
-    docstring; ``search`` picks each group's range among ``SEARCH_FACTORS`` shrinkings of [min, max]."""
+    docstring; ``search`` picks each group's range among ``SEARCH_FACTORS`` shrinkings of [min, max].
+
+    ``importance``: float32 (K,) (per input column, e.g. the mean of x^2 over calibration inputs) or
+    broadcastable to (R, K), non-negative. With it, the search and the least-squares refinement
+    minimise sum_j imp_j * (w_j - deq_j)^2 per group instead of the plain squared error. It only steers
+    the search (plain min-max, ``search=False``, ignores it); ``None`` is exactly the unweighted result.
+    """
     r, k = w.shape
     if k % group:
         raise QuantError(f"a row of {k} weights is not a whole number of groups of {group}")
     g = w.detach().float().reshape(r, k // group, group)  # (R, G, group)
+    imp = _group_importance(importance, r, k, group) if search else None  # (R or 1, G, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (R, G)
     steps, mins = _params(lo, hi, levels)
     if search:
         best = None
-        for f in SEARCH_FACTORS:
-            lo_f = torch.where(lo < 0, lo * f, lo)
-            hi_f = torch.maximum(torch.where(hi > 0, hi * f, hi), lo_f)
-            s_f, m_f = (steps, mins) if f == 1.0 else _params(lo_f, hi_f, levels)
+        for f_lo, f_hi in SEARCH_PAIRS:
+            lo_f = torch.where(lo < 0, lo * f_lo, lo)
+            hi_f = torch.maximum(torch.where(hi > 0, hi * f_hi, hi), lo_f)
+            s_f, m_f = (steps, mins) if f_lo == f_hi == 1.0 else _params(lo_f, hi_f, levels)
             deq = _codes(g, s_f, m_f, levels) * s_f.float()[..., None] + m_f.float()[..., None]
-            err = (deq - g).square_().sum(dim=-1)  # (R, G)
+            err = _group_error(deq, g, imp)  # (R, G)
             if best is None:
                 best = err
                 continue
@@ -198,15 +255,12 @@ def minmax_quantize(w: torch.Tensor, levels: int, group: int,
             best = torch.where(better, err, best)
             steps, mins = torch.where(better, s_f, steps), torch.where(better, m_f, mins)
         for _ in range(REFINE_ITERS):  # least-squares step and min for the chosen codes, kept where better
-            q = _codes(g, steps, mins, levels)
-            qm, wm = q.mean(dim=-1, keepdim=True), g.mean(dim=-1, keepdim=True)
-            var, cov = (q - qm).square().sum(dim=-1), ((q - qm) * (g - wm)).sum(dim=-1)
-            s_f = torch.where(var > 0, cov / var.clamp(min=1e-30), steps.float())
-            s_f, m_f = s_f.to(torch.float16), (wm[..., 0] - s_f * qm[..., 0]).to(torch.float16)
+            s_f, m_f = _least_squares(_codes(g, steps, mins, levels), g, imp, steps)
+            s_f, m_f = s_f.to(torch.float16), m_f.to(torch.float16)
             if not (torch.isfinite(s_f).all() and torch.isfinite(m_f).all()):
                 break
             deq = _codes(g, s_f, m_f, levels) * s_f.float()[..., None] + m_f.float()[..., None]
-            err = (deq - g).square_().sum(dim=-1)
+            err = _group_error(deq, g, imp)
             better = (err < best) & (s_f >= 0)
             best = torch.where(better, err, best)
             steps, mins = torch.where(better, s_f, steps), torch.where(better, m_f, mins)

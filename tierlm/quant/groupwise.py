@@ -87,8 +87,10 @@ class GroupwiseFormat:
             return unpack_nibbles(packed, num_cols)
         return unpack_bits(packed, self.bits, num_cols)
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        codes, steps, mins = minmax_quantize(w, self.levels, self.group, self.search)
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """float (out, in) -> quantized. ``importance``: float32 (in,) or broadcastable to (out, in),
+        weights of each weight's squared error in the range search (tierlm.quant.base.minmax_quantize)."""
+        codes, steps, mins = minmax_quantize(w, self.levels, self.group, self.search, importance)
         return QuantizedWeight(self.name, tuple(w.shape), self.pack(codes), self.group, steps, mins)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:

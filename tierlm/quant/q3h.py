@@ -39,8 +39,10 @@ class Q3HFormat:
         pairs = unpack_bits(packed, 7, num_cols // 2)  # (R, K/2)
         return torch.stack([pairs // LEVELS, pairs % LEVELS], dim=-1).reshape(packed.shape[0], num_cols)
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        codes, steps, mins = minmax_quantize(w, LEVELS, self.group, self.search)
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """float (out, in) -> quantized. ``importance``: float32 (in,) or broadcastable to (out, in),
+        weights of each weight's squared error in the range search (tierlm.quant.base.minmax_quantize)."""
+        codes, steps, mins = minmax_quantize(w, LEVELS, self.group, self.search, importance)
         return QuantizedWeight(self.name, tuple(w.shape), self.pack(codes), self.group, steps, mins)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
