@@ -6,7 +6,7 @@ its own process, one after another in the same run:
 
 * llama.cpp on the F16, Q8_0 and Q4_0 files (2 threads, mmap, the weights in the page cache);
 * tierlm on the Q8_0 and Q4_0 files with ``quant="gguf"`` (the file's blocks, the VNNI kernel);
-* tierlm bf16 and tierlm q8 / q4 / q3h quantized on load from the HF folder.
+* tierlm bf16 and tierlm q8 / q6 / q5 / q4 / q3h / q3 / q2 quantized on load from the HF folder.
 
 Each engine: a 16-token prompt, then ``--tokens`` greedy decode steps; the median step time after
 2 warm-up steps. Achieved GB/s = bytes of weight matrices read per step / step time, held against
@@ -32,7 +32,7 @@ from bench.common import MODELS_DIR, REPO_ROOT, measure_memory_bandwidth, write_
 GGUF_DIR = REPO_ROOT / ".cache" / "gguf"
 HF_MODEL = MODELS_DIR / "llama-1.1b"
 ENGINES = ("llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_0", "tierlm gguf Q8_0", "tierlm gguf Q4_0",
-           "tierlm bf16", "tierlm q8", "tierlm q4", "tierlm q3h")
+           "tierlm bf16", "tierlm q8", "tierlm q6", "tierlm q5", "tierlm q4", "tierlm q3h", "tierlm q3", "tierlm q2")
 PROMPT = list(range(100, 116))
 
 

@@ -69,7 +69,7 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
     # KV rows (and their float baseline) score in 64-token chunks: every later chunk reads the cache.
     chunked = {"max_num_batched_tokens": 64}
     weighted = [f for f in FORMATS if f != "q8"]  # q8 has no range search to weight
-    imatrix = lambda: calibrate(key, path)  # noqa: E731 - made once, on first use
+    imatrix = lambda: calibrate(key, path)  # made once, on first use
     settings = [("float", {}), *((f, {"quant": f, "quant_group": group}) for f in FORMATS),
                 *((f"{f} imatrix", {"quant": f, "quant_group": group, "quant_importance": imatrix}) for f in weighted),
                 ("q4 g32", {"quant": "q4", "quant_group": 32}), ("gguf", {"quant": "gguf"}),

@@ -33,18 +33,18 @@ from tierlm.quant.base import (
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 (R, K) codes < 2**bits, K % 8 == 0 -> uint8 (R, K * bits // 8) bit stream."""
     r, k = codes.shape
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     words = (codes.reshape(r, k // 8, 8).to(torch.int64) << shifts).sum(dim=-1)  # (R, K/8), 8b bits used
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     return ((words[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(r, k * bits // 8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, num_cols: int) -> torch.Tensor:
     """Inverse of ``pack_bits``."""
     r = packed.shape[0]
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     words = (packed.reshape(r, num_cols // 8, bits).to(torch.int64) << byte_shifts).sum(dim=-1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     return ((words[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(r, num_cols)
 
 
