@@ -71,14 +71,12 @@ def test_bad_importance_files_are_config_errors(importance_file, mid_model, tmp_
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="cannot be read"):
-        load_importance_as_config_error(broken, mid_model)
-
-
-def load_importance_as_config_error(path, model):
-    try:
-        return load_importance(path, model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+        LLM(mid_model, max_model_len=256, quant="q4", quant_importance=broken)
+    # The tiered path checks the file before it builds a store.
+    with pytest.raises(ConfigError, match="does not exist"):
+        LLM(mid_model, max_model_len=256, quant="q4", quant_importance=tmp_path / "none.safetensors",
+            weight_memory="50%", store_dir=tmp_path / "store")
+    assert not (tmp_path / "store").exists()
 
 
 def test_cli_imatrix_calibrates_the_embedded_model_on_brown_text(tmp_path):

@@ -14,7 +14,7 @@ from tierlm.config import ConfigError, EngineConfig
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.engine import EngineCore, RequestError
 from tierlm.engine.scheduler import SchedulerConfig
-from tierlm.loader.model_loader import LoadedModel, load_model, open_checkpoint
+from tierlm.loader.model_loader import LoadedModel, default_model_path, load_model, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer
 from tierlm.memory.plan import PlanError
 from tierlm.memory.tiered import StoreQuant, TieredWeights, TierSettings, load_tiered
@@ -62,9 +62,15 @@ class LLM:
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
         if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
-        if quant_importance is not None and (quant is None or quant == GGUF_NATIVE):
-            raise ConfigError("quant_importance weights how a tierlm format (quant='q4', ...) quantizes the "
-                              "float weights; it needs one")
+        importance = None
+        if quant_importance is not None:
+            if quant is None or quant == GGUF_NATIVE:
+                raise ConfigError("quant_importance weights how a tierlm format (quant='q4', ...) quantizes the "
+                                  "float weights; it needs one")
+            try:  # checked before anything is loaded or built
+                importance = load_importance(quant_importance, default_model_path() if model is None else model)
+            except QuantError as e:
+                raise ConfigError(str(e)) from e
         t0 = time.perf_counter()
         tiers: TieredWeights | None = None
         if device_memory is not None and weight_memory is None:
@@ -72,10 +78,9 @@ class LLM:
         if weight_memory is None:
             loaded: LoadedModel = load_model(model, _TORCH_DTYPES[dtype], tuple(Path(d) for d in spec_dirs),
                                              native_quant=quant == GGUF_NATIVE)
-            if quant_importance is not None:  # quantized here, each matrix with its own weighting
+            if importance is not None:  # quantized here, each matrix with its own weighting
                 try:
-                    quantize_layers_(loaded.weights, get_quantizer(quant, quant_group),
-                                     load_importance(quant_importance, loaded.path))
+                    quantize_layers_(loaded.weights, get_quantizer(quant, quant_group), importance)
                 except QuantError as e:
                     raise ConfigError(str(e)) from e
         else:
