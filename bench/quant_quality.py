@@ -6,6 +6,7 @@ For SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma-3-270m (Q4_K_M GGUF), both from 
 * ``q8 .. q2``, ``q3h``: that float model re-quantized group-wise on load (group 64 by default).
 * ``q6 imatrix`` .. ``q2 imatrix``: the same with the range search weighted by an importance file
   (tierlm.quant.imatrix) calibrated on 4,096 tokens of other Brown categories, never the press text.
+* ``q6 gptq`` .. ``q2 gptq``: GPTQ error compensation on load (tierlm.quant.gptq), same calibration text.
 * ``kv q8``, ``kv q4``: float weights, KV cache stored 8- or 4-bit.
 * ``gguf``: the file's own blocks executed natively (quant="gguf"), against llama.cpp's perplexity on
   the same file and text (tests/data/llamacpp_reference.json).
@@ -38,7 +39,7 @@ from tierlm.loader.model_loader import default_model_path
 from tierlm.quant import FORMATS
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "llamacpp_reference.json"
-TARGETS = {"q8": 0.5, "q4": 3.0, "q4 imatrix": 3.0, "kv q8": 0.5}  # max % above float
+TARGETS = {"q8": 0.5, "q4": 3.0, "q4 imatrix": 3.0, "q4 gptq": 3.0, "kv q8": 0.5}  # max % above float
 NAME = "quant_quality"
 
 
@@ -72,6 +73,7 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
     imatrix = lambda: calibrate(key, path)  # made once, on first use
     settings = [("float", {}), *((f, {"quant": f, "quant_group": group}) for f in FORMATS),
                 *((f"{f} imatrix", {"quant": f, "quant_group": group, "quant_importance": imatrix}) for f in weighted),
+                *((f"{f} gptq", {"quant": f, "quant_group": group, "quant_method": "gptq"}) for f in weighted),
                 ("q4 g32", {"quant": "q4", "quant_group": 32}), ("gguf", {"quant": "gguf"}),
                 ("float, 64-token chunks", chunked), ("kv q8", {"kv_quant": "q8", **chunked}),
                 ("kv q4", {"kv_quant": "q4", **chunked})]
@@ -97,7 +99,7 @@ def run_model(key: str, group: int, text: str, reference: dict, only: list[str] 
         print(json.dumps(row), flush=True)
         rows.append(row)
     by = {**earlier, **{r["setting"]: r["ppl"] for r in rows}}
-    for suffix in ("", " imatrix"):
+    for suffix in ("", " imatrix", " gptq"):
         if all(f"{f}{suffix}" in by for f in ("q3", "q3h", "q4")):
             rows.append({"model": key, "setting": f"q3 > q3h > q4{suffix}", "ppl": None, "baseline": "-",
                          "delta_pct": None, "target_pct": None, "seconds": None,

@@ -55,13 +55,21 @@ class LLM:
                  weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
                  quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
-                 device_memory: str | int | None = None, quant_importance: str | Path | None = None):
+                 device_memory: str | int | None = None, quant_importance: str | Path | None = None,
+                 quant_method: str = "rtn"):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
         if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
+        if quant_method not in ("rtn", "gptq"):
+            raise ConfigError(f"quant_method must be 'rtn' or 'gptq', got {quant_method!r}")
+        if quant_method == "gptq" and (quant in (None, GGUF_NATIVE) or weight_memory is not None
+                                       or device_memory is not None or quant_importance is not None):
+            raise ConfigError("quant_method='gptq' calibrates the float model on load and quantizes it to a tierlm "
+                              "format (quant='q4', ...): it needs all weights resident (no weight_memory or "
+                              "device_memory) and computes its own importance (no quant_importance)")
         importance = None
         if quant_importance is not None:
             if quant is None or quant == GGUF_NATIVE:
@@ -120,7 +128,7 @@ class LLM:
                                    prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
                                    quant=quant, quant_group=quant_group, kv_quant=kv_quant)
         linear = default_linear_method(device, _TORCH_DTYPES[dtype])
-        if quant is not None:  # matrices are quantized as the model takes them (tierlm.quant)
+        if quant is not None and quant_method == "rtn":  # matrices are quantized as the model takes them
             linear = quant_linear(quant, quant_group, linear, device)
         self.model = Transformer(loaded.config, loaded.weights if tiers is None else tiers, _TORCH_DTYPES[dtype],
                                  linear, device)
@@ -141,12 +149,34 @@ class LLM:
                             enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy),
             BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
             eos_token_ids=eos, detokenizer_factory=detok)
+        if quant_method == "gptq":
+            self._quantize_gptq(quant, quant_group, device)
         kv_bytes = KVCache.bytes_per_token(loaded.config.num_layers, loaded.config.num_kv_heads,
                                            loaded.config.head_dim, _TORCH_DTYPES[dtype])
         log.info("model: %s", loaded.config.summary())
         log.info("%s", self.config.describe())
         log.info("loaded %s in %.2f s; KV cache %.1f MiB max (%d bytes/token)", loaded.path,
                  time.perf_counter() - t0, kv_bytes * self.config.kv_capacity_tokens / 2**20, kv_bytes)
+
+    def _quantize_gptq(self, quant: str, group: int, device: str) -> None:
+        """Calibrate the float model on Brown text (tierlm.quant.imatrix), quantize every layer matrix
+        with GPTQ (tierlm.quant.gptq) in place, and switch the model to the quantized method."""
+        from tierlm.quant.gptq import gptq_quantize_layers_
+        from tierlm.quant.imatrix import calibration_sequences
+
+        t0 = time.perf_counter()
+        ctx = min(512, self.config.max_model_len, self.config.kv_capacity_tokens)
+        try:
+            gptq_quantize_layers_(self, get_quantizer(quant, group), calibration_sequences(self, ctx=ctx))
+        except QuantError as e:
+            raise ConfigError(str(e)) from e
+        method = quant_linear(quant, group, self.model.linear, device)
+        self.model.linear = method
+        if not self.model.w.tied:  # an untied head is quantized as with quant_method="rtn" (no calibration)
+            head = self.model.w.lm_head
+            self.model.w.lm_head = method.prepare(head.to_dense() if getattr(head, "is_mkldnn", False) else head)
+            self.model.lm_head_linear = method
+        log.info("GPTQ %s g%d: calibrated and quantized in %.1f s", quant, group, time.perf_counter() - t0)
 
     # -- prompts ------------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-quant", choices=("q8", "q4"), help="store the KV cache 8- or 4-bit (default: compute dtype)")
     g.add_argument("--quant-importance", type=Path, metavar="FILE",
                    help="weight --quant's range search by an importance file from `tierlm imatrix`")
+    g.add_argument("--quant-method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: round each group (default); gptq: calibrate on Brown text at load and compensate "
+                   "each column's error in the next ones (all weights resident)")
 
     parser = argparse.ArgumentParser(prog="tierlm", description="Run language models with tierlm.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -172,6 +175,7 @@ def _load_llm(args: argparse.Namespace, **kwargs):
                max_model_len=args.max_model_len, spec_dirs=args.spec_dir,
                quant=getattr(args, "quant", None), quant_group=getattr(args, "quant_group", 64),
                kv_quant=getattr(args, "kv_quant", None), quant_importance=getattr(args, "quant_importance", None),
+               quant_method=getattr(args, "quant_method", "rtn"),
                weight_memory=args.weight_memory, prefetch_window=args.prefetch_window, store_dir=args.store_dir,
                **kwargs)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,41 +50,49 @@ def calibration_sequences(llm, num_windows: int = len(CALIB_CATEGORIES), ctx: in
 
 
 class _Recorder:
-    """A LinearMethod wrapper summing x^2 per input column of the matrices it is told about
-    (keyed by the weight object: the model holds each matrix once)."""
+    """A LinearMethod wrapper that hands the inputs of the matrices it is told about to ``record``
+    (matrices keyed by the weight object: the model holds each matrix once)."""
 
-    def __init__(self, inner, names: dict[int, str]):
-        self.inner, self.names, self.name = inner, names, f"record+{inner.name}"
-        self.sum_sq: dict[str, torch.Tensor] = {}  # float64 (in,)
-        self.num_tokens: dict[str, int] = {}
+    def __init__(self, inner, names: dict[int, str], record: Callable[[str, torch.Tensor], None]):
+        self.inner, self.names, self.record, self.name = inner, names, record, f"record+{inner.name}"
 
     def prepare(self, weight):
         return self.inner.prepare(weight)
 
     def apply(self, x: torch.Tensor, weight, bias):
         name = self.names.get(id(weight))
-        if name is not None:  # x (N, in)
-            self.sum_sq[name] = self.sum_sq.get(name, 0) + x.detach().double().square().sum(dim=0)
-            self.num_tokens[name] = self.num_tokens.get(name, 0) + x.shape[0]
+        if name is not None:
+            self.record(name, x)  # x (N, in)
         return self.inner.apply(x, weight, bias)
 
 
-def collect_importance(llm, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Run ``sequences`` through ``llm`` (float weights, all resident) and return, per layer matrix,
-    the mean of x^2 over the calibration tokens per input column: float32 (in,)."""
+def record_inputs(llm, sequences: list[list[int]], record: Callable[[str, torch.Tensor], None]) -> None:
+    """Score ``sequences`` with ``llm`` (float weights, all resident), calling record(name, x) with the
+    input x (N, in) of every layer matrix ``layers.{i}.{qkv,o,up,down}`` it multiplies."""
     model = llm.model
     if model.tiers is not None:
         raise ImportanceError("calibrate on the float model with all weights resident (no weight_memory)")
     names = {id(getattr(lw, m)): f"layers.{i}.{m}" for i, lw in enumerate(model.w.layers) for m in MATRICES}
     base = model.linear
-    rec = _Recorder(base, names)
-    model.linear = rec
+    model.linear = _Recorder(base, names, record)
     try:
         for seq in sequences:
             llm.score(seq)
     finally:
         model.linear = base
-    return {n: (s / rec.num_tokens[n]).float() for n, s in sorted(rec.sum_sq.items())}
+
+
+def collect_importance(llm, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Per layer matrix, the mean of x^2 over the calibration tokens per input column: float32 (in,)."""
+    sum_sq: dict[str, torch.Tensor] = {}  # float64 (in,)
+    num_tokens: dict[str, int] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        sum_sq[name] = sum_sq.get(name, 0) + x.detach().double().square().sum(dim=0)
+        num_tokens[name] = num_tokens.get(name, 0) + x.shape[0]
+
+    record_inputs(llm, sequences, record)
+    return {n: (s / num_tokens[n]).float() for n, s in sorted(sum_sq.items())}
 
 
 def checkpoint_identity(model_path: str | Path) -> list[list]:
