@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from tierlm.memory.plan import TierPlan, Unit
-from tierlm.memory.prefetch import Streamer
+from tierlm.memory.prefetch import Streamer, rows_view
 from tierlm.memory.store import WeightStore
 
 log = logging.getLogger("tierlm")
@@ -239,12 +239,7 @@ class DeviceStage:
                 if lay is None:
                     views.append(None)
                     continue
-                row_elems = 1
-                for d in lay.row_shape:
-                    row_elems *= d
-                nbytes = lay.num_rows * row_elems * torch.empty((), dtype=lay.dtype).element_size()
-                views.append(buf[lay.slot_offset:lay.slot_offset + nbytes].view(lay.dtype)
-                             .view(lay.num_rows, *lay.row_shape))
+                views.append(rows_view(buf, lay.slot_offset, lay.num_rows, lay.row_shape, lay.dtype))
             self._views[key] = views
         return self._views[key]
 

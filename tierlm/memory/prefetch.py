@@ -163,9 +163,7 @@ class Streamer:
                 if lay is None:
                     views.append(None)
                     continue
-                nbytes = lay.num_rows * int(torch.tensor([], dtype=lay.dtype).element_size()) * _prod(lay.row_shape)
-                raw = buf[lay.slot_offset + lay.lead: lay.slot_offset + lay.lead + nbytes]
-                views.append(raw.view(lay.dtype).view(lay.num_rows, *lay.row_shape))
+                views.append(rows_view(buf, lay.slot_offset + lay.lead, lay.num_rows, lay.row_shape, lay.dtype))
             self._views[key] = views
         return self._views[key]
 
@@ -264,6 +262,13 @@ def _register_for_exit(streamer: Streamer) -> None:
     if not _exit_hook_registered:
         atexit.register(lambda: [s.close() for s in list(_live)])
         _exit_hook_registered = True
+
+
+def rows_view(buf: torch.Tensor, offset: int, num_rows: int, row_shape: tuple[int, ...],
+              dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of uint8 ``buf`` from ``offset`` as a (num_rows, *row_shape) ``dtype`` tensor (a view)."""
+    nbytes = num_rows * _prod(row_shape) * torch.empty((), dtype=dtype).element_size()
+    return buf[offset:offset + nbytes].view(dtype).view(num_rows, *row_shape)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
