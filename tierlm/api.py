@@ -19,7 +19,7 @@ from tierlm.loader.tokenizer import IncrementalDetokenizer
 from tierlm.memory.plan import PlanError
 from tierlm.memory.tiered import StoreQuant, TieredWeights, TierSettings, load_tiered
 from tierlm.model.attention import KVCache
-from tierlm.model.linear import default_linear_method
+from tierlm.model.linear import default_linear_method, plain_weight
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
 from tierlm.quant import GGUF_NATIVE, QuantError, get_quantizer
@@ -174,7 +174,7 @@ class LLM:
         self.model.linear = method
         if not self.model.w.tied:  # an untied head is quantized as with quant_method="rtn" (no calibration)
             head = self.model.w.lm_head
-            self.model.w.lm_head = method.prepare(head.to_dense() if getattr(head, "is_mkldnn", False) else head)
+            self.model.w.lm_head = method.prepare(plain_weight(head))
             self.model.lm_head_linear = method
         log.info("GPTQ %s g%d: calibrated and quantized in %.1f s", quant, group, time.perf_counter() - t0)
 

@@ -183,9 +183,7 @@ class DeviceStage:
 
     def __init__(self, store: WeightStore, host_plan: TierPlan, plan: TierPlan, host: Streamer | None,
                  device: torch.device, copier: CopyEngine):
-        self.plan = plan
         self.host = host
-        self.device = device
         self.copier = copier
         self.window = plan.window
         self.num_slots = plan.window + 1
@@ -195,6 +193,7 @@ class DeviceStage:
         # Rows [d, r) of each segment, read once, in pinned host memory: (cycle index, segment) -> rows.
         self._host_rows: dict[tuple[int, int], torch.Tensor] = {}
         self.layouts: list[list[_Staged | None]] = []
+        self.slot_bytes = 0  # the largest unit's staged rows, each segment rounded up to SLOT_ALIGN
         for k, u in enumerate(self.cycle):
             hu = host_units[(u.kind, u.index)]
             lay: list[_Staged | None] = []
@@ -211,8 +210,7 @@ class DeviceStage:
                 lay.append(_Staged(offset, s.row_end - s.resident_end, num_host, tuple(st.shape[1:]), st.dtype))
                 offset += -(-s.streamed_bytes // SLOT_ALIGN) * SLOT_ALIGN
             self.layouts.append(lay)
-        self.slot_bytes = max((sum(-(-s.streamed_bytes // SLOT_ALIGN) * SLOT_ALIGN for s in u.segments)
-                               for u in self.cycle), default=0)
+            self.slot_bytes = max(self.slot_bytes, offset)
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.num_slots)]
         if host is not None and device.type == "cuda" and not all(register_pinned(s) for s in host.slots):
             log.warning("could not page-lock the host ring: copies from it to the device are synchronous")
@@ -221,14 +219,8 @@ class DeviceStage:
         self._freed: list[Any] = [None] * self.num_slots  # slot -> event: compute on its last unit is done
         self._next = 0  # next position to enqueue
         self._consume = 0  # position the forward pass uses next
-        self.num_host_waits = 0  # times a copy had to wait for the disk (host ring not ready)
         for _ in range(self.window):
             self._enqueue()
-
-    @property
-    def host_bytes(self) -> int:
-        """Bytes of staged rows held in host RAM."""
-        return sum(t.numel() * t.element_size() for t in self._host_rows.values())
 
     def _views_for(self, slot: int, k: int) -> list[torch.Tensor | None]:
         key = (slot, k)

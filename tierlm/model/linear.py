@@ -66,6 +66,11 @@ class CPULinear:
         return F.linear(x, weight, bias)
 
 
+def plain_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The plain (out, in) tensor behind a weight a method prepared (oneDNN-packed ones unpacked)."""
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 class AVX512BF16Linear:
     """CPU bf16 with AVX512-BF16: tierlm's own kernel (kernels/bf16_gemm.c) for decode-sized
     batches, ``F.linear`` for prompt chunks. Weights stay plain (out, in) bf16.

@@ -103,6 +103,7 @@ def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments) -> Quantize
 def gptq_quantize_layers_(llm, quantizer, sequences: list[list[int]]) -> None:
     """Calibrate on ``sequences`` with ``llm``'s float weights, then replace every layer matrix in
     place by its GPTQ quantization (one matrix's moments in memory at a time after calibration)."""
+    from tierlm.model.linear import plain_weight
     from tierlm.quant.imatrix import MATRICES, record_inputs
 
     moments: dict[str, InputMoments] = {}
@@ -115,6 +116,5 @@ def gptq_quantize_layers_(llm, quantizer, sequences: list[list[int]]) -> None:
     record_inputs(llm, sequences, record)
     for i, lw in enumerate(llm.model.w.layers):
         for m in MATRICES:
-            w = getattr(lw, m)
-            w = w.to_dense() if getattr(w, "is_mkldnn", False) else w
+            w = plain_weight(getattr(lw, m))
             setattr(lw, m, gptq_quantize(quantizer, w, moments.pop(f"layers.{i}.{m}")))
