@@ -118,7 +118,7 @@ def calibrate(key: str, path: Path) -> Path:
 
         t0 = time.perf_counter()
         llm = LLM(path, max_num_seqs=1, max_model_len=512, kv_cache_tokens=512)
-        seqs = calibration_sequences(llm)
+        seqs = calibration_sequences(llm.tokenizer)
         out = Path(__file__).resolve().parent.parent / ".cache" / "imatrix" / f"{key}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_importance(out, collect_importance(llm, seqs), path, sum(map(len, seqs)))

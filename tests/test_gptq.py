@@ -1,6 +1,6 @@
 """GPTQ (tierlm.quant.gptq): with uncorrelated inputs it is exactly the importance-weighted search;
 with correlated inputs its output error is far below rounding alone; on load it gives a working
-quantized model."""
+quantized model; a GPTQ store, built one layer at a time, holds exactly what GPTQ on load gives."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
+from tierlm.cli import main
 from tierlm.config import ConfigError
-from tierlm.quant import get_quantizer
-from tierlm.quant.base import minmax_dequantize
+from tierlm.loader.model_loader import default_model_path
+from tierlm.memory.store import WeightStore
+from tierlm.memory.tiered import StoreQuant
+from tierlm.quant import get_quantizer, imatrix
+from tierlm.quant.base import QuantError, minmax_dequantize
 from tierlm.quant.gptq import InputMoments, gptq_quantize
+from tierlm.quant.imatrix import MATRICES
+from tierlm.quant.store import read_quantized
 
 
 def test_uncorrelated_inputs_give_exactly_the_weighted_search():
@@ -46,12 +52,54 @@ def test_correlated_inputs_lower_the_output_error():
     assert output_error(gptq_quantize(q, w, moments)) < 0.6 * rounded  # measured: 0.53
 
 
-def test_gptq_on_load_runs_and_rejects_what_it_cannot_do(tmp_path):
-    llm = LLM(None, max_model_len=128, kv_cache_tokens=256, quant="q4", quant_method="gptq", max_num_seqs=1)
-    assert type(llm.model.w.layers[0].qkv).__name__ == "QuantizedWeight"
-    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))[0]
+KW = {"max_model_len": 128, "kv_cache_tokens": 256, "max_num_seqs": 1, "quant": "q4", "quant_method": "gptq"}
+
+
+@pytest.fixture(scope="module")
+def two_windows():
+    """Calibrate on 2 of the 8 windows (the time of these tests is mostly calibration)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imatrix, "CALIB_CATEGORIES", imatrix.CALIB_CATEGORIES[:2])
+        yield
+
+
+@pytest.fixture(scope="module")
+def resident(two_windows):
+    return LLM(None, **KW)
+
+
+def test_gptq_on_load_runs_and_rejects_what_it_cannot_do(resident, tmp_path):
+    assert type(resident.model.w.layers[0].qkv).__name__ == "QuantizedWeight"
+    out = resident.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))[0]
     assert len(out.token_ids) == 4
-    with pytest.raises(ConfigError, match="needs all weights resident"):
-        LLM(None, max_model_len=128, quant="q4", quant_method="gptq", weight_memory="50%", store_dir=tmp_path)
+    with pytest.raises(ConfigError, match="computing its own importance"):
+        LLM(None, max_model_len=128, quant="q4", quant_method="gptq", quant_importance=tmp_path / "im.safetensors")
     with pytest.raises(ConfigError, match="must be 'rtn' or 'gptq'"):
         LLM(None, max_model_len=128, quant="q4", quant_method="awq")
+    with pytest.raises(QuantError, match="takes neither gguf"):
+        StoreQuant("gguf", method="gptq")
+
+
+def test_gptq_store_equals_gptq_on_load(resident, tmp_path):
+    """`tierlm quantize --method gptq` runs the same sequential GPTQ one layer at a time from the
+    checkpoint: the store holds exactly the codes, steps and mins of GPTQ on the resident model, and
+    a model streaming it (weight_memory) generates what the resident one does."""
+    folder = tmp_path / "store"
+    assert main(["quantize", str(default_model_path()), str(folder), "--format", "q4", "--method", "gptq"]) == 0
+    store = WeightStore(folder)
+    assert store.meta["method"] == "gptq" and store.meta["quant"] == "q4"
+    for i, lw in enumerate(resident.model.w.layers):
+        for m in MATRICES:
+            got, want = read_quantized(store, f"layers.{i}.{m}"), getattr(lw, m)
+            assert torch.equal(got.codes, want.codes), f"layers.{i}.{m}"
+            assert torch.equal(got.scales, want.scales) and torch.equal(got.mins, want.mins)
+    store.close()
+    built = (folder / "manifest.json").stat().st_mtime_ns
+    streamed = LLM(None, **KW, weight_memory="30%", store_dir=folder)
+    assert (folder / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+    ids = resident.tokenizer.encode("The capital of France is Paris, and the capital of Germany is")
+    torch.testing.assert_close(streamed.score(ids), resident.score(ids), rtol=0, atol=1e-4)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert streamed.generate([ids], params)[0].token_ids == resident.generate([ids], params)[0].token_ids
+    # an RTN store is another store: its name and meta differ
+    assert StoreQuant("q4", 64).tag != StoreQuant("q4", 64, method="gptq").tag

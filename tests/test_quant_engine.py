@@ -148,7 +148,7 @@ def test_cli_quantize_writes_a_store_that_reads_back_exactly(hf_model, tmp_path,
 
     _, folder = hf_model("llama")
     assert main(["quantize", str(folder), str(tmp_path / "store"), "--format", "q3h", "--group", "32"]) == 0
-    assert "13 matrices in q3h (group 32)" in capsys.readouterr().out  # 3 layers x 4, and the untied head
+    assert "13 matrices in q3h (group 32, rtn)" in capsys.readouterr().out  # 3 layers x 4, and the untied head
     store = WeightStore(tmp_path / "store")
     weights = load_model(folder, torch.float32).weights
     q = get_quantizer("q3h", 32)

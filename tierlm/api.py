@@ -65,11 +65,9 @@ class LLM:
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
         if quant_method not in ("rtn", "gptq"):
             raise ConfigError(f"quant_method must be 'rtn' or 'gptq', got {quant_method!r}")
-        if quant_method == "gptq" and (quant in (None, GGUF_NATIVE) or weight_memory is not None
-                                       or device_memory is not None or quant_importance is not None):
-            raise ConfigError("quant_method='gptq' calibrates the float model on load and quantizes it to a tierlm "
-                              "format (quant='q4', ...): it needs all weights resident (no weight_memory or "
-                              "device_memory) and computes its own importance (no quant_importance)")
+        if quant_method == "gptq" and (quant in (None, GGUF_NATIVE) or quant_importance is not None):
+            raise ConfigError("quant_method='gptq' calibrates the float model and quantizes it to a tierlm format "
+                              "(quant='q4', ...), computing its own importance (no quant_importance)")
         importance = None
         if quant_importance is not None:
             if quant is None or quant == GGUF_NATIVE:
@@ -98,7 +96,8 @@ class LLM:
             settings = TierSettings(weight_memory, prefetch_window, tier_locking, tier_order, num_io_threads,
                                     None if store_dir is None else str(store_dir),
                                     None if quant is None else StoreQuant(
-                                        quant, quant_group, None if quant_importance is None else str(quant_importance)),
+                                        quant, quant_group, None if quant_importance is None else str(quant_importance),
+                                        quant_method),
                                     str(torch.device(device)), device_memory)
             try:
                 tiers = load_tiered(opened, _TORCH_DTYPES[dtype], settings)
@@ -128,7 +127,9 @@ class LLM:
                                    prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
                                    quant=quant, quant_group=quant_group, kv_quant=kv_quant)
         linear = default_linear_method(device, _TORCH_DTYPES[dtype])
-        if quant is not None and quant_method == "rtn":  # matrices are quantized as the model takes them
+        # Matrices are quantized as the model takes them, or come quantized from a store (GPTQ ones too);
+        # a resident model's GPTQ runs below, once the float model is built.
+        if quant is not None and (quant_method == "rtn" or tiers is not None):
             linear = quant_linear(quant, quant_group, linear, device)
         self.model = Transformer(loaded.config, loaded.weights if tiers is None else tiers, _TORCH_DTYPES[dtype],
                                  linear, device)
@@ -149,7 +150,7 @@ class LLM:
                             enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy),
             BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
             eos_token_ids=eos, detokenizer_factory=detok)
-        if quant_method == "gptq":
+        if quant_method == "gptq" and tiers is None:
             self._quantize_gptq(quant, quant_group, device)
         kv_bytes = KVCache.bytes_per_token(loaded.config.num_layers, loaded.config.num_kv_heads,
                                            loaded.config.head_dim, _TORCH_DTYPES[dtype])
@@ -165,13 +166,12 @@ class LLM:
         from tierlm.quant.imatrix import calibration_sequences
 
         t0 = time.perf_counter()
-        ctx = min(512, self.config.max_model_len, self.config.kv_capacity_tokens)
+        ctx = min(512, self.model_config.max_position)  # as for a GPTQ store: its own cache, not the engine's
         try:
-            gptq_quantize_layers_(self, get_quantizer(quant, group), calibration_sequences(self, ctx=ctx))
+            method = quant_linear(quant, group, self.model.linear, device)
+            gptq_quantize_layers_(self, method, calibration_sequences(self.tokenizer, ctx=ctx))
         except QuantError as e:
             raise ConfigError(str(e)) from e
-        method = quant_linear(quant, group, self.model.linear, device)
-        self.model.linear = method
         if not self.model.w.tied:  # an untied head is quantized as with quant_method="rtn" (no calibration)
             head = self.model.w.lm_head
             self.model.w.lm_head = method.prepare(plain_weight(head))

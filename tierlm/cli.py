@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant-importance", type=Path, metavar="FILE",
                    help="weight --quant's range search by an importance file from `tierlm imatrix`")
     g.add_argument("--quant-method", choices=("rtn", "gptq"), default="rtn",
-                   help="rtn: round each group (default); gptq: calibrate on Brown text at load and compensate "
-                   "each column's error in the next ones (all weights resident)")
+                   help="rtn: round each group (default); gptq: calibrate on Brown text and compensate each "
+                   "column's error in the next ones (at load, or once into the store with --weight-memory)")
 
     parser = argparse.ArgumentParser(prog="tierlm", description="Run language models with tierlm.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--format", choices=QUANT_FORMATS, default="q4", help="quantization format (default: q4)")
     qz.add_argument("--group", type=int, default=64, help="weights per group (default: 64)")
     qz.add_argument("--importance", type=Path, metavar="FILE", help="importance file from `tierlm imatrix`")
+    qz.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                    help="rtn: round each group (default); gptq: calibrate on Brown text, one layer at a time")
     qz.add_argument("--spec-dir", action="append", default=[], metavar="DIR", help="folder of extra family files")
     qz.add_argument("-v", "--verbose", action="store_true", help="log progress")
     qz.set_defaults(run=cmd_quantize)
@@ -331,9 +333,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     folder = quantize_to_store(args.model, args.out, args.format, args.group, tuple(Path(d) for d in args.spec_dir),
-                               importance=args.importance)
+                               importance=args.importance, method=args.method)
     store = WeightStore(folder)
-    print(f"wrote {folder}: {len(store.meta['matrices'])} matrices in {args.format} (group {args.group}), "
+    print(f"wrote {folder}: {len(store.meta['matrices'])} matrices in {args.format} (group {args.group}, "
+          f"{args.method}), "
           f"{store.data_bytes / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
     store.close()
     return 0
@@ -349,7 +352,7 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     args.max_model_len = args.max_model_len or 512  # one calibration window
     llm = _load_llm(args, max_num_seqs=1, kv_cache_tokens=args.max_model_len)
-    seqs = calibration_sequences(llm, args.windows)
+    seqs = calibration_sequences(llm.tokenizer, args.windows)
     importance = collect_importance(llm, seqs)
     save_importance(args.out, importance, llm.loaded.path, sum(map(len, seqs)))
     print(f"wrote {args.out}: {len(importance)} matrices from {sum(map(len, seqs))} calibration tokens "

@@ -48,8 +48,8 @@ log = logging.getLogger("tierlm")
 
 STORE_FORMAT = "dense-v1"
 QUANT_STORE_FORMAT = "rows-v1"  # matrices as packed quantized rows (module docstring)
-_LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
-_GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
+LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
+GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
 
 
 # -- the store: build, reuse, rebuild ------------------------------------------------------------
@@ -62,12 +62,21 @@ class StoreQuant:
     quant: str
     group: int = 64
     importance: str | None = None  # an importance file weighting the range search (tierlm.quant.imatrix)
+    method: str = "rtn"  # "gptq": layer matrices by GPTQ, calibrated while the store is built (tierlm.quant.gptq)
+
+    def __post_init__(self):
+        if self.method not in ("rtn", "gptq"):
+            raise QuantError(f"quantization method must be 'rtn' or 'gptq', got {self.method!r}")
+        if self.method == "gptq" and (self.quant == GGUF_NATIVE or self.importance is not None):
+            raise QuantError("GPTQ quantizes float weights to a tierlm format (q4, ...) and computes its own "
+                             "importance: it takes neither gguf nor an importance file")
 
     @property
     def tag(self) -> str:
         if self.quant == GGUF_NATIVE:
             return self.quant
-        return f"{self.quant}g{self.group}" + ("" if self.importance is None else f"-im{file_digest(self.importance)}")
+        return (f"{self.quant}g{self.group}" + ("" if self.importance is None else f"-im{file_digest(self.importance)}")
+                + ("-gptq" if self.method == "gptq" else ""))
 
 
 def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
@@ -86,6 +95,8 @@ def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant 
         meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
         if quant.importance is not None:
             meta["importance"] = file_digest(quant.importance)
+        if quant.method != "rtn":
+            meta["method"] = quant.method
     return meta
 
 
@@ -99,14 +110,14 @@ def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype,
     asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype, native_quant)
     g = asm.globals()
     tied = g.tied
-    for name in _GLOBAL_FIELDS:
+    for name in GLOBAL_FIELDS:
         t = getattr(g, name)
         if t is not None and not (name == "lm_head" and tied):
             yield name, t
     del g, t
     for i in range(opened.config.num_layers):
         lw = asm.layer(i)
-        for name in _LAYER_FIELDS:
+        for name in LAYER_FIELDS:
             t = getattr(lw, name)
             if t is not None:
                 yield f"layers.{i}.{name}", t
@@ -121,13 +132,22 @@ def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant
     native = quant.quant == GGUF_NATIVE
     quantizer = None if native else get_quantizer(quant.quant, quant.group)
     importance = None if quant.importance is None else load_importance(quant.importance, opened.path)
-    for name, t in store_tensors(opened, dtype, native_quant=native):
+    if quant.method == "gptq":  # matrices come quantized; calibrated on Brown text (tierlm.quant.imatrix)
+        from tierlm.quant.gptq import gptq_store_tensors
+        from tierlm.quant.imatrix import calibration_sequences
+
+        ctx = min(512, opened.config.max_position)
+        tensors = gptq_store_tensors(opened, dtype, QuantLinear(quantizer, DenseLinear()),
+                                     calibration_sequences(opened.tokenizer, ctx=ctx))
+    else:
+        tensors = store_tensors(opened, dtype, native_quant=native)
+    for name, t in tensors:
         is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
         if isinstance(t, FusedWeight):
             raise QuantError(f"{name} is stored in the GGUF file as parts of different types "
                              f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
                              f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
-        if is_matrix and quantizer is not None:
+        if is_matrix and quantizer is not None and isinstance(t, torch.Tensor):  # (GPTQ's come quantized)
             t = quantizer.quantize(t, None if name == "lm_head" else importance_for(importance, name, t.shape[1]))
         if isinstance(t, QuantizedWeight):
             matrices[name] = [t.format, t.group, t.shape[1]]
@@ -294,7 +314,7 @@ class TieredWeights:
             lm_head=self._head_matrix(), lm_head_bias=small("lm_head_bias"), pos_embed=small("pos_embed"))
         for i in range(num_layers):
             kw = {}
-            for name in _LAYER_FIELDS:
+            for name in LAYER_FIELDS:
                 key = f"layers.{i}.{name}"
                 if name in MATRICES:
                     kw[name] = self._layer_matrix(i, MATRICES.index(name), key)

@@ -100,6 +100,21 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
         """input_ids (N,) -> final hidden states (N, hidden), before the final norm."""
+        x = self.embed(input_ids, batch.positions)
+        rope = self.rope_for(batch.positions)
+        for i in range(len(self.w.layers)):
+            if self.tiers is None:
+                x = self.block(i, x, batch, cache.k[i], cache.v[i], rope)
+                continue
+            self.tiers.acquire_layer(i)
+            try:
+                x = self.block(i, x, batch, cache.k[i], cache.v[i], rope)
+            finally:
+                self.tiers.release_layer(i)
+        return x
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids (N,) at positions (N,) -> the first layer's input (N, d)."""
         if self.tiers is not None:
             x = self.tiers.embedding(input_ids)  # (N, d)
         else:
@@ -107,19 +122,20 @@ class Transformer:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.w.pos_embed is not None:
-            x = x + F.embedding(batch.positions + self.cfg.learned_pos_offset, self.w.pos_embed)
-        rope = {t: table.lookup(batch.positions, self.dtype) for t, table in self.rope.items()}
-        for i, lw in enumerate(self.w.layers):
-            layer_type = self.cfg.layer_types[i]
-            if self.tiers is None:
-                x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
-                continue
-            lw = self.tiers.acquire_layer(i)
-            try:
-                x = self._block(x, lw, batch, cache.k[i], cache.v[i], layer_type, rope.get(layer_type))
-            finally:
-                self.tiers.release_layer(i)
+            x = x + F.embedding(positions + self.cfg.learned_pos_offset, self.w.pos_embed)
         return x
+
+    def rope_for(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer type, the (cos, sin) rows of ``positions`` (N,); empty without RoPE."""
+        return {t: table.lookup(positions, self.dtype) for t, table in self.rope.items()}
+
+    def block(self, i: int, x: torch.Tensor, batch: AttentionBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Decoder layer i: x (N, d) -> (N, d), writing the step's K/V into ``k_cache``/``v_cache``.
+        With tiered weights the layer must be acquired (``forward`` does it)."""
+        lw = self.w.layers[i]  # tiered: the same objects, whose streamed rows the acquire filled in
+        layer_type = self.cfg.layer_types[i]
+        return self._block(x, lw, batch, k_cache, v_cache, layer_type, rope.get(layer_type))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, d) -> logits (M, vocab) float32, after the final norm and soft-capping."""

@@ -35,16 +35,17 @@ class ImportanceError(QuantError):
     """An importance file that is missing, corrupt or made for another model; the message says which."""
 
 
-def calibration_sequences(llm, num_windows: int = len(CALIB_CATEGORIES), ctx: int = 512) -> list[list[int]]:
-    """[BOS] + (ctx - 1) tokens from the start of each of the first ``num_windows`` calibration categories."""
+def calibration_sequences(tokenizer, num_windows: int | None = None, ctx: int = 512) -> list[list[int]]:
+    """[BOS] + (ctx - 1) tokens from the start of each of the first ``num_windows`` (default: all)
+    calibration categories, encoded with ``tokenizer`` (a model's tierlm tokenizer)."""
     from tierlm.eval import brown
 
-    if llm.tokenizer is None:
+    if tokenizer is None:
         raise ImportanceError("calibration text needs the model's tokenizer")
     seqs = []
-    for cat in CALIB_CATEGORIES[:num_windows]:
-        ids = llm.tokenizer.encode(brown.press_text(cat, max_chars=CALIB_CHARS), add_special_tokens=False)
-        bos = [] if llm.tokenizer.bos_token_id is None else [llm.tokenizer.bos_token_id]
+    for cat in CALIB_CATEGORIES[:num_windows]:  # [:None]: all
+        ids = tokenizer.encode(brown.press_text(cat, max_chars=CALIB_CHARS), add_special_tokens=False)
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         seqs.append([*bos, *ids[:ctx - len(bos)]])
     return seqs
 

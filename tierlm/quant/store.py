@@ -18,17 +18,20 @@ from tierlm.quant import QuantizedWeight, get_quantizer
 
 
 def quantize_to_store(model: str | Path | None, out: str | Path, fmt: str, group: int = 64,
-                      spec_dirs: tuple[Path, ...] = (), importance: str | Path | None = None) -> Path:
+                      spec_dirs: tuple[Path, ...] = (), importance: str | Path | None = None,
+                      method: str = "rtn") -> Path:
     """Quantize every linear matrix of ``model`` (HF folder or GGUF file) to ``fmt`` and write a store
     (or reuse the one already at ``out`` if it was built from the same checkpoint and settings);
-    ``importance``: a file from ``tierlm imatrix`` weighting the range search (tierlm.quant.imatrix)."""
+    ``importance``: a file from ``tierlm imatrix`` weighting the range search (tierlm.quant.imatrix);
+    ``method="gptq"``: the layer matrices by GPTQ (tierlm.quant.gptq), one layer in memory at a time."""
     from tierlm.loader.model_loader import open_checkpoint
     from tierlm.memory.tiered import StoreQuant, open_or_build_store
 
-    get_quantizer(fmt, group)  # a bad format or group fails before anything is read
+    get_quantizer(fmt, group)  # a bad format, group or method fails before anything is read
+    quant = StoreQuant(fmt, group, None if importance is None else str(importance), method)
     opened = open_checkpoint(model, spec_dirs)
     try:
-        store = open_or_build_store(opened, torch.float32, Path(out), StoreQuant(fmt, group, None if importance is None else str(importance)))
+        store = open_or_build_store(opened, torch.float32, Path(out), quant)
         store.close()
         return store.path
     finally:
