@@ -20,9 +20,10 @@ Layers are done in order, each calibrated on the output of the layers before it 
 (``SequentialGPTQ``), which needs one layer's weights and one matrix's moments at a time: the same
 code quantizes a resident model on load and writes a store from a checkpoint larger than RAM
 (``tierlm quantize --method gptq``, ``LLM(..., quant_method="gptq", weight_memory=...)``).
-Sequential calibration gave the same quality as calibrating every layer on the float model
-(SmolLM2 q4: 39.24 against 39.20 perplexity; that version held all 120 matrices' moments, 400 MB
-here and about 8 GB for a 1.1B model). Tried and dropped on SmolLM2 q4 (+5.3% as above): the
+Against calibrating every layer on the float model (the first version, which held all matrices'
+moments: 400 MB for SmolLM2, about 8 GB for a 1.1B model), sequential calibration is as good on
+SmolLM2 (q4: +5.4% against +5.3%; q5 +0.9% against +1.6%) and better on Gemma-3 (q4: +6.8%
+against +8.0%; bench/results/quant_quality.md). Tried and dropped on SmolLM2 q4 (+5.3% as above): the
 asymmetric range search of tierlm.quant.base (+6.1%), ten times the damping (+5.6%), ranges
 weighted by GPTQ's own 1 / [H^-1]_jj (+7.1%) or by its geometric mean with x^2 (+6.8%), inputs
 normalised by sqrt |x| (+6.4%) or only above the median norm (+6.7%).

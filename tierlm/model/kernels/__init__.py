@@ -30,7 +30,7 @@ def cpu_has_avx512_vnni() -> bool:
 
 def _cpu_has(flag: str) -> bool:
     try:
-        return f" {flag}" in Path("/proc/cpuinfo").read_text()
+        return flag in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
 

@@ -106,7 +106,10 @@ static inline __m256i q3h_codes(const uint8_t *p) {
     return _mm256_or_si256(a, _mm256_slli_epi16(b, 8));
 }
 
-/* 4 * bits bytes of a little-endian bit stream -> its 32 codes of `bits` bits (a literal at call sites) */
+/* 4 * bits bytes of a little-endian bit stream -> its 32 codes of `bits` bits (a literal at call sites).
+ * Tried instead: AVX512-VBMI (masked load, byte permute, vpmultishiftqb: 4 instructions per 32 codes,
+ * q3h likewise): the same speed for every format (bench/quant_kernel.py, q6 24.9 / q5 26.1 / q3 31.8 /
+ * q2 31.0 G weights/s against 23.9 / 27.3 / 32.1 / 31.9): decoding is not what bounds the loop. */
 static inline __attribute__((always_inline)) __m256i stream_codes(const uint8_t *p, int bits) {
     const uint64_t fields = 0x0101010101010101ULL * ((1u << bits) - 1);
     uint64_t w[4];
