@@ -59,6 +59,7 @@ prompts = [[(7 * b + 11 * i) % 30000 + 100 for i in range(16)] for b in range(ba
 """
 
 _TIERLM_CHILD = _CHILD_PRELUDE + """
+import hashlib
 from tierlm import LLM, SamplingParams
 t0 = time.perf_counter()
 llm = LLM(args["model"], dtype="bfloat16", kv_cache_tokens=4096, max_model_len=512, max_num_seqs=batch,
@@ -78,7 +79,11 @@ print("RESULT " + json.dumps({
     "tok_s": batch * (len(times) - 1) / decode_s, "ttft_s": times[0] - t0, "tpot_ms": 1000 * decode_s / (len(times) - 1),
     "peak_rss": peak_rss(), "load_s": load_s, "resident_bytes": plan.resident_bytes, "ring_bytes": plan.ring_bytes,
     "streamed_bytes": plan.streamed_bytes_per_pass, "total_bytes": plan.total_bytes,
-    "stalls": llm.tiers.streamer.num_stalls if llm.tiers.streamer else 0, "window": plan.window}))
+    "stalls": llm.tiers.streamer.num_stalls if llm.tiers.streamer else 0, "window": plan.window,
+    # which rows stay resident: an ablation whose placement equals the full design's differs from it
+    # only by noise (e.g. ffn_first where Algorithm 1 chose FFN-first itself; any order at 0%)
+    "placement": hashlib.sha1(repr([(s.tensor.name, s.row_start, s.row_end, s.resident_end)
+                                    for u in plan.units for s in u.segments]).encode()).hexdigest()[:8]}))
 """
 
 _LLAMACPP_CHILD = _CHILD_PRELUDE + """
@@ -284,13 +289,15 @@ def main() -> None:
                     row["streamed_gbps"] = r["streamed_bytes"] * r["tok_s"] / batch / 1e9
                 if v != "full" and "tok_s" in full and "tok_s" in r:
                     row["full_vs_this"] = full["tok_s"] / r["tok_s"]
+                if v in TIERLM_VARIANTS and v not in ("full", "sync") and "placement" in r:
+                    row["same_placement_as_full"] = r["placement"] == full.get("placement")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"model": str(a.model), "dtype": "bfloat16", "quant": a.quant, "gguf": str(gguf), "memory_bandwidth_gbps": mem_bw / 1e9,
             "disk_bandwidth_gbps": disk_bw / 1e9, "page_cache_dropped": dropped, "steps": a.steps,
             "machine": machine_info(), "baseline_memory_limit": "cgroup v1 child group at tierlm full's peak RSS"}
     cols = ["batch", "budget_pct", "engine", "tok_s", "tpot_ms", "limit_tok_s", "share_of_limit", "full_vs_this",
-            "streamed_gbps", "peak_rss", "memory_limit", "stalls", "error"]
+            "same_placement_as_full", "streamed_gbps", "peak_rss", "memory_limit", "stalls", "error"]
     write_results(a.name, rows, meta, cols)
     plot(rows, RESULTS_DIR / f"{a.name}.png")
 
