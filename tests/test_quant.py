@@ -243,7 +243,8 @@ def test_kernel_equals_dequantized_weight_times_int8_rounded_input(fmt, m, rows)
     if fmt.startswith("gguf:"):
         qw = _gguf_weight(fmt[5:], rows=rows)
     else:
-        qw = get_quantizer(fmt, 128 if m == 3 else 64).quantize(_weights(41, 512)[:rows])
+        # groups of 64, 128 and 32 (one block: a new step and min every block)
+        qw = get_quantizer(fmt, {1: 64, 3: 128, 8: 32}[m]).quantize(_weights(41, 512)[:rows])
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block of x: scale 0
     deq = method_for(qw.format, qw.group).dequantize(qw).double()

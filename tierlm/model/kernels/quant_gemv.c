@@ -109,7 +109,9 @@ static inline __m256i q3h_codes(const uint8_t *p) {
 /* 4 * bits bytes of a little-endian bit stream -> its 32 codes of `bits` bits (a literal at call sites).
  * Tried instead: AVX512-VBMI (masked load, byte permute, vpmultishiftqb: 4 instructions per 32 codes,
  * q3h likewise): the same speed for every format (bench/quant_kernel.py, q6 24.9 / q5 26.1 / q3 31.8 /
- * q2 31.0 G weights/s against 23.9 / 27.3 / 32.1 / 31.9): decoding is not what bounds the loop. */
+ * q2 31.0 G weights/s against 23.9 / 27.3 / 32.1 / 31.9): decoding is not what bounds the loop.
+ * Nor are the per-block products: two blocks per 512-bit vpdpbusd, one conversion and FMA per 64
+ * weights (groups of 64), ran q4 at 30.0 against 30.5-30.7 G weights/s for this loop. */
 static inline __attribute__((always_inline)) __m256i stream_codes(const uint8_t *p, int bits) {
     const uint64_t fields = 0x0101010101010101ULL * ((1u << bits) - 1);
     uint64_t w[4];
