@@ -5,7 +5,7 @@ For SmolLM2-135M-Instruct (Q4_1 GGUF) and Gemma-3-270m (Q4_K_M GGUF), both from 
 * ``float``: the GGUF dequantized to float32 at load (what tierlm does by default): the baseline.
 * ``q8 .. q2``, ``q3h``: that float model re-quantized group-wise on load (group 64 by default).
 * ``q6 imatrix`` .. ``q2 imatrix``: the same with the range search weighted by an importance file
-  (tierlm.quant.imatrix) calibrated on 4,096 tokens of other Brown categories, never the press text.
+  (tierlm.quant.imatrix) calibrated on 7,168 tokens of the 14 other Brown categories, never the press text.
 * ``q6 gptq`` .. ``q2 gptq``: GPTQ error compensation on load (tierlm.quant.gptq), same calibration text.
 * ``kv q8``, ``kv q4``: float weights, KV cache stored 8- or 4-bit.
 * ``gguf``: the file's own blocks executed natively (quant="gguf"), against llama.cpp's perplexity on
@@ -111,8 +111,8 @@ _CALIBRATED: dict[str, Path] = {}
 
 
 def calibrate(key: str, path: Path) -> Path:
-    """The model's importance file (tierlm imatrix: 8 Brown categories other than the evaluated press
-    text, 4,096 tokens), made once per run under .cache/imatrix."""
+    """The model's importance file (tierlm imatrix: the 14 Brown categories other than the evaluated
+    press text, 7,168 tokens), made once per run under .cache/imatrix."""
     if key not in _CALIBRATED:
         from tierlm.quant.imatrix import calibration_sequences, collect_importance, save_importance
 

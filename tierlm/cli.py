@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("imatrix", parents=[common], help="calibrate: per-matrix input importance for --quant-importance")
     im.add_argument("out", metavar="OUT", type=Path, help="importance file to write (safetensors)")
-    im.add_argument("--windows", type=int, default=8, metavar="N",
+    im.add_argument("--windows", type=int, default=14, metavar="N",
                     help="calibration windows of 512 tokens, one per Brown category other than the press "
-                    "excerpt (at most 8; default: 8)")
+                    "excerpt (at most 14; default: 14)")
     im.set_defaults(run=cmd_imatrix)
     return parser
 
