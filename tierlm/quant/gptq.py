@@ -6,7 +6,8 @@ column j, every later column k moves by -err_j * U[j, k] / U[j, j], U the upper 
 H^-1 (the optimal update for the quadratic loss), so one column's error goes where the inputs
 correlate with it. Columns run in blocks of ``BLOCK``; the update of later blocks is one product.
 
-Two choices differ from the paper, both measured on the Brown press excerpt (SmolLM2, q4 g64):
+Two choices differ from the paper, both measured on the Brown press excerpt (SmolLM2, q4 g64,
+calibrated on 8 Brown categories; with all 14, as now, GPTQ gives +4.2%: quant_quality.md):
 
 * H sums each calibration token's input normalised to unit length. Unnormalised, this model's
   attention-sink (BOS) inputs, hundreds of times louder, dominate H and the fit trades every other

@@ -26,9 +26,10 @@ import torch
 
 from tierlm.quant.base import QuantError
 
-# Every Brown category but "ca", the evaluated press text. Measured with GPTQ on SmolLM2 q4: 8 of
-# them gave +5.4% perplexity, all 14 +4.2%, and three windows of each (42) +4.3%: variety helps, more
-# of the same text does not.
+# Every Brown category but "ca", the evaluated press text. Measured with GPTQ, q4: 8 of them gave
+# +5.4% perplexity on SmolLM2 and +6.8% on Gemma-3, all 14 +4.2% and +7.3% (q5: +0.9/+1.3% against
+# +1.5/+0.4%), three windows of each of the 14 (42) +4.3% on SmolLM2. So the choice of text moves
+# these results by about a point either way; more windows of the same text did not help.
 CALIB_CATEGORIES = ("cb", "cc", "cd", "ce", "cf", "cg", "ch", "cj", "ck", "cl", "cm", "cn", "cp", "cr")
 CALIB_CHARS = 4000  # characters read per category: comfortably more than one window of tokens
 MATRICES = ("qkv", "o", "up", "down")
