@@ -132,13 +132,14 @@ class SequentialGPTQ:
 
         self.model, self.method, self.next_layer = model, method, 0
         model.linear = method
-        self.steps = []  # per sequence: (attention batch, hidden states (T, d))
+        self.steps = []  # per sequence: (attention batch, its rope rows, hidden states (T, d))
         for seq in sequences:
             n = len(seq)
             table = list(range(1, 1 + -(-n // block_size)))  # block 0 is the null block
             batch = build_attention_batch([SeqSlice(0, n, n, table)], block_size, model.layer_windows, model.device)
             with torch.inference_mode():
-                self.steps.append((batch, model.embed(torch.tensor(seq, device=model.device), batch.positions)))
+                self.steps.append((batch, model.rope_for(batch.positions),
+                                   model.embed(torch.tensor(seq, device=model.device), batch.positions)))
         # One layer's K/V at a time: every pass writes the slots it reads.
         cfg = model.cfg
         self.cache = KVCache(1, 1 + -(-max(map(len, sequences)) // block_size), block_size, cfg.num_kv_heads,
@@ -147,7 +148,7 @@ class SequentialGPTQ:
     def _run_layer(self, i: int) -> list[torch.Tensor]:
         m, c = self.model, self.cache
         with torch.inference_mode():
-            return [m.block(i, h, b, c.k[0], c.v[0], m.rope_for(b.positions)) for b, h in self.steps]
+            return [m.block(i, h, b, c.k[0], c.v[0], rope) for b, rope, h in self.steps]
 
     def quantize_layer(self, i: int) -> None:
         """Replace layer i's matrices in place by their GPTQ quantizations (prepared by the method)
@@ -167,7 +168,7 @@ class SequentialGPTQ:
             finally:
                 self.model.linear = self.method
             setattr(lw, m, self.method.prepare(gptq_quantize(self.method.quantizer, plain_weight(w), moments)))
-        self.steps = [(b, h) for (b, _), h in zip(self.steps, self._run_layer(i), strict=True)]
+        self.steps = [(b, rope, h) for (b, rope, _), h in zip(self.steps, self._run_layer(i), strict=True)]
         self.next_layer += 1
 
 
