@@ -186,3 +186,11 @@ def test_text_prompt_for_model_without_tokenizer(hf_model, capsys):
     _, folder = hf_model("llama")
     rc, _, err = _main(capsys, "generate", str(folder), "--chat", "--prompt", "hi")
     _assert_one_line_error(rc, err, "no tokenizer")
+
+
+def test_cli_choices_mirror_the_quant_package():
+    """cli.py spells the formats and methods out to avoid importing torch at start-up; they must not drift."""
+    from tierlm import cli
+    from tierlm.quant import FORMATS, METHODS
+
+    assert cli.QUANT_FORMATS == FORMATS and cli.QUANT_METHODS == METHODS

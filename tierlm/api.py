@@ -22,7 +22,7 @@ from tierlm.model.attention import KVCache
 from tierlm.model.linear import default_linear_method, plain_weight
 from tierlm.model.transformer import Transformer
 from tierlm.outputs import RequestOutput
-from tierlm.quant import GGUF_NATIVE, QuantError, get_quantizer
+from tierlm.quant import GGUF_NATIVE, QuantError, check_method, get_quantizer
 from tierlm.quant.imatrix import load_importance, quantize_layers_
 from tierlm.quant.linear import quant_linear
 from tierlm.runner import TorchModelRunner
@@ -63,11 +63,10 @@ class LLM:
             raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device")
         if quant == GGUF_NATIVE and (model is not None and not str(model).endswith(".gguf")):
             raise ConfigError(f"quant={GGUF_NATIVE!r} keeps a GGUF file's own blocks; {model} is not a .gguf file")
-        if quant_method not in ("rtn", "gptq"):
-            raise ConfigError(f"quant_method must be 'rtn' or 'gptq', got {quant_method!r}")
-        if quant_method == "gptq" and (quant in (None, GGUF_NATIVE) or quant_importance is not None):
-            raise ConfigError("quant_method='gptq' calibrates the float model and quantizes it to a tierlm format "
-                              "(quant='q4', ...), computing its own importance (no quant_importance)")
+        try:
+            check_method(quant_method, quant, quant_importance is not None)
+        except QuantError as e:
+            raise ConfigError(str(e)) from e
         importance = None
         if quant_importance is not None:
             if quant is None or quant == GGUF_NATIVE:

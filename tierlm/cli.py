@@ -29,6 +29,7 @@ USER_ERRORS = (CheckpointError, GGUFError, UnknownArchitectureError, SpecError, 
                ConfigError, TokenizerError, OSError, ValueError)
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 QUANT_FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")  # tierlm.quant.FORMATS, without importing torch
+QUANT_METHODS = ("rtn", "gptq")  # tierlm.quant.METHODS, likewise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-quant", choices=("q8", "q4"), help="store the KV cache 8- or 4-bit (default: compute dtype)")
     g.add_argument("--quant-importance", type=Path, metavar="FILE",
                    help="weight --quant's range search by an importance file from `tierlm imatrix`")
-    g.add_argument("--quant-method", choices=("rtn", "gptq"), default="rtn",
+    g.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
                    help="rtn: round each group (default); gptq: calibrate on Brown text and compensate each "
                    "column's error in the next ones (at load, or once into the store with --weight-memory)")
 
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--format", choices=QUANT_FORMATS, default="q4", help="quantization format (default: q4)")
     qz.add_argument("--group", type=int, default=64, help="weights per group (default: 64)")
     qz.add_argument("--importance", type=Path, metavar="FILE", help="importance file from `tierlm imatrix`")
-    qz.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+    qz.add_argument("--method", choices=QUANT_METHODS, default="rtn",
                     help="rtn: round each group (default); gptq: calibrate on Brown text, one layer at a time")
     qz.add_argument("--spec-dir", action="append", default=[], metavar="DIR", help="folder of extra family files")
     qz.add_argument("-v", "--verbose", action="store_true", help="log progress")

@@ -40,7 +40,7 @@ from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
 from tierlm.model.linear import AVX512BF16Linear, DenseLinear, LinearMethod
-from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, get_quantizer
+from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, check_method, get_quantizer
 from tierlm.quant.imatrix import file_digest, importance_for, load_importance
 from tierlm.quant.linear import QuantLinear
 
@@ -65,11 +65,7 @@ class StoreQuant:
     method: str = "rtn"  # "gptq": layer matrices by GPTQ, calibrated while the store is built (tierlm.quant.gptq)
 
     def __post_init__(self):
-        if self.method not in ("rtn", "gptq"):
-            raise QuantError(f"quantization method must be 'rtn' or 'gptq', got {self.method!r}")
-        if self.method == "gptq" and (self.quant == GGUF_NATIVE or self.importance is not None):
-            raise QuantError("GPTQ quantizes float weights to a tierlm format (q4, ...) and computes its own "
-                             "importance: it takes neither gguf nor an importance file")
+        check_method(self.method, self.quant, self.importance is not None)
 
     @property
     def tag(self) -> str:

@@ -35,17 +35,20 @@ from tierlm.quant.q3h import Q3HFormat
 FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")
 GGUF_NATIVE = "gguf"
 KV_FORMATS = ("q8", "q4")
+METHODS = ("rtn", "gptq")  # rtn: each group rounded on its own; gptq: tierlm.quant.gptq
 
 __all__ = [
     "FORMATS",
     "GGUF_NATIVE",
     "KV_FORMATS",
+    "METHODS",
     "AnyQuantized",
     "FusedWeight",
     "QuantError",
     "QuantMethod",
     "QuantizedWeight",
     "Quantizer",
+    "check_method",
     "get_quantizer",
     "method_for",
 ]
@@ -60,6 +63,17 @@ def get_quantizer(name: str, group: int = 64, search: bool | None = None) -> Qua
     if name in FORMATS:
         return GroupwiseFormat(int(name[1:]), group, search)
     raise QuantError(f"unknown quantization format {name!r}; choose one of {', '.join(FORMATS)}")
+
+
+def check_method(method: str, quant: str | None, has_importance: bool) -> None:
+    """The one check of a quantization method against the format and an importance file, for the
+    API (resident or tiered) and for stores: QuantError naming what does not fit."""
+    if method not in METHODS:
+        raise QuantError(f"quant_method must be 'rtn' or 'gptq', got {method!r}")
+    if method == "gptq" and (quant is None or quant == GGUF_NATIVE or has_importance):
+        raise QuantError("quant_method='gptq' calibrates the float model and quantizes it to a tierlm format "
+                         "(quant='q4', ...), computing its own importance: it takes neither gguf nor an "
+                         "importance file")
 
 
 @functools.cache
