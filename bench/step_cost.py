@@ -8,6 +8,13 @@ using is where the cost per token stops falling: the smallest T whose time per t
 bytes for 1 or 100 tokens); above it, they are compute-bound and a bigger chunk only makes the
 decodes that share the pass wait longer.
 
+That knee maximizes throughput. On a CPU a pass costs a fixed part (weights read, per-layer
+overhead) plus a part in proportion to its tokens, and the fixed part is small against a GPU's,
+so at the knee a fused step is several times a decode-only step and every decode sharing it waits
+that long. The second budget reported, ``latency_budget``, is the largest T whose step costs at
+most --latency-factor times the decode-only step (T = 0, always measured): the chunk that keeps
+decodes within that factor of their lone pace, which is what a per-token latency SLA asks.
+
     python bench/step_cost.py                       # SmolLM2 (fp32)
     python bench/step_cost.py --model .cache/models/llama-1.1b --dtype bfloat16
 """
@@ -32,6 +39,8 @@ def main() -> None:
     ap.add_argument("--decodes", type=int, default=4, help="running decodes fused into each measured pass")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--latency-factor", type=float, default=2.0,
+                    help="latency_budget: the largest chunk whose step is at most this x the decode-only step")
     ap.add_argument("--name", default="step_cost")
     a = ap.parse_args()
 
@@ -40,7 +49,7 @@ def main() -> None:
     from tierlm import LLM, SamplingParams
 
     torch.manual_seed(0)
-    sizes = [int(t) for t in a.tokens.split(",")]
+    sizes = sorted({0, *(int(t) for t in a.tokens.split(","))})  # 0: the decode-only step
     llm = LLM(a.model, a.dtype, max_num_seqs=a.decodes + 1, max_num_batched_tokens=max(sizes) + a.decodes,
               max_model_len=max(sizes) + 64, kv_cache_tokens=(a.decodes + 1) * (max(sizes) + 64))
     model = a.model or "smollm2-135m (GGUF)"
@@ -53,10 +62,11 @@ def main() -> None:
             for p in ids:  # decodes: short prompts, then each step adds one token to each
                 llm.add_request(p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
             llm.engine.step()  # prefill the decodes' prompts (not measured)
-            long = [(31 * i + r) % (vocab - 200) + 100 for i in range(t)]
-            llm.add_request(long, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            if t:
+                long = [(31 * i + r) % (vocab - 200) + 100 for i in range(t)]
+                llm.add_request(long, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
             t0 = time.perf_counter()
-            llm.engine.step()  # D decodes + the T-token chunk, one pass
+            llm.engine.step()  # D decodes + the T-token chunk (if any), one pass
             dt = time.perf_counter() - t0
             while llm.engine.has_unfinished():
                 llm.engine.step()
@@ -66,12 +76,21 @@ def main() -> None:
         rows.append({"model": model, "dtype": a.dtype, "chunk_tokens": t, "decodes": a.decodes,
                      "step_ms": 1000 * med, "ms_per_token": 1000 * med / (t + a.decodes)})
         print(rows[-1], flush=True)
-    best = min(r["ms_per_token"] for r in rows)
-    knee = next(r["chunk_tokens"] for r in rows if r["ms_per_token"] <= best * (1 + a.tolerance))
+    chunks = [r for r in rows if r["chunk_tokens"]]
+    best = min(r["ms_per_token"] for r in chunks)
+    knee = next(r["chunk_tokens"] for r in chunks if r["ms_per_token"] <= best * (1 + a.tolerance))
+    decode_ms = rows[0]["step_ms"]
+    within = [r["chunk_tokens"] for r in chunks if r["step_ms"] <= a.latency_factor * decode_ms]
+    latency_budget = max(within) if within else None
     for r in rows:
-        r["chosen_budget"] = r["chunk_tokens"] == knee
-    print(f"cost per token stops falling at ~{knee} tokens (within {a.tolerance:.0%} of the best, {best:.2f} ms)")
-    write_results(a.name, rows, {"model": model, "dtype": a.dtype, "tolerance": a.tolerance, "knee_tokens": knee,
+        r["step_over_decode_only"] = r["step_ms"] / decode_ms
+        r["knee"] = r["chunk_tokens"] == knee
+        r["latency_budget"] = r["chunk_tokens"] == latency_budget
+    print(f"cost per token stops falling at ~{knee} tokens (within {a.tolerance:.0%} of the best, {best:.2f} ms); "
+          f"largest chunk within {a.latency_factor}x the decode-only step ({decode_ms:.0f} ms): {latency_budget}")
+    write_results(a.name, rows, {"model": model, "dtype": a.dtype, "decodes": a.decodes, "tolerance": a.tolerance,
+                                 "knee_tokens": knee, "latency_factor": a.latency_factor,
+                                 "latency_budget_tokens": latency_budget, "decode_only_step_ms": decode_ms,
                                  "threads": torch.get_num_threads()})
 
 
