@@ -258,20 +258,23 @@ def main() -> int:
     policies = args.policies.split(",")
     reqs = make_requests(4000, mix, args.out_mean, args.max_model_len, args.vocab, args.seed)
     long_len = int(max(m for _, m in mix))
-    rows, servers, sla = [], {}, None
-    for policy in policies:
-        # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
-        # so its budget must hold the longest prompt: max_model_len.
-        budget = args.budget if policy == "splitfuse" else args.max_model_len
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
-               "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs",
-               str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
-               "--scheduling-policy", policy]
-        print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
-        proc = start_server(cmd, Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log"), base)
-        try:
+    rows, servers, sla, procs = [], {}, None, {}
+    try:
+        # Every policy's server is up for the whole run (an idle one only waits on its queue), and each
+        # client count runs the policies back to back: this machine's speed drifts by tens of percent
+        # over minutes, and interleaving puts both policies in the same stretch of it.
+        for policy in policies:
+            # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
+            # so its budget must hold the longest prompt: max_model_len.
+            budget = args.budget if policy == "splitfuse" else args.max_model_len
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
+                   "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs",
+                   str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
+                   "--scheduling-policy", policy]
+            print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
+            procs[policy] = (start_server(cmd, Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log"), base), base)
             rates = asyncio.run(lone_rates(base + "/v1/completions", long_len, args.vocab))
             print(f"  lone rates ({policy}): {rates}", flush=True)
             if sla is None:
@@ -281,8 +284,9 @@ def main() -> int:
                 print(f"  SLA: R = {sla['R_tok_per_s']:.0f} tok/s, g = {sla['g_tok_per_s']:.1f} tok/s "
                       f"(lone rates / {args.sla_scale}); also g = 2 tok/s", flush=True)
             servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": budget, "lone_rates": rates}
-            for c in clients:
-                res, t_warm, t_end = asyncio.run(run_level(base + "/v1/completions", reqs, c,
+        for c in clients:
+            for policy in policies:
+                res, t_warm, t_end = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,
                                                            max(args.warmup, args.warmup_per_client * c),
                                                            args.duration))
                 row = {"policy": policy, "clients": c,
@@ -292,8 +296,10 @@ def main() -> int:
                       f"TTFT p50/p95 {row['ttft_p50_s']} / {row['ttft_p95_s']} s, tok p50/p95 "
                       f"{row['tok_lat_p50_ms']} / {row['tok_lat_p95_ms']} ms, pass {row['pass_frac']} "
                       f"(g=2: {row['pass_frac_g2']}), eff {row['eff_qps']}", flush=True)
-        finally:
+    finally:
+        for proc, _ in procs.values():
             stop_server(proc)
+    rows.sort(key=lambda r: (policies.index(r["policy"]), r["clients"]))
 
     best = {}
     for policy in policies:
@@ -306,6 +312,7 @@ def main() -> int:
                          "out_mean (sd 0.3*mean, clipped >= 4)": args.out_mean, "token_ids": f"[100, {args.vocab})",
                          "seed": args.seed, "temperature": 0, "ignore_eos": True, "stream": True,
                          "requests_pool": len(reqs), "same_sequence_every_level_and_policy": True},
+            "order": "all servers up at once; each client count runs every policy back to back",
             "clients": clients, "duration_s": args.duration,
             "warmup_s": f"max({args.warmup}, {args.warmup_per_client} x clients)",
             "sla": {**sla, "how": f"R = lone prefill rate / {args.sla_scale} (FastGen: 512 tok/s); g = lone "

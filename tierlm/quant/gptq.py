@@ -42,6 +42,7 @@ from tierlm.quant.base import QuantError, QuantizedWeight, minmax_quantize
 
 BLOCK = 128  # columns per batched update; groups must divide it
 DAMP = 0.01  # fraction of H's mean diagonal added to it: keeps the factorisation stable
+ACT_ORDER = True  # quantize the columns with the loudest inputs first (the paper's "act-order")
 
 
 @dataclass
@@ -71,41 +72,59 @@ class InputMoments:
                             torch.zeros(num_cols, dtype=torch.float64), 0)
 
 
-def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments) -> QuantizedWeight:
+def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments, act_order: bool | None = None) -> QuantizedWeight:
     """float (out, in) -> the ``quantizer``'s format (a group-wise Quantizer: levels, group, search,
-    pack), columns quantized in order with error compensation (module docstring)."""
+    pack), columns quantized with error compensation (module docstring): in order, or with
+    ``act_order`` (default ``ACT_ORDER``) loudest input first."""
     r, k = w.shape
     group, levels = quantizer.group, quantizer.levels
     if k % group or BLOCK % group:
         raise QuantError(f"GPTQ runs groups of at most {BLOCK} weights dividing the row: got {group} for {k}")
     if moments.normalized.shape != (k, k):
         raise QuantError(f"input moments of {moments.normalized.shape[0]} columns for a matrix of {k}")
+    act_order = ACT_ORDER if act_order is None else act_order
     W = w.detach().double().clone()  # (R, K), updated as columns are quantized
     H = moments.normalized.clone()
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
     H += DAMP * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (K, K)
+    # perm[p]: the column quantized p-th. W and H are permuted so that the pass runs left to right.
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    pos = torch.argsort(perm)  # pos[c]: where column c is quantized
+    W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (K, K), permuted
     imp = moments.importance
-    codes = torch.empty(r, k, dtype=torch.uint8)
+    codes = torch.empty(r, k, dtype=torch.uint8)  # original column order
     steps = torch.empty(r, k // group, dtype=torch.float16)
     mins = torch.empty(r, k // group, dtype=torch.float16)
+    step_g = torch.empty(r, k // group, dtype=torch.float64)
+    low_g, inv_g = torch.empty_like(step_g), torch.empty_like(step_g)
+    ready = [False] * (k // group)
+
+    def set_range(g: int, cur: torch.Tensor) -> None:  # cur (R, group): the weights the range is fitted to
+        _, s, m = minmax_quantize(cur.float(), levels, group, quantizer.search, imp[g * group:(g + 1) * group])
+        steps[:, g], mins[:, g] = s[:, 0], m[:, 0]
+        step_g[:, g], low_g[:, g] = s[:, 0].double(), m[:, 0].double()
+        inv_g[:, g] = torch.where(step_g[:, g] > 0, 1.0 / step_g[:, g], torch.zeros_like(step_g[:, g]))
+        ready[g] = True
+
+    if act_order:  # a group's columns are scattered over the pass: fix its range from the original weights
+        for g in range(k // group):
+            set_range(g, W[:, pos[g * group:(g + 1) * group]])
     for b0 in range(0, k, BLOCK):
         b1 = min(k, b0 + BLOCK)
         wb = W[:, b0:b1].clone()  # (R, B)
         errs = torch.zeros_like(wb)
         ub = U[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group == 0:  # this group's range, from its weights as updated so far
-                _, s, m = minmax_quantize(wb[:, i:i + group].float(), levels, group, quantizer.search,
-                                          imp[col:col + group])
-                steps[:, col // group], mins[:, col // group] = s[:, 0], m[:, 0]
-                step, low = s[:, 0].double(), m[:, 0].double()
-                inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-            q = torch.round((wb[:, i] - low) * inv).clamp_(0, levels - 1)  # (R,)
-            codes[:, col] = q.to(torch.uint8)
+            c = int(perm[b0 + i])
+            g = c // group
+            if not ready[g]:  # in order, at the group's first column: its range from the weights as updated
+                set_range(g, wb[:, i:i + group])  # so far (a group never straddles blocks: BLOCK % group == 0)
+            step, low = step_g[:, g], low_g[:, g]
+            q = torch.round((wb[:, i] - low) * inv_g[:, g]).clamp_(0, levels - 1)  # (R,)
+            codes[:, c] = q.to(torch.uint8)
             e = (wb[:, i] - (q * step + low)) / ub[i, i]
             wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
             errs[:, i] = e
