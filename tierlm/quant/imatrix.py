@@ -26,7 +26,7 @@ import torch
 
 from tierlm.quant.base import QuantError
 
-# Every Brown category but "ca", the evaluated press text. Measured with GPTQ, q4: 8 of them gave
+# Every Brown category but "ca", the evaluated press text. Measured with GPTQ in column order, q4: 8 gave
 # +5.4% perplexity on SmolLM2 and +6.8% on Gemma-3, all 14 +4.2% and +7.3% (q5: +0.9/+1.3% against
 # +1.5/+0.4%), three windows of each of the 14 (42) +4.3% on SmolLM2. So the choice of text moves
 # these results by about a point either way; more windows of the same text did not help.
