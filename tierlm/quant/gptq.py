@@ -112,6 +112,7 @@ def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments, act_order: 
     # perm[p]: the column quantized p-th. W and H are permuted so that the pass runs left to right.
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     pos = torch.argsort(perm)  # pos[c]: where column c is quantized
+    order = perm.tolist()  # perm as ints: read once per column in the loop below
     W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (K, K), permuted
     imp = moments.importance
@@ -138,7 +139,7 @@ def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments, act_order: 
         errs = torch.zeros_like(wb)
         ub = U[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            c = int(perm[b0 + i])
+            c = order[b0 + i]
             g = c // group
             if not ready[g]:  # in order, at the group's first column: its range from the weights as updated
                 set_range(g, wb[:, i:i + group])  # so far (a group never straddles blocks: BLOCK % group == 0)
