@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Union
 
@@ -12,6 +13,7 @@ import torch
 
 from tierlm.config import ConfigError, EngineConfig
 from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.budget import PROBE_CHUNKS, PROBE_DECODES, latency_budget, measure_step_ms
 from tierlm.engine.engine import EngineCore, RequestError
 from tierlm.engine.scheduler import SchedulerConfig
 from tierlm.loader.model_loader import LoadedModel, default_model_path, load_model, open_checkpoint
@@ -189,6 +191,29 @@ class LLM:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return ids, None
+
+    def tune_token_budget(self) -> int:
+        """Measure what an engine step costs on this machine and set the per-step token budget from it
+        (``tierlm.engine.budget``: the largest probed chunk whose step stays within 2x a decode-only
+        step, plus the decodes). Returns the budget; the engine must be idle. Takes a few dozen steps."""
+        cfg = self.config
+        num_decodes = min(PROBE_DECODES, cfg.max_num_seqs - 1)
+        # Each probed step must take its whole chunk: within the context, the KV cache (a block per decode
+        # and a spare) and the budget it was loaded with.
+        room = min(cfg.max_model_len - 1, cfg.kv_capacity_tokens - cfg.block_size * (num_decodes + 1),
+                   cfg.max_num_batched_tokens - num_decodes)
+        chunks = [t for t in PROBE_CHUNKS if t <= room]
+        if num_decodes < 1 or not chunks:
+            raise ConfigError(f"choosing the step budget by measurement needs max_num_seqs >= 2 and room for a "
+                              f"{PROBE_CHUNKS[0]}-token chunk (max_num_seqs={cfg.max_num_seqs}, "
+                              f"max_model_len={cfg.max_model_len}); give the budget explicitly")
+        costs = measure_step_ms(self.engine, self.model_config.vocab_size, chunks, num_decodes)
+        budget = latency_budget(costs, num_decodes)
+        self.engine.set_token_budget(budget)
+        self.config = replace(cfg, max_num_batched_tokens=budget)
+        log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s)",
+                 budget, num_decodes, ", ".join(f"{t}: {ms:.0f}" for t, ms in costs.items()))
+        return budget
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
         ids, text = self._encode(prompt)

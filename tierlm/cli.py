@@ -30,6 +30,19 @@ USER_ERRORS = (CheckpointError, GGUFError, UnknownArchitectureError, SpecError, 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 QUANT_FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")  # tierlm.quant.FORMATS, without importing torch
 QUANT_METHODS = ("rtn", "gptq")  # tierlm.quant.METHODS, likewise
+# serve --max-num-batched-tokens auto: the budget a server loads with (prefill_first keeps it: a prompt
+# must fit one step whole), before splitfuse measures its own.
+AUTO_LOAD_BUDGET = 2048
+
+
+def token_budget(text: str) -> int | str:
+    """A --max-num-batched-tokens value: a positive count of tokens, or "auto"."""
+    if text == "auto":
+        return text
+    n = int(text)  # a ValueError here becomes argparse's "invalid token_budget value"
+    if n < 1:
+        raise ValueError(text)
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, metavar="N",
                      help="requests waiting or running before new ones get 429 (default: 64)")
     srv.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="batch slots (default: 16)")
-    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
-                     help="tokens per engine step (default: 2048)")
+    srv.add_argument("--max-num-batched-tokens", type=token_budget, default="auto", metavar="N",
+                     help="tokens per engine step, or auto (default): for splitfuse, measured at start-up as the "
+                     "largest prompt chunk whose step costs at most 2x a decode-only step; for prefill_first, 2048")
     srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
                      help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
                      "first, decodes wait (default: splitfuse)")
@@ -368,8 +382,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--max-queue must be >= 1 and --port in [0, 65535]")
     from tierlm.serve.server import serve  # fastapi and uvicorn load only for this command
 
-    llm = _load_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    auto = args.max_num_batched_tokens == "auto"
+    llm = _load_llm(args, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=AUTO_LOAD_BUDGET if auto else args.max_num_batched_tokens,
                     scheduling_policy=args.scheduling_policy)
+    if auto and args.scheduling_policy == "splitfuse":
+        llm.tune_token_budget()
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,
           access_log=args.verbose)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 from tierlm.engine.block_manager import BlockManager
@@ -97,6 +97,13 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def set_token_budget(self, num_tokens: int) -> None:
+        """Change the per-step token budget (``SchedulerConfig.max_num_batched_tokens``, validated
+        the same way); only while idle, so no scheduled request sees the budget change under it."""
+        if self.has_unfinished():
+            raise RuntimeError("the step budget changes only while the engine is idle")
+        self.scheduler.config = replace(self.scheduler.config, max_num_batched_tokens=num_tokens)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -1,0 +1,80 @@
+"""The SplitFuse step budget chosen by measurement (tierlm.engine.budget, LLM.tune_token_budget,
+`tierlm serve --max-num-batched-tokens auto`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierlm import LLM, SamplingParams
+from tierlm.cli import build_parser, token_budget
+from tierlm.config import ConfigError
+from tierlm.engine.budget import latency_budget, measure_step_ms
+
+
+def test_latency_budget_is_the_largest_chunk_within_the_factor_plus_the_decodes():
+    costs = {0: 50.0, 16: 70.0, 32: 100.0, 64: 120.0, 128: 200.0}
+    assert latency_budget(costs, 4) == 32 + 4  # 100 <= 2 x 50 < 120
+    assert latency_budget(costs, 2, factor=1.5) == 16 + 2
+    assert latency_budget(costs, 4, factor=4.0) == 128 + 4
+    assert latency_budget({0: 10.0, 64: 30.0, 16: 25.0}, 3) == 16 + 3  # none fits: the smallest chunk
+    with pytest.raises(ValueError, match="decode-only"):
+        latency_budget({16: 1.0, 32: 2.0}, 4)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(None, max_model_len=128, kv_cache_tokens=512, max_num_seqs=4)
+
+
+def test_measure_step_ms_times_every_size_and_leaves_the_engine_idle(llm):
+    costs = measure_step_ms(llm.engine, llm.model_config.vocab_size, chunks=(16, 32), num_decodes=2, repeats=1)
+    assert sorted(costs) == [0, 16, 32] and all(ms > 0 for ms in costs.values())
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+
+
+def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
+    seen = {}
+
+    def fake(engine, vocab_size, chunks, num_decodes):
+        seen.update(chunks=list(chunks), num_decodes=num_decodes)
+        return {0: 40.0, 16: 60.0, 32: 79.0, 64: 95.0}
+
+    monkeypatch.setattr("tierlm.api.measure_step_ms", fake)
+    assert llm.tune_token_budget() == 32 + 3
+    # 3 decodes (max_num_seqs 4 leaves one slot for the chunk); chunks that fit max_model_len 128 and the
+    # KV cache (512 tokens less a 16-token block per decode and a spare: 448)
+    assert seen == {"chunks": [16, 32, 64], "num_decodes": 3}
+    assert llm.engine.scheduler.config.max_num_batched_tokens == 35 and llm.config.max_num_batched_tokens == 35
+    # the new budget schedules: a 100-token prompt goes in chunks of 35
+    rid = llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))
+    req = llm.engine.requests[rid]
+    computed = []
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+        computed.append(req.num_computed_tokens)
+    assert computed == [35, 70, 100]
+
+
+def test_the_budget_changes_only_while_idle(llm):
+    llm.add_request([5, 6, 7], SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="idle"):
+        llm.engine.set_token_budget(64)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+
+
+def test_tune_needs_room_for_a_decode_and_a_chunk():
+    one_seq = LLM(None, max_model_len=128, kv_cache_tokens=512, max_num_seqs=1)
+    with pytest.raises(ConfigError, match="max_num_seqs >= 2"):
+        one_seq.tune_token_budget()
+
+
+def test_serve_budget_argument():
+    assert token_budget("auto") == "auto" and token_budget("36") == 36
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(ValueError):
+            token_budget(bad)
+    assert build_parser().parse_args(["serve"]).max_num_batched_tokens == "auto"
+    assert build_parser().parse_args(["serve", "--max-num-batched-tokens", "64"]).max_num_batched_tokens == 64
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-num-batched-tokens", "lots"])

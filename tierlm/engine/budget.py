@@ -1,0 +1,63 @@
+"""The SplitFuse step budget, chosen by measuring what a step costs on this machine. No torch.
+
+A forward pass costs a fixed part (reading the weights, per-layer overhead) plus a part in
+proportion to its tokens. Every running decode shares the step with the prompt chunk, so the chunk
+sets how long each of them waits for its next token. The budget chosen here is the largest probed
+chunk whose step costs at most ``LATENCY_FACTOR`` times a decode-only step, plus the decodes that
+shared it: prompts advance as fast as they can while decodes keep within that factor of their lone
+pace (bench/step_cost.py measures the same thing in full; on the 1.1B fp32 it gives 32 + 4 = 36, the
+budget of bench/results/serve_llama11b.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+from tierlm.sampling_params import SamplingParams
+
+PROBE_CHUNKS = (16, 32, 64, 128, 256)  # prompt-chunk sizes probed, in tokens
+PROBE_DECODES = 4  # running decodes sharing each probed step
+PROBE_REPEATS = 2  # steps timed per chunk size, after one warm-up; the median is kept
+LATENCY_FACTOR = 2.0
+
+
+def latency_budget(step_ms: Mapping[int, float], num_decodes: int, factor: float = LATENCY_FACTOR) -> int:
+    """``step_ms[t]``: milliseconds of one step carrying ``num_decodes`` decodes and a t-token chunk
+    (t = 0: decodes only, required). Returns the largest t > 0 with step_ms[t] <= factor * step_ms[0],
+    or the smallest t probed if none fits, plus ``num_decodes``: a per-step token budget."""
+    if 0 not in step_ms or len(step_ms) < 2:
+        raise ValueError("step costs need the decode-only step (0) and at least one chunk size")
+    chunks = sorted(t for t in step_ms if t > 0)
+    fits = [t for t in chunks if step_ms[t] <= factor * step_ms[0]]
+    return (fits[-1] if fits else chunks[0]) + num_decodes
+
+
+def measure_step_ms(engine, vocab_size: int, chunks: Sequence[int] = PROBE_CHUNKS,
+                    num_decodes: int = PROBE_DECODES, repeats: int = PROBE_REPEATS) -> dict[int, float]:
+    """Median milliseconds of an engine step carrying ``num_decodes`` decodes plus a t-token prompt
+    chunk, for t = 0 and each of ``chunks``. The engine must be idle, admit num_decodes + 1
+    sequences and take t + num_decodes tokens in one step; it is idle again afterwards."""
+    if engine.has_unfinished():
+        raise RuntimeError("measure step costs on an idle engine")
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    span = max(vocab_size - 10, 1)
+    out: dict[int, float] = {}
+    for t in (0, *chunks):
+        times = []
+        for r in range(repeats + 1):
+            for k in range(num_decodes):
+                engine.add_request([(97 * i + 13 * r + k) % span + 5 for i in range(8)], params)
+            engine.step()  # the decodes' prompts, not timed: the next step decodes them
+            if t:
+                engine.add_request([(31 * i + r) % span + 5 for i in range(t)], SamplingParams(
+                    max_tokens=1, temperature=0, ignore_eos=True))
+            t0 = time.perf_counter()
+            engine.step()
+            if r:  # the first repeat warms up
+                times.append(1000 * (time.perf_counter() - t0))
+            while engine.has_unfinished():
+                engine.step()
+        out[t] = statistics.median(times)
+    return out
