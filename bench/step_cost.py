@@ -12,8 +12,9 @@ That knee maximizes throughput. On a CPU a pass costs a fixed part (weights read
 overhead) plus a part in proportion to its tokens, and the fixed part is small against a GPU's,
 so at the knee a fused step is several times a decode-only step and every decode sharing it waits
 that long. The second budget reported, ``latency_budget``, is the largest T whose step costs at
-most --latency-factor times the decode-only step (T = 0, always measured): the chunk that keeps
-decodes within that factor of their lone pace, which is what a per-token latency SLA asks.
+most --latency-factor times the decode-only step (T = 0, always measured; the smallest T if none
+is): the chunk that keeps decodes within that factor of their lone pace, which is what a per-token
+latency SLA asks, and what `tierlm serve` picks at start-up (tierlm.engine.budget).
 
     python bench/step_cost.py                       # SmolLM2 (fp32)
     python bench/step_cost.py --model .cache/models/llama-1.1b --dtype bfloat16
@@ -22,8 +23,6 @@ decodes within that factor of their lone pace, which is what a per-token latency
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 try:
     from common import write_results
@@ -46,51 +45,34 @@ def main() -> None:
 
     import torch
 
-    from tierlm import LLM, SamplingParams
+    from tierlm import LLM
+    from tierlm.engine.budget import latency_budget, measure_step_ms
 
     torch.manual_seed(0)
-    sizes = sorted({0, *(int(t) for t in a.tokens.split(","))})  # 0: the decode-only step
+    sizes = sorted({int(t) for t in a.tokens.split(",")} - {0})
     llm = LLM(a.model, a.dtype, max_num_seqs=a.decodes + 1, max_num_batched_tokens=max(sizes) + a.decodes,
               max_model_len=max(sizes) + 64, kv_cache_tokens=(a.decodes + 1) * (max(sizes) + 64))
     model = a.model or "smollm2-135m (GGUF)"
-    vocab = llm.model_config.vocab_size
-    rows = []
-    for t in sizes:
-        times = []
-        for r in range(a.repeats + 1):
-            ids = [[(97 * i + 13 * r + k) % (vocab - 200) + 100 for i in range(8)] for k in range(a.decodes)]
-            for p in ids:  # decodes: short prompts, then each step adds one token to each
-                llm.add_request(p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-            llm.engine.step()  # prefill the decodes' prompts (not measured)
-            if t:
-                long = [(31 * i + r) % (vocab - 200) + 100 for i in range(t)]
-                llm.add_request(long, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-            t0 = time.perf_counter()
-            llm.engine.step()  # D decodes + the T-token chunk (if any), one pass
-            dt = time.perf_counter() - t0
-            while llm.engine.has_unfinished():
-                llm.engine.step()
-            if r:  # the first repeat warms up
-                times.append(dt)
-        med = statistics.median(times)
-        rows.append({"model": model, "dtype": a.dtype, "chunk_tokens": t, "decodes": a.decodes,
-                     "step_ms": 1000 * med, "ms_per_token": 1000 * med / (t + a.decodes)})
-        print(rows[-1], flush=True)
+    # the same probe as `tierlm serve --max-num-batched-tokens auto`, over more sizes and repeats
+    costs = measure_step_ms(llm.engine, llm.model_config.vocab_size, sizes, a.decodes, a.repeats)
+    rows = [{"model": model, "dtype": a.dtype, "chunk_tokens": t, "decodes": a.decodes, "step_ms": ms,
+             "ms_per_token": ms / (t + a.decodes)} for t, ms in costs.items()]
+    for r in rows:
+        print(r, flush=True)
     chunks = [r for r in rows if r["chunk_tokens"]]
     best = min(r["ms_per_token"] for r in chunks)
     knee = next(r["chunk_tokens"] for r in chunks if r["ms_per_token"] <= best * (1 + a.tolerance))
-    decode_ms = rows[0]["step_ms"]
-    within = [r["chunk_tokens"] for r in chunks if r["step_ms"] <= a.latency_factor * decode_ms]
-    latency_budget = max(within) if within else None
+    decode_ms = costs[0]
+    chunk_budget = latency_budget(costs, 0, a.latency_factor)  # in chunk tokens: no decodes added
     for r in rows:
         r["step_over_decode_only"] = r["step_ms"] / decode_ms
         r["knee"] = r["chunk_tokens"] == knee
-        r["latency_budget"] = r["chunk_tokens"] == latency_budget
+        r["latency_budget"] = r["chunk_tokens"] == chunk_budget
     print(f"cost per token stops falling at ~{knee} tokens (within {a.tolerance:.0%} of the best, {best:.2f} ms); "
-          f"largest chunk within {a.latency_factor}x the decode-only step ({decode_ms:.0f} ms): {latency_budget}")
+          f"largest chunk within {a.latency_factor}x the decode-only step ({decode_ms:.0f} ms): {chunk_budget}")
     write_results(a.name, rows, {"model": model, "dtype": a.dtype, "decodes": a.decodes, "tolerance": a.tolerance,
                                  "knee_tokens": knee, "latency_factor": a.latency_factor,
-                                 "latency_budget_tokens": latency_budget, "decode_only_step_ms": decode_ms,
+                                 "latency_budget_tokens": chunk_budget, "decode_only_step_ms": decode_ms,
                                  "threads": torch.get_num_threads()})
 
 
