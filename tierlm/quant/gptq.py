@@ -92,17 +92,16 @@ class InputMoments:
                             torch.zeros(num_cols, dtype=torch.float64), 0)
 
 
-def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments, act_order: bool | None = None) -> QuantizedWeight:
+def gptq_quantize(quantizer, w: torch.Tensor, moments: InputMoments, act_order: bool = ACT_ORDER) -> QuantizedWeight:
     """float (out, in) -> the ``quantizer``'s format (a group-wise Quantizer: levels, group, search,
     pack), columns quantized with error compensation (module docstring): in order, or with
-    ``act_order`` (default ``ACT_ORDER``) loudest input first."""
+    ``act_order`` loudest input first."""
     r, k = w.shape
     group, levels = quantizer.group, quantizer.levels
     if k % group or BLOCK % group:
         raise QuantError(f"GPTQ runs groups of at most {BLOCK} weights dividing the row: got {group} for {k}")
     if moments.normalized.shape != (k, k):
         raise QuantError(f"input moments of {moments.normalized.shape[0]} columns for a matrix of {k}")
-    act_order = ACT_ORDER if act_order is None else act_order
     W = w.detach().double().clone()  # (R, K), updated as columns are quantized
     H = moments.normalized.clone()
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
