@@ -49,6 +49,19 @@ asymmetric range search of tierlm.quant.base (+6.1%), ten times the damping (+5.
 weighted by GPTQ's own 1 / [H^-1]_jj (+7.1%) or by its geometric mean with x^2 (+6.8%), inputs
 normalised by sqrt |x| (+6.4%) or only above the median norm (+6.7%).
 
+Tried and dropped with act-order (q4 g64; SmolLM2 +3.3% and Gemma-3 +7.0% as above):
+
+* AWQ channel scales (Lin et al.) folded into the norms and the up rows before GPTQ, the exponent
+  searched per matrix by the output error under the normalised H: SmolLM2 picked no scaling in 87
+  of 90 matrices and got +4.3%; Gemma-3 picked 0.15-0.45 and got +6.9%, no better.
+* Refitting each row's steps and mins to its codes by least squares under the normalised H, then
+  GPTQ again with those ranges (two rounds): 8% less output error on synthetic data, but SmolLM2
+  +4.3%. The normalised H is a worse guide to the ranges than the mean x^2 the search uses.
+
+For scale, llama.cpp's own formats requantized from the same files (bench/results/
+llamacpp_q4_quality.md): Q4_0 (4.5 bits a weight, as q4 g64) +17.4% on SmolLM2 and +48% on
+Gemma-3; Q4_1 (5 bits) 0% on SmolLM2, whose file is Q4_1, and +21% on Gemma-3.
+
 The result is an ordinary QuantizedWeight of the format (same codes layout, same kernels).
 """
 
