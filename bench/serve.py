@@ -244,6 +244,10 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=192,
                     help="--max-num-batched-tokens for splitfuse (default: the knee bench/step_cost.py measured)")
+    ap.add_argument("--prefill-budget", type=int, default=None,
+                    help="--max-num-prefill-tokens for splitfuse: the budget of steps with no decode in them "
+                    "(default: --max-model-len, the budget prefill_first runs every prompt step with; 0: none, "
+                    "every step takes --budget)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=32000, help="token ids drawn from [100, vocab)")
     ap.add_argument("--sla-scale", type=float, default=4.0, help="R = lone prefill rate / this; g likewise")
@@ -267,17 +271,20 @@ def main() -> int:
             # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
             # so its budget must hold the longest prompt: max_model_len.
             budget = args.budget if policy == "splitfuse" else args.max_model_len
+            prefill = args.max_model_len if args.prefill_budget is None else args.prefill_budget
+            extra = ["--max-num-prefill-tokens", str(prefill)] if policy == "splitfuse" and prefill else []
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
                    "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs",
                    str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
-                   "--scheduling-policy", policy]
+                   "--scheduling-policy", policy, *extra]
             print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
             procs[policy] = (start_server(cmd, Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log"), base), base)
             rates = asyncio.run(lone_rates(base + "/v1/completions", long_len, args.vocab))
             print(f"  lone rates ({policy}): {rates}", flush=True)
-            servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": budget, "lone_rates": rates}
+            servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": budget,
+                               "max_num_prefill_tokens": int(extra[1]) if extra else None, "lone_rates": rates}
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
         prefill = max(s["lone_rates"]["prefill_tok_per_s"] for s in servers.values())

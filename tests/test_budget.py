@@ -44,15 +44,26 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     # 3 decodes (max_num_seqs 4 leaves one slot for the chunk); chunks that fit max_model_len 128 and the
     # KV cache (512 tokens less a 16-token block per decode and a spare: 448)
     assert seen == {"chunks": [16, 32, 64], "num_decodes": 3}
-    assert llm.engine.scheduler.config.max_num_batched_tokens == 35 and llm.config.max_num_batched_tokens == 35
-    # the new budget schedules: a 100-token prompt goes in chunks of 35
-    rid = llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))
-    req = llm.engine.requests[rid]
+    sched = llm.engine.scheduler.config
+    assert sched.max_num_batched_tokens == 35 and llm.config.max_num_batched_tokens == 35
+    # steps without decodes keep the budget the engine was loaded with (LLM's default, 2048)
+    assert sched.max_num_prefill_tokens == 2048 and llm.config.max_num_prefill_tokens == 2048
+    # the new budgets schedule: beside a decoding request, a 100-token prompt goes in chunks of 34 (+ 1
+    # decode); alone, in one step
+    dec = llm.engine.requests[llm.add_request([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
+    llm.engine.step()
+    assert dec.is_decoding
+    req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]
     computed = []
-    while llm.engine.has_unfinished():
+    while not req.is_finished:
         llm.engine.step()
         computed.append(req.num_computed_tokens)
-    assert computed == [35, 70, 100]
+    assert computed == [34, 68, 100]  # the third chunk: 32 left, and still a decode beside it
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]
+    llm.engine.step()
+    assert req.num_computed_tokens == 100
 
 
 def test_the_budget_changes_only_while_idle(llm):

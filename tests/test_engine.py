@@ -119,6 +119,50 @@ def test_splitfuse_fuses_decodes_with_a_chunk_of_a_new_prompt():
     assert _chunks(sched.schedule()) == [("a", 6, 1, True), ("b", 4, 1, True), ("c", 6, 6, True)]
 
 
+def test_steps_without_decodes_take_the_prefill_budget():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=4, max_num_prefill_tokens=16),
+                      BlockManager(64, 4))
+    a, b = _req("a", 10), _req("b", 9)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    # nobody is decoding: 16 tokens, a whole and 6 of b
+    assert _chunks(out) == [("a", 0, 10, True), ("b", 0, 6, False)]
+    _finish_step(sched, out)
+    c = _req("c", 20)
+    sched.add(c)
+    out = sched.schedule()
+    # a decodes now: the step budget is 4 again, a's token first, then 3 more of b's prompt
+    assert _chunks(out) == [("a", 10, 1, True), ("b", 6, 3, True)]
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 11, 1, True), ("b", 9, 1, True), ("c", 0, 2, False)]
+    _finish_step(sched, out)
+    sched.finish(a, FinishReason.LENGTH)
+    sched.finish(b, FinishReason.LENGTH)
+    out = sched.schedule()  # c alone, mid-prompt, not decoding: the prefill budget again
+    assert _chunks(out) == [("c", 2, 16, False)]
+    _finish_step(sched, out)
+    out = sched.schedule()
+    assert _chunks(out) == [("c", 18, 2, True)]
+    _finish_step(sched, out)
+    assert c.is_decoding and _chunks(sched.schedule()) == [("c", 20, 1, True)]
+
+
+def test_prefill_budget_defaults_to_the_step_budget_and_is_validated():
+    assert SchedulerConfig(max_num_batched_tokens=8).prefill_budget == 8
+    assert SchedulerConfig(max_num_batched_tokens=8, max_num_prefill_tokens=64).prefill_budget == 64
+    with pytest.raises(ValueError, match="max_num_prefill_tokens must be >= 1"):
+        SchedulerConfig(max_num_prefill_tokens=0)
+    # prefill_first ignores it: prompts are admitted whole within max_num_batched_tokens
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_num_prefill_tokens=64,
+                                      policy="prefill_first"), BlockManager(64, 4))
+    a, b = _req("a", 5), _req("b", 5)
+    sched.add(a)
+    sched.add(b)
+    assert _chunks(sched.schedule()) == [("a", 0, 5, True)]
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="policy must be one of"):
         SchedulerConfig(policy="fastest")

@@ -51,7 +51,8 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str = "float32", *, device: str = "cpu",
-                 max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_num_prefill_tokens: int | None = None,
+                 max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_tokens: int | None = None, enable_chunked_prefill: bool = True,
                  scheduling_policy: str = "splitfuse", spec_dirs: Sequence[str | Path] = (),
                  weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
@@ -122,6 +123,7 @@ class LLM:
         self.config = EngineConfig(model=str(loaded.path), dtype=dtype, device=device, max_model_len=max_len,
                                    block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
+                                   max_num_prefill_tokens=max_num_prefill_tokens,
                                    enable_chunked_prefill=enable_chunked_prefill,
                                    scheduling_policy=scheduling_policy,
                                    weight_memory_bytes=None if tiers is None else tiers.plan.budget_bytes,
@@ -148,6 +150,7 @@ class LLM:
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else loaded.config.eos_token_ids
         self.engine = EngineCore(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_num_prefill_tokens=max_num_prefill_tokens,
                             enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy),
             BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
             eos_token_ids=eos, detokenizer_factory=detok)
@@ -195,7 +198,9 @@ class LLM:
     def tune_token_budget(self) -> int:
         """Measure what an engine step costs on this machine and set the per-step token budget from it
         (``tierlm.engine.budget``: the largest probed chunk whose step stays within 2x a decode-only
-        step, plus the decodes). Returns the budget; the engine must be idle. Takes a few dozen steps."""
+        step, plus the decodes). Steps with no decode in them keep the budget the engine was loaded
+        with, unless ``max_num_prefill_tokens`` was given. Returns the budget; the engine must be
+        idle. Takes a few dozen steps."""
         cfg = self.config
         num_decodes = min(PROBE_DECODES, cfg.max_num_seqs - 1)
         # Each probed step must take its whole chunk: within the context, the KV cache (a block per decode
@@ -209,10 +214,12 @@ class LLM:
                               f"max_model_len={cfg.max_model_len}); give the budget explicitly")
         costs = measure_step_ms(self.engine, self.model_config.vocab_size, chunks, num_decodes)
         budget = latency_budget(costs, num_decodes)
-        self.engine.set_token_budget(budget)
-        self.config = replace(cfg, max_num_batched_tokens=budget)
-        log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s)",
-                 budget, num_decodes, ", ".join(f"{t}: {ms:.0f}" for t, ms in costs.items()))
+        prefill = cfg.max_num_batched_tokens if cfg.max_num_prefill_tokens is None else cfg.max_num_prefill_tokens
+        self.engine.set_token_budget(budget, prefill)
+        self.config = replace(cfg, max_num_batched_tokens=budget, max_num_prefill_tokens=prefill)
+        log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s); "
+                 "%d in steps without decodes", budget, num_decodes,
+                 ", ".join(f"{t}: {ms:.0f}" for t, ms in costs.items()), prefill)
         return budget
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:

@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tierlm.config import ConfigError
 from tierlm.engine.engine import RequestError
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-batched-tokens", type=token_budget, default="auto", metavar="N",
                      help="tokens per engine step, or auto (default): for splitfuse, measured at start-up as the "
                      "largest prompt chunk whose step costs at most 2x a decode-only step; for prefill_first, 2048")
+    srv.add_argument("--max-num-prefill-tokens", type=int, default=None, metavar="N",
+                     help="splitfuse: tokens in a step that carries no decode (nothing waits on it, so prompts "
+                     "need not be chunked small); default: --max-num-batched-tokens, or 2048 when that is auto")
     srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
                      help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
                      "first, decodes wait (default: splitfuse)")
@@ -385,6 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     auto = args.max_num_batched_tokens == "auto"
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=AUTO_LOAD_BUDGET if auto else args.max_num_batched_tokens,
+                    max_num_prefill_tokens=args.max_num_prefill_tokens,
                     scheduling_policy=args.scheduling_policy)
     if auto and args.scheduling_policy == "splitfuse":
         llm.tune_token_budget()

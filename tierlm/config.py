@@ -31,6 +31,7 @@ class EngineConfig:
     num_kv_blocks: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_num_prefill_tokens: int | None = None  # budget of a step with no decode (splitfuse); None: the above
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
     weight_memory_bytes: int | None = None  # None: every weight resident; else see tierlm.memory.plan
@@ -61,6 +62,8 @@ class EngineConfig:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_prefill_tokens is not None and self.max_num_prefill_tokens < 1:
+            raise ConfigError(f"max_num_prefill_tokens must be >= 1 or None, got {self.max_num_prefill_tokens}")
         if (self.num_kv_blocks - 1) * self.block_size < self.max_model_len:
             raise ConfigError(f"the KV cache ({self.num_kv_blocks - 1} blocks of {self.block_size} tokens) "
                               f"cannot hold one sequence of max_model_len={self.max_model_len} tokens")

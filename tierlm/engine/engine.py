@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.request import FinishReason, Request
@@ -98,12 +99,14 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def set_token_budget(self, num_tokens: int) -> None:
-        """Change the per-step token budget (``SchedulerConfig.max_num_batched_tokens``, validated
-        the same way); only while idle, so no scheduled request sees the budget change under it."""
+    def set_token_budget(self, num_tokens: int, num_prefill_tokens: int | None = None) -> None:
+        """Change the per-step token budgets (``SchedulerConfig.max_num_batched_tokens`` and
+        ``max_num_prefill_tokens``, validated the same way); only while idle, so no scheduled request
+        sees the budget change under it."""
         if self.has_unfinished():
             raise RuntimeError("the step budget changes only while the engine is idle")
-        self.scheduler.config = replace(self.scheduler.config, max_num_batched_tokens=num_tokens)
+        self.scheduler.config = replace(self.scheduler.config, max_num_batched_tokens=num_tokens,
+                                        max_num_prefill_tokens=num_prefill_tokens)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

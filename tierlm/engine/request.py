@@ -77,5 +77,11 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def is_decoding(self) -> bool:
+        """Its prompt is in the cache: each step computes the one token it sampled last. (A request
+        preempted by recomputation is not decoding again until its prompt is recomputed.)"""
+        return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
