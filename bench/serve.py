@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -196,6 +197,14 @@ def start_server(cmd: list[str], log_path: Path, base: str, timeout: float = 180
     raise RuntimeError(f"server not healthy after {timeout} s; see {log_path}")
 
 
+def chosen_budgets(log_path: Path) -> tuple[int, int]:
+    """The step budgets a `tierlm serve -v --max-num-batched-tokens auto` logged at start-up."""
+    m = re.search(r"step budget: (\d+) tokens.*; (\d+) in steps without decodes", log_path.read_text())
+    if m is None:
+        raise RuntimeError(f"no measured step budget in {log_path}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -242,12 +251,12 @@ def main() -> int:
     ap.add_argument("--out-mean", type=float, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--budget", type=int, default=192,
-                    help="--max-num-batched-tokens for splitfuse (default: the knee bench/step_cost.py measured)")
+    ap.add_argument("--budget", default="auto",
+                    help="--max-num-batched-tokens for splitfuse: a number, or auto (default: the server measures "
+                    "it at start-up, and the budget of steps without decodes too; both are read from its log)")
     ap.add_argument("--prefill-budget", type=int, default=None,
                     help="--max-num-prefill-tokens for splitfuse: the budget of steps with no decode in them "
-                    "(default: --max-model-len, the budget prefill_first runs every prompt step with; 0: none, "
-                    "every step takes --budget)")
+                    "(default: the server's own choice; 0: with a numeric --budget, every step takes it)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=32000, help="token ids drawn from [100, vocab)")
     ap.add_argument("--sla-scale", type=float, default=4.0, help="R = lone prefill rate / this; g likewise")
@@ -271,8 +280,9 @@ def main() -> int:
             # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
             # so its budget must hold the longest prompt: max_model_len.
             budget = args.budget if policy == "splitfuse" else args.max_model_len
-            prefill = args.max_model_len if args.prefill_budget is None else args.prefill_budget
-            extra = ["--max-num-prefill-tokens", str(prefill)] if policy == "splitfuse" and prefill else []
+            extra = ["--max-num-prefill-tokens", str(args.prefill_budget)] if policy == "splitfuse" and args.prefill_budget else []
+            if budget == "auto":
+                extra.append("-v")  # the server logs the budgets it measured
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
@@ -280,11 +290,17 @@ def main() -> int:
                    str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
                    "--scheduling-policy", policy, *extra]
             print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
-            procs[policy] = (start_server(cmd, Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log"), base), base)
+            log_path = Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log")
+            procs[policy] = (start_server(cmd, log_path, base), base)
+            if budget == "auto":
+                budget, prefill = chosen_budgets(log_path)
+                print(f"  measured budgets: {budget} tokens a step, {prefill} in steps without decodes", flush=True)
+            else:
+                prefill = args.prefill_budget if policy == "splitfuse" and args.prefill_budget else None
             rates = asyncio.run(lone_rates(base + "/v1/completions", long_len, args.vocab))
             print(f"  lone rates ({policy}): {rates}", flush=True)
-            servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": budget,
-                               "max_num_prefill_tokens": int(extra[1]) if extra else None, "lone_rates": rates}
+            servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": int(budget),
+                               "max_num_prefill_tokens": prefill, "lone_rates": rates}
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
         prefill = max(s["lone_rates"]["prefill_tok_per_s"] for s in servers.values())

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from tierlm import LLM
-    from tierlm.engine.budget import latency_budget, measure_step_ms
+    from tierlm.engine.budget import latency_budget, measure_step_ms, throughput_budget
 
     torch.manual_seed(0)
     sizes = sorted({int(t) for t in a.tokens.split(",")} - {0})
@@ -59,9 +59,8 @@ def main() -> None:
              "ms_per_token": ms / (t + a.decodes)} for t, ms in costs.items()]
     for r in rows:
         print(r, flush=True)
-    chunks = [r for r in rows if r["chunk_tokens"]]
-    best = min(r["ms_per_token"] for r in chunks)
-    knee = next(r["chunk_tokens"] for r in chunks if r["ms_per_token"] <= best * (1 + a.tolerance))
+    best = min(r["ms_per_token"] for r in rows if r["chunk_tokens"])
+    knee = throughput_budget(costs, a.decodes, a.tolerance) - a.decodes  # as `tierlm serve` picks it
     decode_ms = costs[0]
     chunk_budget = latency_budget(costs, 0, a.latency_factor)  # in chunk tokens: no decodes added
     for r in rows:

@@ -8,7 +8,17 @@ import pytest
 from tierlm import LLM, SamplingParams
 from tierlm.cli import build_parser, token_budget
 from tierlm.config import ConfigError
-from tierlm.engine.budget import latency_budget, measure_step_ms
+from tierlm.engine.budget import latency_budget, measure_step_ms, throughput_budget
+
+
+def test_throughput_budget_is_the_smallest_chunk_near_the_cheapest_per_token():
+    costs = {0: 50.0, 16: 70.0, 32: 100.0, 64: 120.0, 128: 200.0, 256: 380.0}
+    # ms per token with 4 decodes: 3.5, 2.78, 1.76, 1.52, 1.46: within 15% of 1.46 (1.68) from 128 on
+    assert throughput_budget(costs, 4) == 128 + 4
+    assert throughput_budget(costs, 4, tolerance=0.02) == 256 + 4
+    assert throughput_budget({0: 10.0, 16: 20.0}, 0) == 16
+    with pytest.raises(ValueError, match="chunk size"):
+        throughput_budget({0: 10.0}, 4)
 
 
 def test_latency_budget_is_the_largest_chunk_within_the_factor_plus_the_decodes():
@@ -46,8 +56,8 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     assert seen == {"chunks": [16, 32, 64], "num_decodes": 3}
     sched = llm.engine.scheduler.config
     assert sched.max_num_batched_tokens == 35 and llm.config.max_num_batched_tokens == 35
-    # steps without decodes keep the budget the engine was loaded with (LLM's default, 2048)
-    assert sched.max_num_prefill_tokens == 2048 and llm.config.max_num_prefill_tokens == 2048
+    # steps without decodes: the knee, 64 (95 / 67 ms a token; 32: 79 / 35, more than 15% above), + 3
+    assert sched.max_num_prefill_tokens == 67 and llm.config.max_num_prefill_tokens == 67
     # the new budgets schedule: beside a decoding request, a 100-token prompt goes in chunks of 34 (+ 1
     # decode); alone, in one step
     dec = llm.engine.requests[llm.add_request([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
@@ -62,8 +72,11 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     while llm.engine.has_unfinished():
         llm.engine.step()
     req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]
-    llm.engine.step()
-    assert req.num_computed_tokens == 100
+    computed = []
+    while not req.is_finished:
+        llm.engine.step()
+        computed.append(req.num_computed_tokens)
+    assert computed == [67, 100]
 
 
 def test_the_budget_changes_only_while_idle(llm):

@@ -6,7 +6,13 @@ sets how long each of them waits for its next token. The budget chosen here is t
 chunk whose step costs at most ``LATENCY_FACTOR`` times a decode-only step, plus the decodes that
 shared it: prompts advance as fast as they can while decodes keep within that factor of their lone
 pace (bench/step_cost.py measures the same thing in full; on the 1.1B fp32 it gives 32 + 4 = 36, the
-budget of bench/results/serve_llama11b.md).
+budget of bench/results/serve_llama11b.md). It applies to steps that carry decodes.
+
+A step with none holds up no decode, so its budget (``SchedulerConfig.max_num_prefill_tokens``,
+tierlm.engine.scheduler) is the throughput knee of the same probe: the smallest chunk whose cost
+per token is within ``KNEE_TOLERANCE`` of the cheapest probed, where a pass stops getting cheaper
+per token. Larger steps would prefill no faster, and would only make every prompt in the step wait
+for the whole of it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ PROBE_CHUNKS = (16, 32, 64, 128, 256)  # prompt-chunk sizes probed, in tokens
 PROBE_DECODES = 4  # running decodes sharing each probed step
 PROBE_REPEATS = 2  # steps timed per chunk size, after one warm-up; the median is kept
 LATENCY_FACTOR = 2.0
+KNEE_TOLERANCE = 0.15  # a chunk within 15% of the cheapest cost per token is at the knee
 
 
 def latency_budget(step_ms: Mapping[int, float], num_decodes: int, factor: float = LATENCY_FACTOR) -> int:
@@ -32,6 +39,16 @@ def latency_budget(step_ms: Mapping[int, float], num_decodes: int, factor: float
     chunks = sorted(t for t in step_ms if t > 0)
     fits = [t for t in chunks if step_ms[t] <= factor * step_ms[0]]
     return (fits[-1] if fits else chunks[0]) + num_decodes
+
+
+def throughput_budget(step_ms: Mapping[int, float], num_decodes: int, tolerance: float = KNEE_TOLERANCE) -> int:
+    """``step_ms`` as for ``latency_budget``. Returns the smallest t > 0 whose cost per token,
+    step_ms[t] / (t + num_decodes), is within ``tolerance`` of the lowest probed, plus ``num_decodes``."""
+    per_token = {t: ms / (t + num_decodes) for t, ms in step_ms.items() if t > 0}
+    if not per_token:
+        raise ValueError("step costs need at least one chunk size")
+    best = min(per_token.values())
+    return min(t for t, c in per_token.items() if c <= best * (1 + tolerance)) + num_decodes
 
 
 def measure_step_ms(engine, vocab_size: int, chunks: Sequence[int] = PROBE_CHUNKS,

@@ -13,9 +13,10 @@ Requests join and leave between steps; a step is any mix of prompt chunks and de
 forward pass carries about ``max_num_batched_tokens`` tokens while there is work.
 A step in which no running request is decoding has the budget ``max_num_prefill_tokens`` instead
 (when set, typically larger): the budget is there to bound how long each decode waits for its
-next token, and a step of prompts only holds up no decode. Without it a lone long prompt would be
-chunked at the decode-friendly budget with nothing to gain: on SmolLM2 at budget 36, a lone
-request's P95 time to first token was 3.9 s against 1.7 s unchunked (serve_smollm2_b36.md).
+next token, and a step of prompts only holds up no decode. Without it a lone long prompt is
+chunked at the decode-friendly budget with nothing to gain: on SmolLM2 at budget 36 with one client,
+P95 time to first token was 3.9 s (serve_smollm2_b36.md), and 2.0 s with a prefill budget of 2048
+(serve_smollm2_b36_p2048.md; prefill-first 1.7 s).
 
 "prefill_first" (the classic scheduler, kept for comparison): while a waiting prompt fits, a step
 runs whole prompts only (first come first served, within the budget) and every decode waits;
