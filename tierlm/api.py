@@ -13,7 +13,7 @@ import torch
 
 from tierlm.config import ConfigError, EngineConfig
 from tierlm.engine.block_manager import BlockManager
-from tierlm.engine.budget import PROBE_CHUNKS, PROBE_DECODES, latency_budget, measure_step_ms, throughput_budget
+from tierlm.engine.budget import PROBE_CHUNKS, PROBE_DECODES, latency_budget, measure_step_ms
 from tierlm.engine.engine import EngineCore, RequestError
 from tierlm.engine.scheduler import SchedulerConfig
 from tierlm.loader.model_loader import LoadedModel, default_model_path, load_model, open_checkpoint
@@ -198,9 +198,9 @@ class LLM:
     def tune_token_budget(self) -> int:
         """Measure what an engine step costs on this machine and set the per-step token budget from it
         (``tierlm.engine.budget``: the largest probed chunk whose step stays within 2x a decode-only
-        step, plus the decodes), and, unless ``max_num_prefill_tokens`` was given, the budget of steps
-        with no decode in them (the throughput knee of the same costs, at least the step budget).
-        Returns the step budget; the engine must be idle. Takes a few dozen steps."""
+        step, plus the decodes). Steps with no decode in them keep the budget the engine was loaded
+        with, unless ``max_num_prefill_tokens`` was given (why: ``tierlm.engine.budget``). Returns
+        the step budget; the engine must be idle. Takes a few dozen steps."""
         cfg = self.config
         num_decodes = min(PROBE_DECODES, cfg.max_num_seqs - 1)
         # Each probed step must take its whole chunk: within the context, the KV cache (a block per decode
@@ -214,9 +214,7 @@ class LLM:
                               f"max_model_len={cfg.max_model_len}); give the budget explicitly")
         costs = measure_step_ms(self.engine, self.model_config.vocab_size, chunks, num_decodes)
         budget = latency_budget(costs, num_decodes)
-        prefill = cfg.max_num_prefill_tokens
-        if prefill is None:
-            prefill = max(budget, throughput_budget(costs, num_decodes))
+        prefill = cfg.max_num_batched_tokens if cfg.max_num_prefill_tokens is None else cfg.max_num_prefill_tokens
         self.engine.set_token_budget(budget, prefill)
         self.config = replace(cfg, max_num_batched_tokens=budget, max_num_prefill_tokens=prefill)
         log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s); "

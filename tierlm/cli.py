@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "largest prompt chunk whose step costs at most 2x a decode-only step; for prefill_first, 2048")
     srv.add_argument("--max-num-prefill-tokens", type=int, default=None, metavar="N",
                      help="splitfuse: tokens in a step that carries no decode (nothing waits on it, so prompts "
-                     "need not be chunked small); default: under auto, measured at start-up as where a step stops "
-                     "getting cheaper per token; else --max-num-batched-tokens")
+                     "need not be chunked small); default: 2048 when --max-num-batched-tokens is auto, else that "
+                     "budget")
     srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
                      help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
                      "first, decodes wait (default: splitfuse)")
