@@ -8,7 +8,7 @@ import pytest
 from tierlm import LLM, SamplingParams
 from tierlm.cli import build_parser, token_budget
 from tierlm.config import ConfigError
-from tierlm.engine.budget import latency_budget, measure_step_ms, throughput_budget
+from tierlm.engine.budget import fit_step_cost, latency_budget, measure_step_ms, throughput_budget
 
 
 def test_throughput_budget_is_the_smallest_chunk_near_the_cheapest_per_token():
@@ -21,12 +21,16 @@ def test_throughput_budget_is_the_smallest_chunk_near_the_cheapest_per_token():
         throughput_budget({0: 10.0}, 4)
 
 
-def test_latency_budget_is_the_largest_chunk_within_the_factor_plus_the_decodes():
-    costs = {0: 50.0, 16: 70.0, 32: 100.0, 64: 120.0, 128: 200.0}
-    assert latency_budget(costs, 4) == 32 + 4  # 100 <= 2 x 50 < 120
-    assert latency_budget(costs, 2, factor=1.5) == 16 + 2
-    assert latency_budget(costs, 4, factor=4.0) == 128 + 4
-    assert latency_budget({0: 10.0, 64: 30.0, 16: 25.0}, 3) == 16 + 3  # none fits: the smallest chunk
+def test_latency_budget_comes_from_a_line_fitted_to_the_steps():
+    costs = {0: 50.0, 16: 66.0, 32: 82.0, 64: 114.0, 128: 178.0}  # 50 ms + 1 ms a token
+    assert fit_step_cost(costs) == (50.0, 1.0)
+    assert latency_budget(costs, 4) == 50 + 4  # 50 + t <= 2 x 50
+    assert latency_budget(costs, 2, factor=1.5) == 25 + 2
+    assert latency_budget(costs, 4, factor=4.0) == 128 + 4  # 150 is past the probes: the largest probed
+    assert latency_budget(costs, 4, factor=1.1) == 16 + 4  # 5 is below them: the smallest
+    # one slow step does not move the fit (the pointwise rule would drop from 32 to 16 here)
+    assert latency_budget({**costs, 32: 300.0}, 4) == 50 + 4
+    assert latency_budget({0: 50.0, 16: 40.0, 64: 30.0}, 3) == 64 + 3  # no growth with tokens: the largest
     with pytest.raises(ValueError, match="decode-only"):
         latency_budget({16: 1.0, 32: 2.0}, 4)
 
@@ -47,18 +51,18 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
 
     def fake(engine, vocab_size, chunks, num_decodes):
         seen.update(chunks=list(chunks), num_decodes=num_decodes)
-        return {0: 40.0, 16: 60.0, 32: 79.0, 64: 95.0}
+        return {0: 40.0, 16: 56.0, 32: 72.0, 64: 104.0}  # 40 ms + 1 ms a token
 
     monkeypatch.setattr("tierlm.api.measure_step_ms", fake)
-    assert llm.tune_token_budget() == 32 + 3
+    assert llm.tune_token_budget() == 40 + 3
     # 3 decodes (max_num_seqs 4 leaves one slot for the chunk); chunks that fit max_model_len 128 and the
     # KV cache (512 tokens less a 16-token block per decode and a spare: 448)
     assert seen == {"chunks": [16, 32, 64], "num_decodes": 3}
     sched = llm.engine.scheduler.config
-    assert sched.max_num_batched_tokens == 35 and llm.config.max_num_batched_tokens == 35
+    assert sched.max_num_batched_tokens == 43 and llm.config.max_num_batched_tokens == 43
     # steps without decodes keep the budget the engine was loaded with (LLM's default, 2048)
     assert sched.max_num_prefill_tokens == 2048 and llm.config.max_num_prefill_tokens == 2048
-    # the new budgets schedule: beside a decoding request, a 100-token prompt goes in chunks of 34 (+ 1
+    # the new budgets schedule: beside a decoding request, a 100-token prompt goes in chunks of 42 (+ 1
     # decode); alone, in one step
     dec = llm.engine.requests[llm.add_request([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
     llm.engine.step()
@@ -68,7 +72,7 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     while not req.is_finished:
         llm.engine.step()
         computed.append(req.num_computed_tokens)
-    assert computed == [34, 68, 100]  # the third chunk: 32 left, and still a decode beside it
+    assert computed == [42, 84, 100]  # the third chunk: 16 left, and still a decode beside it
     while llm.engine.has_unfinished():
         llm.engine.step()
     req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]

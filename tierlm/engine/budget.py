@@ -2,11 +2,17 @@
 
 A forward pass costs a fixed part (reading the weights, per-layer overhead) plus a part in
 proportion to its tokens. Every running decode shares the step with the prompt chunk, so the chunk
-sets how long each of them waits for its next token. The budget chosen here is the largest probed
-chunk whose step costs at most ``LATENCY_FACTOR`` times a decode-only step, plus the decodes that
-shared it: prompts advance as fast as they can while decodes keep within that factor of their lone
-pace (bench/step_cost.py measures the same thing in full; on the 1.1B fp32 it gives 32 + 4 = 36, the
-budget of bench/results/serve_llama11b.md). It applies to steps that carry decodes.
+sets how long each of them waits for its next token. The budget chosen here is the largest chunk
+whose step costs at most ``LATENCY_FACTOR`` times a decode-only step, plus the decodes that shared
+it: prompts advance as fast as they can while decodes keep within that factor of their lone pace.
+It applies to steps that carry decodes.
+
+The chunk comes from a line fitted to all the probed steps (cost = fixed + per_token * t, Theil-Sen:
+the median of the pairwise slopes, then the median intercept), not from the probed points one by
+one: each point is two timed steps on a machine whose speed drifts, and one slow step moved the
+choice. On the 1.1B fp32 the 32-token step once measured 610 ms against 436-454 ms in other
+probes, which took the pointwise rule from 32 to 16; the fit gives 36 on both probes (SmolLM2:
+43-45, against 16 or 32 pointwise).
 
 A step with none holds up no decode, so it has its own budget (``SchedulerConfig.
 max_num_prefill_tokens``, tierlm.engine.scheduler): under `tierlm serve`'s auto, the budget the
@@ -37,13 +43,25 @@ KNEE_TOLERANCE = 0.15  # a chunk within 15% of the cheapest cost per token is at
 
 def latency_budget(step_ms: Mapping[int, float], num_decodes: int, factor: float = LATENCY_FACTOR) -> int:
     """``step_ms[t]``: milliseconds of one step carrying ``num_decodes`` decodes and a t-token chunk
-    (t = 0: decodes only, required). Returns the largest t > 0 with step_ms[t] <= factor * step_ms[0],
-    or the smallest t probed if none fits, plus ``num_decodes``: a per-step token budget."""
+    (t = 0: decodes only, required). Returns the largest whole t whose fitted cost (module docstring)
+    is at most ``factor`` times the fitted decode-only cost, kept within the probed chunk sizes, plus
+    ``num_decodes``: a per-step token budget."""
     if 0 not in step_ms or len(step_ms) < 2:
         raise ValueError("step costs need the decode-only step (0) and at least one chunk size")
+    fixed, per_token = fit_step_cost(step_ms)
     chunks = sorted(t for t in step_ms if t > 0)
-    fits = [t for t in chunks if step_ms[t] <= factor * step_ms[0]]
-    return (fits[-1] if fits else chunks[0]) + num_decodes
+    if per_token <= 0:  # steps do not get dearer with tokens (noise): the largest chunk probed
+        return chunks[-1] + num_decodes
+    t = int((factor - 1) * fixed / per_token)
+    return min(max(t, chunks[0]), chunks[-1]) + num_decodes
+
+
+def fit_step_cost(step_ms: Mapping[int, float]) -> tuple[float, float]:
+    """Theil-Sen line through (t, step_ms[t]): (fixed ms, ms per token). Needs two sizes or more."""
+    ts = sorted(step_ms)
+    slopes = [(step_ms[b] - step_ms[a]) / (b - a) for i, a in enumerate(ts) for b in ts[i + 1:]]
+    per_token = statistics.median(slopes)
+    return statistics.median(step_ms[t] - per_token * t for t in ts), per_token
 
 
 def throughput_budget(step_ms: Mapping[int, float], num_decodes: int, tolerance: float = KNEE_TOLERANCE) -> int:
