@@ -197,8 +197,8 @@ class LLM:
 
     def tune_token_budget(self) -> int:
         """Measure what an engine step costs on this machine and set the per-step token budget from it
-        (``tierlm.engine.budget``: the largest probed chunk whose step stays within 2x a decode-only
-        step, plus the decodes). Steps with no decode in them keep the budget the engine was loaded
+        (``tierlm.engine.budget``: the largest chunk whose step, on a line fitted to the probed steps,
+        stays within 2x a decode-only step, plus the decodes). Steps with no decode in them keep the budget the engine was loaded
         with, unless ``max_num_prefill_tokens`` was given (why: ``tierlm.engine.budget``). Returns
         the step budget; the engine must be idle. Takes a few dozen steps."""
         cfg = self.config
