@@ -280,7 +280,8 @@ def main() -> int:
             # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
             # so its budget must hold the longest prompt: max_model_len.
             budget = args.budget if policy == "splitfuse" else args.max_model_len
-            extra = ["--max-num-prefill-tokens", str(args.prefill_budget)] if policy == "splitfuse" and args.prefill_budget else []
+            prefill_budget = args.prefill_budget if policy == "splitfuse" and args.prefill_budget else None
+            extra = [] if prefill_budget is None else ["--max-num-prefill-tokens", str(prefill_budget)]
             if budget == "auto":
                 extra.append("-v")  # the server logs the budgets it measured
             port = free_port()
@@ -293,14 +294,13 @@ def main() -> int:
             log_path = Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log")
             procs[policy] = (start_server(cmd, log_path, base), base)
             if budget == "auto":
-                budget, prefill = chosen_budgets(log_path)
-                print(f"  measured budgets: {budget} tokens a step, {prefill} in steps without decodes", flush=True)
-            else:
-                prefill = args.prefill_budget if policy == "splitfuse" and args.prefill_budget else None
+                budget, prefill_budget = chosen_budgets(log_path)
+                print(f"  measured budgets: {budget} tokens a step, {prefill_budget} in steps without decodes",
+                      flush=True)
             rates = asyncio.run(lone_rates(base + "/v1/completions", long_len, args.vocab))
             print(f"  lone rates ({policy}): {rates}", flush=True)
             servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": int(budget),
-                               "max_num_prefill_tokens": prefill, "lone_rates": rates}
+                               "max_num_prefill_tokens": prefill_budget, "lone_rates": rates}
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
         prefill = max(s["lone_rates"]["prefill_tok_per_s"] for s in servers.values())

@@ -13,8 +13,9 @@ overhead) plus a part in proportion to its tokens, and the fixed part is small a
 so at the knee a fused step is several times a decode-only step and every decode sharing it waits
 that long. The second budget reported, ``latency_budget``, is the largest T whose step costs at
 most --latency-factor times the decode-only step (T = 0, always measured), on a line fitted to all
-the steps (tierlm.engine.budget.fit_step_cost): the chunk that keeps decodes within that factor of their lone pace, which is what a per-token
-latency SLA asks, and what `tierlm serve` picks at start-up (tierlm.engine.budget).
+the steps (tierlm.engine.budget.fit_step_cost): the chunk that keeps decodes within that factor of
+their lone pace, which is what a per-token latency SLA asks, and what `tierlm serve` picks at
+start-up (tierlm.engine.budget).
 
     python bench/step_cost.py                       # SmolLM2 (fp32)
     python bench/step_cost.py --model .cache/models/llama-1.1b --dtype bfloat16

@@ -67,20 +67,21 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     dec = llm.engine.requests[llm.add_request([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
     llm.engine.step()
     assert dec.is_decoding
-    req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]
-    computed = []
-    while not req.is_finished:
-        llm.engine.step()
-        computed.append(req.num_computed_tokens)
-    assert computed == [42, 84, 100]  # the third chunk: 16 left, and still a decode beside it
+    assert _computed_per_step(llm, 100) == [42, 84, 100]  # the third chunk: 16 left, and still a decode beside it
     while llm.engine.has_unfinished():
         llm.engine.step()
-    req = llm.engine.requests[llm.add_request(list(range(5, 105)), SamplingParams(max_tokens=1, temperature=0))]
+    assert _computed_per_step(llm, 100) == [100]
+
+
+def _computed_per_step(llm, num_prompt_tokens: int) -> list[int]:
+    """Add a prompt of that many tokens and step until it finishes: its computed tokens after each step."""
+    req = llm.engine.requests[llm.add_request(list(range(5, 5 + num_prompt_tokens)),
+                                              SamplingParams(max_tokens=1, temperature=0))]
     computed = []
     while not req.is_finished:
         llm.engine.step()
         computed.append(req.num_computed_tokens)
-    assert computed == [100]
+    return computed
 
 
 def test_the_budget_changes_only_while_idle(llm):
