@@ -37,6 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, write_results
 
+SLO_POLICY = "splitfuse_slo"
+
 
 @dataclass
 class Req:
@@ -241,7 +243,9 @@ async def lone_rates(url: str, long_len: int, vocab: int, reps: int = 3) -> dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--policies", default="splitfuse,prefill_first")
+    ap.add_argument("--policies", default="splitfuse,prefill_first",
+                    help=f"comma-separated: splitfuse, prefill_first, {SLO_POLICY} (splitfuse promised the SLA's g: "
+                    "`tierlm serve --slo-tokens-per-s g`)")
     ap.add_argument("--clients", default="1,2,4,8,16,32")
     ap.add_argument("--duration", type=float, default=75, help="measured seconds per level")
     ap.add_argument("--warmup", type=float, default=15, help="excluded seconds at the start of each level, at least")
@@ -276,12 +280,15 @@ def main() -> int:
         # Every policy's server is up for the whole run (an idle one only waits on its queue), and each
         # client count runs the policies back to back: this machine's speed drifts by tens of percent
         # over minutes, and interleaving puts both policies in the same stretch of it.
-        for policy in policies:
+        def start(policy: str, slo: float | None = None) -> None:
             # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
             # so its budget must hold the longest prompt: max_model_len.
-            budget = args.budget if policy == "splitfuse" else args.max_model_len
-            prefill_budget = args.prefill_budget if policy == "splitfuse" and args.prefill_budget else None
+            splitfuse = policy != "prefill_first"
+            budget = args.budget if splitfuse else args.max_model_len
+            prefill_budget = args.prefill_budget if splitfuse and args.prefill_budget else None
             extra = [] if prefill_budget is None else ["--max-num-prefill-tokens", str(prefill_budget)]
+            if slo is not None:
+                extra += ["--slo-tokens-per-s", f"{slo:.4g}"]
             if budget == "auto":
                 extra.append("-v")  # the server logs the budgets it measured
             port = free_port()
@@ -289,7 +296,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
                    "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs",
                    str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
-                   "--scheduling-policy", policy, *extra]
+                   "--scheduling-policy", "splitfuse" if splitfuse else policy, *extra]
             print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
             log_path = Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log")
             procs[policy] = (start_server(cmd, log_path, base), base)
@@ -301,16 +308,22 @@ def main() -> int:
             print(f"  lone rates ({policy}): {rates}", flush=True)
             servers[policy] = {"command": cmd[1:], "max_num_batched_tokens": int(budget),
                                "max_num_prefill_tokens": prefill_budget, "lone_rates": rates}
+
+        for policy in policies:
+            if policy != SLO_POLICY:
+                start(policy)
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
         prefill = max(s["lone_rates"]["prefill_tok_per_s"] for s in servers.values())
         decode = max(s["lone_rates"]["decode_tok_per_s"] for s in servers.values())
-        sla = {"from": "the fastest lone prefill and decode rates over the policies' servers",
+        sla = {"from": "the fastest lone prefill and decode rates over the policies' servers (not splitfuse_slo's)",
                "prefill_tok_per_s": prefill, "decode_tok_per_s": decode,
                "R_tok_per_s": prefill / args.sla_scale, "g_tok_per_s": decode / args.sla_scale,
                "g_literal_tok_per_s": 2.0}
         print(f"  SLA: R = {sla['R_tok_per_s']:.0f} tok/s, g = {sla['g_tok_per_s']:.1f} tok/s "
               f"(fastest lone rates / {args.sla_scale}); also g = 2 tok/s", flush=True)
+        if SLO_POLICY in policies:  # its server is promised the SLA's g, so it starts once g is known
+            start(SLO_POLICY, sla["g_tok_per_s"])
         for c in clients:
             for policy in policies:
                 res, t_warm, t_end = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,

@@ -8,7 +8,16 @@ import pytest
 from tierlm import LLM, SamplingParams
 from tierlm.cli import build_parser, token_budget
 from tierlm.config import ConfigError
-from tierlm.engine.budget import fit_step_cost, latency_budget, measure_step_ms, throughput_budget
+from tierlm.engine.budget import (
+    MAX_CHUNK,
+    StepCost,
+    fit_step_cost,
+    latency_budget,
+    measure_pair_ms,
+    measure_step_ms,
+    step_cost,
+    throughput_budget,
+)
 
 
 def test_throughput_budget_is_the_smallest_chunk_near_the_cheapest_per_token():
@@ -33,6 +42,24 @@ def test_latency_budget_comes_from_a_line_fitted_to_the_steps():
     assert latency_budget({0: 50.0, 16: 40.0, 64: 30.0}, 3) == 64 + 3  # no growth with tokens: the largest
     with pytest.raises(ValueError, match="decode-only"):
         latency_budget({16: 1.0, 32: 2.0}, 4)
+
+
+def test_step_cost_charges_tokens_and_query_key_pairs():
+    c = StepCost(fixed_ms=10.0, per_token_ms=1.0, per_pair_ms=0.01)
+    # 4 tokens at positions 100..103 score 4 * 100 + 4 * 5 / 2 = 410 pairs
+    assert c.chunk_ms(100, 4) == pytest.approx(4 + 4.1)
+    pairs_only = StepCost(0.0, 0.0, 0.01)
+    assert pairs_only.max_chunk(100, 10.0) == 9  # 945 pairs fit in 1000, 10 tokens would be 1055
+    assert StepCost(0.0, 2.0, 0.0).max_chunk(7, 9.0) == 4
+    assert StepCost(0.0, 2.0, 0.0).max_chunk(7, 8.0) == 4  # exactly on the limit
+    assert c.max_chunk(0, 0.0) == 0 and c.max_chunk(0, -5.0) == 0
+    assert StepCost(5.0, 0.0, 0.0).max_chunk(0, 1.0) == MAX_CHUNK  # tokens cost nothing: no limit
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="per_token_ms must be finite"):
+            StepCost(0.0, bad, 0.0)
+    # from probed steps with 3 decodes in each: the decodes come out of the fixed part
+    assert step_cost({0: 40.0, 16: 56.0, 32: 72.0}, 3, 0.002) == StepCost(37.0, 1.0, 0.002)
+    assert step_cost({0: 40.0, 16: 30.0}, 3, 0.0) == StepCost(40.0, 0.0, 0.0)  # no growth: no per-token cost
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +100,36 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     assert _computed_per_step(llm, 100) == [100]
 
 
+def test_tune_with_an_slo_measures_attention_and_sets_the_step_cost(llm, monkeypatch):
+    seen = {}
+
+    def fake_pairs(engine, vocab_size, chunk, context):
+        seen.update(chunk=chunk, context=context)
+        return 0.001
+
+    monkeypatch.setattr("tierlm.api.measure_step_ms",
+                        lambda engine, vocab_size, chunks, num_decodes: {0: 40.0, 16: 56.0, 32: 72.0, 64: 104.0})
+    monkeypatch.setattr("tierlm.api.measure_pair_ms", fake_pairs)
+    try:
+        assert llm.tune_token_budget(slo_tokens_per_s=4.0) == 43
+        # the longest context the engine takes with a 64-token chunk after it: max_model_len 128 - 1 - 64
+        assert seen == {"chunk": 64, "context": 63}
+        sched = llm.engine.scheduler.config
+        assert sched.slo_tokens_per_s == 4.0 and llm.config.slo_tokens_per_s == 4.0
+        assert sched.step_cost == StepCost(37.0, 1.0, 0.001)  # 3 decodes' tokens out of the fixed 40 ms
+    finally:
+        llm.tune_token_budget()  # the module's other tests run without an SLO
+    assert llm.engine.scheduler.config.slo_tokens_per_s is None and llm.config.slo_tokens_per_s is None
+
+
+def test_measure_pair_ms_times_a_chunk_after_a_context_and_restores_the_budget(llm):
+    before = llm.engine.scheduler.config
+    per_pair = measure_pair_ms(llm.engine, llm.model_config.vocab_size, chunk=16, context=64, repeats=1)
+    assert per_pair >= 0 and per_pair < 1.0  # ms per pair: far below a millisecond on any machine
+    assert llm.engine.scheduler.config == before
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+
+
 def _computed_per_step(llm, num_prompt_tokens: int) -> list[int]:
     """Add a prompt of that many tokens and step until it finishes: its computed tokens after each step."""
     req = llm.engine.requests[llm.add_request(list(range(5, 5 + num_prompt_tokens)),
@@ -107,3 +164,14 @@ def test_serve_budget_argument():
     assert build_parser().parse_args(["serve", "--max-num-batched-tokens", "64"]).max_num_batched_tokens == 64
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-batched-tokens", "lots"])
+
+
+def test_serve_slo_needs_splitfuse_and_the_measured_budget():
+    from tierlm.cli import cmd_serve
+
+    assert build_parser().parse_args(["serve", "--slo-tokens-per-s", "5"]).slo_tokens_per_s == 5.0
+    for argv in (["--slo-tokens-per-s", "5", "--scheduling-policy", "prefill_first"],
+                 ["--slo-tokens-per-s", "5", "--max-num-batched-tokens", "64"],
+                 ["--slo-tokens-per-s", "0"]):
+        with pytest.raises(ValueError, match="--slo-tokens-per-s"):
+            cmd_serve(build_parser().parse_args(["serve", *argv]))

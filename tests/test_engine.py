@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.budget import StepCost
 from tierlm.engine.engine import EngineCore, RequestError, SampledToken
 from tierlm.engine.request import FinishReason, Request, RequestStatus
-from tierlm.engine.scheduler import Scheduler, SchedulerConfig
+from tierlm.engine.scheduler import SLO_COST_MARGIN, Scheduler, SchedulerConfig
 from tierlm.sampling_params import SamplingParams
 
 
@@ -147,6 +148,68 @@ def test_steps_without_decodes_take_the_prefill_budget():
     assert _chunks(out) == [("c", 18, 2, True)]
     _finish_step(sched, out)
     assert c.is_decoding and _chunks(sched.schedule()) == [("c", 20, 1, True)]
+
+
+def test_slo_stretches_steps_while_the_decodes_are_ahead_of_schedule():
+    # 10 ms a step + 1 ms a token; a stream is promised 10 tokens/s (token i due 0.1 * i s after its first)
+    now = [0.0]
+    cost = StepCost(fixed_ms=10.0, per_token_ms=1.0, per_pair_ms=0.0)
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_num_prefill_tokens=100,
+                          slo_tokens_per_s=10.0, step_cost=cost)
+    sched = Scheduler(cfg, BlockManager(128, 4), clock=lambda: now[0])
+    assert SLO_COST_MARGIN == 1.5  # the numbers below plan each step at 1.5x its cost
+    a, b = _req("a", 4, max_tokens=10), _req("b", 200)
+    sched.add(a)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 4, True)]  # nobody decodes: the prefill budget
+    _finish_step(sched, out)
+    a.metrics.first_token_time = 0.0  # what the engine records
+    sched.add(b)
+    # a's token 1 is due at 0.1 s: 100 / 1.5 - 10 = 56.7 ms for tokens; a's decode takes 1 ms of it and
+    # b gets the 55 tokens that fit in the rest, against 7 under the fixed budget of 8
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 4, 1, True), ("b", 0, 55, False)]
+    _finish_step(sched, out)
+    now[0] = 0.09  # token 2 due at 0.2 s: 110 / 1.5 - 10 = 63.3 ms, 1 for a, 62 for b
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 5, 1, True), ("b", 55, 62, False)]
+    _finish_step(sched, out)
+    now[0] = 0.5  # a is late (token 3 was due at 0.3 s): the fixed budget, so that steps stay short
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 6, 1, True), ("b", 117, 7, False)]
+    _finish_step(sched, out)
+    a.metrics.first_token_time = 0.2  # as if a had started later: its token 4 is due at 0.6 s, 0.1 s ahead
+    out = sched.schedule()  # 100 / 1.5 - 10 = 56.7 ms again: 1 for a, 55 for b
+    assert _chunks(out) == [("a", 7, 1, True), ("b", 124, 55, False)]
+
+
+def test_slo_steps_never_pass_the_prefill_budget_and_count_attention():
+    now = [0.0]
+    # 0.01 ms per query-key pair: a chunk of n at position s costs 0.01 * (n * s + n (n + 1) / 2) ms
+    cost = StepCost(fixed_ms=0.0, per_token_ms=0.0, per_pair_ms=0.01)
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2, max_num_prefill_tokens=30,
+                          slo_tokens_per_s=1.0, step_cost=cost)
+    sched = Scheduler(cfg, BlockManager(128, 4), clock=lambda: now[0])
+    a, b = _req("a", 100, max_tokens=10), _req("b", 300)
+    sched.add(a)
+    for _ in range(4):  # a's prompt, 30 tokens a step
+        _finish_step(sched, sched.schedule())
+    a.metrics.first_token_time = 0.0
+    sched.add(b)
+    # a's token 1 is due in 1 s: 1000 / 1.5 = 666.7 ms; a's decode at position 100 costs 0.01 * 101 = 1.01;
+    # b would fit 35 tokens at position 0 (0.01 * 35 * 36 / 2 = 6.3 ms) but the step stops at 30 in all
+    assert _chunks(sched.schedule()) == [("a", 100, 1, True), ("b", 0, 29, False)]
+
+
+def test_slo_is_validated():
+    cost = StepCost(1.0, 1.0, 0.0)
+    assert SchedulerConfig(slo_tokens_per_s=5.0, step_cost=cost).slo_tokens_per_s == 5.0
+    with pytest.raises(ValueError, match="measured step_cost"):
+        SchedulerConfig(slo_tokens_per_s=5.0)
+    with pytest.raises(ValueError, match="slo_tokens_per_s must be > 0"):
+        SchedulerConfig(slo_tokens_per_s=0.0, step_cost=cost)
+    with pytest.raises(ValueError, match="splitfuse policy only"):
+        SchedulerConfig(slo_tokens_per_s=5.0, step_cost=cost, policy="prefill_first")
 
 
 def test_prefill_budget_defaults_to_the_step_budget_and_is_validated():

@@ -13,9 +13,18 @@ import torch
 
 from tierlm.config import ConfigError, EngineConfig
 from tierlm.engine.block_manager import BlockManager
-from tierlm.engine.budget import PROBE_CHUNKS, PROBE_DECODES, latency_budget, measure_step_ms
+from tierlm.engine.budget import (
+    PROBE_CHUNKS,
+    PROBE_CONTEXT,
+    PROBE_DECODES,
+    PROBE_PAIR_CHUNK,
+    latency_budget,
+    measure_pair_ms,
+    measure_step_ms,
+    step_cost,
+)
 from tierlm.engine.engine import EngineCore, RequestError
-from tierlm.engine.scheduler import SchedulerConfig
+from tierlm.engine.scheduler import SLO_COST_MARGIN, SchedulerConfig
 from tierlm.loader.model_loader import LoadedModel, default_model_path, load_model, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer
 from tierlm.memory.plan import PlanError
@@ -195,13 +204,21 @@ class LLM:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return ids, None
 
-    def tune_token_budget(self) -> int:
+    def tune_token_budget(self, slo_tokens_per_s: float | None = None) -> int:
         """Measure what an engine step costs on this machine and set the per-step token budget from it
         (``tierlm.engine.budget``: the largest chunk whose step, on a line fitted to the probed steps,
-        stays within 2x a decode-only step, plus the decodes). Steps with no decode in them keep the budget the engine was loaded
-        with, unless ``max_num_prefill_tokens`` was given (why: ``tierlm.engine.budget``). Returns
-        the step budget; the engine must be idle. Takes a few dozen steps."""
+        stays within 2x a decode-only step, plus the decodes). Steps with no decode in them keep the
+        budget the engine was loaded with, unless ``max_num_prefill_tokens`` was given (why:
+        ``tierlm.engine.budget``).
+
+        ``slo_tokens_per_s``: the rate every stream is promised (``SchedulerConfig.slo_tokens_per_s``):
+        steps then stretch past the budget, up to the prefill budget, while every decode is ahead of
+        that schedule. It also measures what attention over a long context costs (a few long steps).
+
+        Returns the step budget; the engine must be idle. Takes a few dozen steps."""
         cfg = self.config
+        if cfg.scheduling_policy != "splitfuse":
+            raise ConfigError("the step budget is measured for the splitfuse policy only")
         num_decodes = min(PROBE_DECODES, cfg.max_num_seqs - 1)
         # Each probed step must take its whole chunk: within the context, the KV cache (a block per decode
         # and a spare) and the budget it was loaded with.
@@ -215,11 +232,27 @@ class LLM:
         costs = measure_step_ms(self.engine, self.model_config.vocab_size, chunks, num_decodes)
         budget = latency_budget(costs, num_decodes)
         prefill = cfg.max_num_batched_tokens if cfg.max_num_prefill_tokens is None else cfg.max_num_prefill_tokens
-        self.engine.set_token_budget(budget, prefill)
-        self.config = replace(cfg, max_num_batched_tokens=budget, max_num_prefill_tokens=prefill)
+        cost = None
+        if slo_tokens_per_s is not None:
+            # the pair term, from one chunk at the end of as long a context as the engine takes
+            context = min(PROBE_CONTEXT, cfg.max_model_len - 1 - PROBE_PAIR_CHUNK,
+                          cfg.kv_capacity_tokens - cfg.block_size - PROBE_PAIR_CHUNK, prefill)
+            if context < PROBE_PAIR_CHUNK // 2:
+                raise ConfigError(f"an SLO needs the cost of attention over a context of at least "
+                                  f"{PROBE_PAIR_CHUNK // 2 + PROBE_PAIR_CHUNK + 1} tokens: max_model_len is "
+                                  f"{cfg.max_model_len}")
+            pair_ms = measure_pair_ms(self.engine, self.model_config.vocab_size, PROBE_PAIR_CHUNK, context)
+            cost = step_cost(costs, num_decodes, pair_ms)
+        self.engine.set_token_budget(budget, prefill, slo_tokens_per_s, cost)
+        self.config = replace(cfg, max_num_batched_tokens=budget, max_num_prefill_tokens=prefill,
+                              slo_tokens_per_s=slo_tokens_per_s)
         log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s); "
                  "%d in steps without decodes", budget, num_decodes,
                  ", ".join(f"{t}: {ms:.0f}" for t, ms in costs.items()), prefill)
+        if cost is not None:
+            log.info("SLO: %.3g tokens/s a stream; steps may grow to %d tokens while every decode is ahead of "
+                     "it, planned at %.3g x the measured step cost: %.1f ms + %.3f ms/token + %.2e ms/query-key pair",
+                     slo_tokens_per_s, prefill, SLO_COST_MARGIN, cost.fixed_ms, cost.per_token_ms, cost.per_pair_ms)
         return budget
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:

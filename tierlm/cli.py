@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="splitfuse: tokens in a step that carries no decode (nothing waits on it, so prompts "
                      "need not be chunked small); default: 2048 when --max-num-batched-tokens is auto, else that "
                      "budget")
+    srv.add_argument("--slo-tokens-per-s", type=float, default=None, metavar="G",
+                     help="splitfuse with --max-num-batched-tokens auto: the rate every stream is promised (its "
+                     "token i is due i/G s after its first); steps then take more prompt tokens while every decode "
+                     "is ahead of that schedule. Measures attention's cost at start-up too (default: none)")
     srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
                      help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
                      "first, decodes wait (default: splitfuse)")
@@ -387,12 +391,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tierlm.serve.server import serve  # fastapi and uvicorn load only for this command
 
     auto = args.max_num_batched_tokens == "auto"
+    if args.slo_tokens_per_s is not None and not (auto and args.scheduling_policy == "splitfuse"
+                                                  and args.slo_tokens_per_s > 0):
+        raise ValueError("--slo-tokens-per-s must be > 0 and needs --scheduling-policy splitfuse with "
+                         "--max-num-batched-tokens auto (the step cost is measured)")
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=AUTO_LOAD_BUDGET if auto else args.max_num_batched_tokens,
                     max_num_prefill_tokens=args.max_num_prefill_tokens,
                     scheduling_policy=args.scheduling_policy)
     if auto and args.scheduling_policy == "splitfuse":
-        llm.tune_token_budget()
+        llm.tune_token_budget(args.slo_tokens_per_s)
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,
           access_log=args.verbose)
     return 0

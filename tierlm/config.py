@@ -32,6 +32,7 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_num_prefill_tokens: int | None = None  # budget of a step with no decode (splitfuse); None: the above
+    slo_tokens_per_s: float | None = None  # splitfuse: the rate each stream is promised (tierlm.engine.scheduler)
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
     weight_memory_bytes: int | None = None  # None: every weight resident; else see tierlm.memory.plan
@@ -64,6 +65,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_prefill_tokens is not None and self.max_num_prefill_tokens < 1:
             raise ConfigError(f"max_num_prefill_tokens must be >= 1 or None, got {self.max_num_prefill_tokens}")
+        if self.slo_tokens_per_s is not None and not self.slo_tokens_per_s > 0:
+            raise ConfigError(f"slo_tokens_per_s must be > 0 or None, got {self.slo_tokens_per_s}")
         if (self.num_kv_blocks - 1) * self.block_size < self.max_model_len:
             raise ConfigError(f"the KV cache ({self.num_kv_blocks - 1} blocks of {self.block_size} tokens) "
                               f"cannot hold one sequence of max_model_len={self.max_model_len} tokens")

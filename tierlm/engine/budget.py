@@ -28,9 +28,11 @@ against 3.24 s).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from tierlm.sampling_params import SamplingParams
 
@@ -39,6 +41,55 @@ PROBE_DECODES = 4  # running decodes sharing each probed step
 PROBE_REPEATS = 2  # steps timed per chunk size, after one warm-up; the median is kept
 LATENCY_FACTOR = 2.0
 KNEE_TOLERANCE = 0.15  # a chunk within 15% of the cheapest cost per token is at the knee
+PROBE_PAIR_CHUNK = 64  # the chunk timed at the end of a long context (measure_pair_ms)
+PROBE_CONTEXT = 1024  # how long a context, at most
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one engine step costs on this machine, in milliseconds, measured by ``measure_step_cost``:
+
+        fixed_ms + per_token_ms * (tokens in the step) + per_pair_ms * (query-key pairs scored)
+
+    where a chunk of n tokens starting at position s scores n * s + n * (n + 1) / 2 pairs (its
+    attention over the cache and, causally, over itself). The pair term is why a long prompt's later
+    chunks cost more than its first: the probe of chunks at position 0 alone does not see it.
+    Invariant: every coefficient is finite and >= 0."""
+
+    fixed_ms: float
+    per_token_ms: float
+    per_pair_ms: float
+
+    def __post_init__(self) -> None:
+        for name in ("fixed_ms", "per_token_ms", "per_pair_ms"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"StepCost.{name} must be finite and >= 0, got {v!r}")
+
+    def chunk_ms(self, start: int, num_tokens: int) -> float:
+        """The variable cost of ``num_tokens`` tokens at positions start.. (excluding fixed_ms)."""
+        pairs = num_tokens * start + num_tokens * (num_tokens + 1) / 2
+        return self.per_token_ms * num_tokens + self.per_pair_ms * pairs
+
+    def max_chunk(self, start: int, time_ms: float) -> int:
+        """The largest n >= 0 with chunk_ms(start, n) <= time_ms (``MAX_CHUNK`` when the cost does not
+        grow with tokens)."""
+        if time_ms <= 0:
+            return 0
+        a = self.per_pair_ms / 2  # chunk_ms = a n^2 + b n
+        b = self.per_token_ms + self.per_pair_ms * (start + 0.5)
+        if a == 0 and b == 0:
+            return MAX_CHUNK
+        n = int(time_ms / b) if a == 0 else int((-b + math.sqrt(b * b + 4 * a * time_ms)) / (2 * a))
+        n = min(max(n, 0), MAX_CHUNK)
+        while n > 0 and self.chunk_ms(start, n) > time_ms:  # float rounding of the root
+            n -= 1
+        while n < MAX_CHUNK and self.chunk_ms(start, n + 1) <= time_ms:
+            n += 1
+        return n
+
+
+MAX_CHUNK = 1 << 30  # "no limit" for StepCost.max_chunk
 
 
 def latency_budget(step_ms: Mapping[int, float], num_decodes: int, factor: float = LATENCY_FACTOR) -> int:
@@ -101,3 +152,45 @@ def measure_step_ms(engine, vocab_size: int, chunks: Sequence[int] = PROBE_CHUNK
                 engine.step()
         out[t] = statistics.median(times)
     return out
+
+
+def measure_pair_ms(engine, vocab_size: int, chunk: int, context: int, repeats: int = PROBE_REPEATS) -> float:
+    """Milliseconds per query-key pair (``StepCost.per_pair_ms``): the median step of a lone
+    ``chunk``-token prompt chunk at position ``context`` against the same chunk at position 0,
+    divided by the chunk * context pairs the later one adds. The engine must be idle and take
+    context + chunk tokens in one sequence; its token budgets are restored afterwards."""
+    if engine.has_unfinished():
+        raise RuntimeError("measure step costs on an idle engine")
+    if chunk < 1 or context < 1:
+        raise ValueError(f"chunk and context must be >= 1, got {chunk} and {context}")
+    cfg = engine.scheduler.config
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    span = max(vocab_size - 10, 1)
+    times: dict[int, list[float]] = {0: [], context: []}
+    try:
+        for r in range(repeats + 1):
+            for start in (0, context):
+                # budget `start` for the first step (the context, untimed), then the chunk alone
+                engine.set_token_budget(max(start, chunk), max(start, chunk))  # and no SLO
+                engine.add_request([(53 * i + 7 * r + start) % span + 5 for i in range(start + chunk)], params)
+                if start:
+                    engine.step()
+                t0 = time.perf_counter()
+                engine.step()
+                if r:  # the first repeat warms up
+                    times[start].append(1000 * (time.perf_counter() - t0))
+                while engine.has_unfinished():
+                    engine.step()
+    finally:
+        engine.set_token_budget(cfg.max_num_batched_tokens, cfg.max_num_prefill_tokens, cfg.slo_tokens_per_s,
+                                cfg.step_cost)
+    extra = statistics.median(times[context]) - statistics.median(times[0])
+    return max(extra, 0.0) / (chunk * context)
+
+
+def step_cost(step_ms: Mapping[int, float], num_decodes: int, per_pair_ms: float) -> StepCost:
+    """The StepCost of the line fitted to ``step_ms`` (as for ``latency_budget``: steps of
+    ``num_decodes`` decodes plus a t-token chunk), with the decodes taken out of the fixed part."""
+    fixed, per_token = fit_step_cost(step_ms)
+    per_token = max(per_token, 0.0)
+    return StepCost(max(fixed - num_decodes * per_token, 0.0), per_token, per_pair_ms)

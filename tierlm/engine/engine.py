@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.budget import StepCost
 from tierlm.engine.request import FinishReason, Request
 from tierlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tierlm.outputs import RequestOutput, TokenLogprob
@@ -99,14 +100,16 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def set_token_budget(self, num_tokens: int, num_prefill_tokens: int | None = None) -> None:
-        """Change the per-step token budgets (``SchedulerConfig.max_num_batched_tokens`` and
-        ``max_num_prefill_tokens``, validated the same way); only while idle, so no scheduled request
-        sees the budget change under it."""
+    def set_token_budget(self, num_tokens: int, num_prefill_tokens: int | None = None,
+                         slo_tokens_per_s: float | None = None, step_cost: StepCost | None = None) -> None:
+        """Change the per-step token budgets and the SLO (``SchedulerConfig.max_num_batched_tokens``,
+        ``max_num_prefill_tokens``, ``slo_tokens_per_s``, ``step_cost``, validated the same way); only
+        while idle, so no scheduled request sees the budget change under it."""
         if self.has_unfinished():
             raise RuntimeError("the step budget changes only while the engine is idle")
         self.scheduler.config = replace(self.scheduler.config, max_num_batched_tokens=num_tokens,
-                                        max_num_prefill_tokens=num_prefill_tokens)
+                                        max_num_prefill_tokens=num_prefill_tokens,
+                                        slo_tokens_per_s=slo_tokens_per_s, step_cost=step_cost)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

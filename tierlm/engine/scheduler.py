@@ -27,12 +27,20 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierlm.engine.block_manager import BlockManager
+from tierlm.engine.budget import StepCost
 from tierlm.engine.request import FinishReason, Request, RequestStatus
 
 POLICIES = ("splitfuse", "prefill_first")
+# Under an SLO a step is planned as if it cost this many times its measured StepCost: a step that runs
+# past the deadline it was sized for fails every decode in it, and steps here vary by 10-30%. In a
+# simulation of bench/serve.py's workloads with the real scheduler and 15-30% log-normal noise on each
+# step (bench/serve_sim.py), 1.5-2 kept most of the gain; 1.2 lost most of it (1.1B at 4 clients,
+# 30% noise: 1.16x prefill-first's effective throughput at 1.2, 1.47x at 1.5, 1.53x at 2).
+SLO_COST_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,12 @@ class SchedulerConfig:
     policy: str = "splitfuse"  # or "prefill_first"; see the module docstring
     # splitfuse: the budget of a step with no decode in it; None: max_num_batched_tokens
     max_num_prefill_tokens: int | None = None
+    # splitfuse: the rate every stream is promised, tokens/s: its token i (first = 0) is due i / rate
+    # seconds after its first. With it (and step_cost), a step may go past max_num_batched_tokens, up to
+    # the prefill budget, by as many prompt tokens as fit before the most urgent decode's next token
+    # falls due. None: the fixed budget alone.
+    slo_tokens_per_s: float | None = None
+    step_cost: StepCost | None = None  # what a step costs here (tierlm.engine.budget); needed by the SLO
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -53,6 +67,14 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_prefill_tokens is not None and self.max_num_prefill_tokens < 1:
             raise ValueError(f"max_num_prefill_tokens must be >= 1 or None, got {self.max_num_prefill_tokens}")
+        if self.slo_tokens_per_s is not None:
+            if not self.slo_tokens_per_s > 0:
+                raise ValueError(f"slo_tokens_per_s must be > 0 or None, got {self.slo_tokens_per_s}")
+            if self.step_cost is None:
+                raise ValueError("slo_tokens_per_s needs the measured step_cost (the budget must be chosen by "
+                                 "measurement: max_num_batched_tokens='auto')")
+            if self.policy != "splitfuse":
+                raise ValueError("slo_tokens_per_s applies to the splitfuse policy only")
 
     @property
     def prefill_budget(self) -> int:
@@ -88,10 +110,39 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class StepBudget:
+    """What one step may still take: up to ``num_tokens`` tokens, and past that, up to ``max_tokens``
+    in all, as many as ``step_cost`` says fit in ``time_ms`` (None: no time limit, ``num_tokens``
+    only). Each grant is charged to both."""
+
+    def __init__(self, num_tokens: int, max_tokens: int, time_ms: float | None = None,
+                 step_cost: StepCost | None = None):
+        self.num_tokens, self.max_tokens, self.time_ms, self.step_cost = num_tokens, max_tokens, time_ms, step_cost
+
+    @property
+    def has_room(self) -> bool:
+        return self.num_tokens > 0 or (self.time_ms is not None and self.time_ms > 0 and self.max_tokens > 0)
+
+    def grant(self, start: int, wanted: int) -> int:
+        """How many of ``wanted`` tokens at positions start.. this step takes."""
+        n = min(wanted, max(self.num_tokens, 0))
+        if self.time_ms is not None:
+            n = max(n, min(wanted, self.max_tokens, self.step_cost.max_chunk(start, self.time_ms)))
+        return n
+
+    def take(self, start: int, n: int) -> None:
+        self.num_tokens -= n
+        self.max_tokens -= n
+        if self.time_ms is not None:
+            self.time_ms -= self.step_cost.chunk_ms(start, n)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 clock: Callable[[], float] = time.perf_counter):
         self.config = config
         self.blocks = block_manager
+        self.clock = clock  # seconds, the clock of RequestMetrics: the SLO's deadlines are read on it
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -122,44 +173,74 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         if self.config.policy == "prefill_first":
             out = SchedulerOutput()
-            self._admit_waiting(out, self.config.max_num_batched_tokens)
+            n = self.config.max_num_batched_tokens
+            self._admit_waiting(out, StepBudget(n, n))
             if out.chunks:
                 return out  # decodes wait while prompts are being admitted
             return self._schedule_running(admit=False)
         return self._schedule_running(admit=True)
 
     def _schedule_running(self, admit: bool) -> SchedulerOutput:
-        """Grant running requests their tokens (preempting when blocks run out), then, if ``admit``,
-        fill what is left of the budget from the queue."""
+        """Grant running requests their tokens, decodes first (preempting when blocks run out), then
+        prompt chunks; then, if ``admit``, fill what is left of the budget from the queue."""
         out = SchedulerOutput()
-        decoding = any(r.is_decoding for r in self.running)
-        budget = self.config.max_num_batched_tokens if decoding or not admit else self.config.prefill_budget
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_uncomputed_tokens, budget)
-            while not self.blocks.can_allocate(req.block_table, req.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
+        budget = self._step_budget(admit)
+        granted: set[str] = set()
+        decodes = [r for r in self.running if r.is_decoding]
+        prompts = [r for r in self.running if not r.is_decoding]
+        for req in decodes + prompts:
+            if not budget.has_room:
+                break
             if req.status is not RequestStatus.RUNNING:
-                break  # it preempted itself: nothing older is left to schedule after it
+                continue  # preempted earlier in this step
+            n = budget.grant(req.num_computed_tokens, req.num_uncomputed_tokens)
+            if n == 0:
+                continue
+            if not self._make_room(req, req.num_computed_tokens + n, granted, out):
+                continue  # it preempted itself
             self.blocks.allocate(req.block_table, req.num_computed_tokens + n)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-            budget -= n
-            i += 1
+            budget.take(req.num_computed_tokens, n)
+            granted.add(req.request_id)
         if admit and not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _step_budget(self, admit: bool) -> StepBudget:
+        cfg = self.config
+        if not admit:  # prefill_first's decode step
+            return StepBudget(cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+        decoding = [r for r in self.running if r.is_decoding]
+        if not decoding:
+            return StepBudget(cfg.prefill_budget, cfg.prefill_budget)
+        started = [r.metrics.first_token_time for r in decoding if r.metrics.first_token_time is not None]
+        if cfg.slo_tokens_per_s is None or not started:
+            return StepBudget(cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+        # The decodes' next tokens: the step must end before the earliest falls due (a late one leaves
+        # the fixed budget only, so that it catches up as fast as steps allow).
+        due = min(r.metrics.first_token_time + r.num_output_tokens / cfg.slo_tokens_per_s
+                  for r in decoding if r.metrics.first_token_time is not None)
+        time_ms = 1000 * (due - self.clock()) / SLO_COST_MARGIN - cfg.step_cost.fixed_ms
+        return StepBudget(cfg.max_num_batched_tokens, max(cfg.prefill_budget, cfg.max_num_batched_tokens),
+                          time_ms, cfg.step_cost)
+
+    def _make_room(self, req: Request, num_tokens: int, granted: set[str], out: SchedulerOutput) -> bool:
+        """Preempt running requests not yet granted this step, newest first, until ``req`` can hold
+        ``num_tokens``; False if it had to preempt itself."""
+        while not self.blocks.can_allocate(req.block_table, num_tokens):
+            victim = next(r for r in reversed(self.running) if r.request_id not in granted)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: StepBudget) -> None:
         """Move waiting requests (FCFS) into running while budget, sequence slots and blocks last."""
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget.has_room and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_uncomputed_tokens, budget)
-            if n < req.num_uncomputed_tokens and not self.splits_prompts:
+            n = budget.grant(req.num_computed_tokens, req.num_uncomputed_tokens)
+            if n == 0 or (n < req.num_uncomputed_tokens and not self.splits_prompts):
                 break
             if self.blocks.allocate(req.block_table, req.num_computed_tokens + n) is None:
                 break
@@ -169,7 +250,7 @@ class Scheduler:
                 req.metrics.first_scheduled_time = time.perf_counter()
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-            budget -= n
+            budget.take(req.num_computed_tokens, n)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
