@@ -3,10 +3,11 @@
 Two policies (``SchedulerConfig.policy``):
 
 "splitfuse" (default; DeepSpeed-FastGen's Dynamic SplitFuse, vLLM v1's scheduler). Each step:
-  1. running requests, oldest first, each get min(tokens it has not computed, budget left): one
-     token for a request that is decoding, a chunk for one whose prompt is not done. If the cache
-     cannot hold the grant, the newest running request is preempted (blocks freed, computed count
-     reset to 0, put back at the head of the queue) until it can, possibly preempting itself.
+  1. running requests each get min(tokens it has not computed, budget left): first the decoding ones,
+     one token each, then those whose prompt is not done, a chunk each, oldest first in both. If the
+     cache cannot hold a grant, the newest running request not yet granted this step is preempted
+     (blocks freed, computed count reset to 0, put back at the head of the queue) until it can,
+     possibly preempting itself.
   2. waiting requests, first come first served, join while there is budget, a sequence slot and
      cache room for their first chunk. Nobody new joins in a step that preempted.
 Requests join and leave between steps; a step is any mix of prompt chunks and decodes, so every
@@ -17,6 +18,14 @@ next token, and a step of prompts only holds up no decode. Without it a lone lon
 chunked at the decode-friendly budget with nothing to gain: on SmolLM2 at budget 36 with one client,
 P95 time to first token was 3.9 s (serve_smollm2_b36.md), and 2.0 s with a prefill budget of 2048
 (serve_smollm2_b36_p2048.md; prefill-first 1.7 s).
+
+With an SLO (``slo_tokens_per_s`` = g, the rate each stream is promised: its token i, first = 0, is
+due i / g seconds after its first) a step that carries decodes may take more prompt tokens than
+``max_num_batched_tokens``, up to the prefill budget: as many as the measured ``StepCost`` says fit,
+at ``SLO_COST_MARGIN`` times that cost, before the earliest of the decodes' next tokens falls due. The
+fixed budget is the floor, so a decode already behind schedule gets the shortest steps to catch up.
+A stream that ran ahead of its schedule (decode-only steps are far faster than 1 / g) thus lends
+its slack to the prompts waiting behind it, as prefill-first does, but only as much as it has.
 
 "prefill_first" (the classic scheduler, kept for comparison): while a waiting prompt fits, a step
 runs whole prompts only (first come first served, within the budget) and every decode waits;
@@ -37,9 +46,10 @@ from tierlm.engine.request import FinishReason, Request, RequestStatus
 POLICIES = ("splitfuse", "prefill_first")
 # Under an SLO a step is planned as if it cost this many times its measured StepCost: a step that runs
 # past the deadline it was sized for fails every decode in it, and steps here vary by 10-30%. In a
-# simulation of bench/serve.py's workloads with the real scheduler and 15-30% log-normal noise on each
-# step (bench/serve_sim.py), 1.5-2 kept most of the gain; 1.2 lost most of it (1.1B at 4 clients,
-# 30% noise: 1.16x prefill-first's effective throughput at 1.2, 1.47x at 1.5, 1.53x at 2).
+# simulation of bench/serve.py's workloads with the real scheduler and 15% log-normal noise on each step
+# (bench/serve_sim.py, results/serve_sim_*.md), 1.5 and 2 did about equally well and 1.2 worse: on the
+# 1.1B at 4 clients 1.47x / 1.69x / 1.71x prefill-first's effective throughput at 1.2 / 1.5 / 2, at 8
+# clients 2.4x / 3.6x / 3.2x; SmolLM2 at 8 clients 1.46x / 1.84x / 1.80x.
 SLO_COST_MARGIN = 1.5
 
 
