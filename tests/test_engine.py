@@ -150,13 +150,17 @@ def test_steps_without_decodes_take_the_prefill_budget():
     assert c.is_decoding and _chunks(sched.schedule()) == [("c", 20, 1, True)]
 
 
+def _slo_scheduler(cost: StepCost, num_tokens: int, num_prefill_tokens: int, slo: float):
+    """A splitfuse scheduler under an SLO, and the list whose item 0 is its clock (seconds)."""
+    now = [0.0]
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=num_tokens, max_num_prefill_tokens=num_prefill_tokens,
+                          slo_tokens_per_s=slo, step_cost=cost)
+    return Scheduler(cfg, BlockManager(128, 4), clock=lambda: now[0]), now
+
+
 def test_slo_stretches_steps_while_the_decodes_are_ahead_of_schedule():
     # 10 ms a step + 1 ms a token; a stream is promised 10 tokens/s (token i due 0.1 * i s after its first)
-    now = [0.0]
-    cost = StepCost(fixed_ms=10.0, per_token_ms=1.0, per_pair_ms=0.0)
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_num_prefill_tokens=100,
-                          slo_tokens_per_s=10.0, step_cost=cost)
-    sched = Scheduler(cfg, BlockManager(128, 4), clock=lambda: now[0])
+    sched, now = _slo_scheduler(StepCost(fixed_ms=10.0, per_token_ms=1.0, per_pair_ms=0.0), 8, 100, 10.0)
     assert SLO_COST_MARGIN == 1.5  # the numbers below plan each step at 1.5x its cost
     a, b = _req("a", 4, max_tokens=10), _req("b", 200)
     sched.add(a)
@@ -184,12 +188,8 @@ def test_slo_stretches_steps_while_the_decodes_are_ahead_of_schedule():
 
 
 def test_slo_steps_never_pass_the_prefill_budget_and_count_attention():
-    now = [0.0]
     # 0.01 ms per query-key pair: a chunk of n at position s costs 0.01 * (n * s + n (n + 1) / 2) ms
-    cost = StepCost(fixed_ms=0.0, per_token_ms=0.0, per_pair_ms=0.01)
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=2, max_num_prefill_tokens=30,
-                          slo_tokens_per_s=1.0, step_cost=cost)
-    sched = Scheduler(cfg, BlockManager(128, 4), clock=lambda: now[0])
+    sched, _ = _slo_scheduler(StepCost(fixed_ms=0.0, per_token_ms=0.0, per_pair_ms=0.01), 2, 30, 1.0)
     a, b = _req("a", 100, max_tokens=10), _req("b", 300)
     sched.add(a)
     for _ in range(4):  # a's prompt, 30 tokens a step

@@ -47,7 +47,8 @@ PROBE_CONTEXT = 1024  # how long a context, at most
 
 @dataclass(frozen=True)
 class StepCost:
-    """What one engine step costs on this machine, in milliseconds, measured by ``measure_step_cost``:
+    """What one engine step costs on this machine, in milliseconds (``step_cost`` builds it from the
+    probed steps of ``measure_step_ms`` and the pair term of ``measure_pair_ms``):
 
         fixed_ms + per_token_ms * (tokens in the step) + per_pair_ms * (query-key pairs scored)
 

@@ -223,13 +223,12 @@ class Scheduler:
         decoding = [r for r in self.running if r.is_decoding]
         if not decoding:
             return StepBudget(cfg.prefill_budget, cfg.prefill_budget)
-        started = [r.metrics.first_token_time for r in decoding if r.metrics.first_token_time is not None]
+        started = [r for r in decoding if r.metrics.first_token_time is not None]
         if cfg.slo_tokens_per_s is None or not started:
             return StepBudget(cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
         # The decodes' next tokens: the step must end before the earliest falls due (a late one leaves
         # the fixed budget only, so that it catches up as fast as steps allow).
-        due = min(r.metrics.first_token_time + r.num_output_tokens / cfg.slo_tokens_per_s
-                  for r in decoding if r.metrics.first_token_time is not None)
+        due = min(r.metrics.first_token_time + r.num_output_tokens / cfg.slo_tokens_per_s for r in started)
         time_ms = 1000 * (due - self.clock()) / SLO_COST_MARGIN - cfg.step_cost.fixed_ms
         return StepBudget(cfg.max_num_batched_tokens, max(cfg.prefill_budget, cfg.max_num_batched_tokens),
                           time_ms, cfg.step_cost)
