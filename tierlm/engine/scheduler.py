@@ -122,12 +122,13 @@ class SchedulerOutput:
 
 class StepBudget:
     """What one step may still take: up to ``num_tokens`` tokens, and past that, up to ``max_tokens``
-    in all, as many as ``step_cost`` says fit in ``time_ms`` (None: no time limit, ``num_tokens``
-    only). Each grant is charged to both."""
+    in all (None: ``num_tokens``), as many as ``step_cost`` says fit in ``time_ms`` (None: no time
+    limit, ``num_tokens`` only). Each grant is charged to both."""
 
-    def __init__(self, num_tokens: int, max_tokens: int, time_ms: float | None = None,
+    def __init__(self, num_tokens: int, max_tokens: int | None = None, time_ms: float | None = None,
                  step_cost: StepCost | None = None):
-        self.num_tokens, self.max_tokens, self.time_ms, self.step_cost = num_tokens, max_tokens, time_ms, step_cost
+        self.num_tokens, self.time_ms, self.step_cost = num_tokens, time_ms, step_cost
+        self.max_tokens = num_tokens if max_tokens is None else max_tokens
 
     @property
     def has_room(self) -> bool:
@@ -172,7 +173,7 @@ class Scheduler:
         self.blocks.free(request.block_table)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        request.metrics.finished_time = time.perf_counter()
+        request.metrics.finished_time = self.clock()
 
     # -- one step -----------------------------------------------------------------------------
     @property
@@ -183,8 +184,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         if self.config.policy == "prefill_first":
             out = SchedulerOutput()
-            n = self.config.max_num_batched_tokens
-            self._admit_waiting(out, StepBudget(n, n))
+            self._admit_waiting(out, StepBudget(self.config.max_num_batched_tokens))
             if out.chunks:
                 return out  # decodes wait while prompts are being admitted
             return self._schedule_running(admit=False)
@@ -194,10 +194,10 @@ class Scheduler:
         """Grant running requests their tokens, decodes first (preempting when blocks run out), then
         prompt chunks; then, if ``admit``, fill what is left of the budget from the queue."""
         out = SchedulerOutput()
-        budget = self._step_budget(admit)
-        granted: set[str] = set()
         decodes = [r for r in self.running if r.is_decoding]
         prompts = [r for r in self.running if not r.is_decoding]
+        budget = self._step_budget(admit, decodes)
+        granted: set[str] = set()
         for req in decodes + prompts:
             if not budget.has_room:
                 break
@@ -216,16 +216,16 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
-    def _step_budget(self, admit: bool) -> StepBudget:
+    def _step_budget(self, admit: bool, decodes: list[Request]) -> StepBudget:
+        """The budget of a step whose running decodes are ``decodes``."""
         cfg = self.config
         if not admit:  # prefill_first's decode step
-            return StepBudget(cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
-        decoding = [r for r in self.running if r.is_decoding]
-        if not decoding:
-            return StepBudget(cfg.prefill_budget, cfg.prefill_budget)
-        started = [r for r in decoding if r.metrics.first_token_time is not None]
+            return StepBudget(cfg.max_num_batched_tokens)
+        if not decodes:
+            return StepBudget(cfg.prefill_budget)
+        started = [r for r in decodes if r.metrics.first_token_time is not None]
         if cfg.slo_tokens_per_s is None or not started:
-            return StepBudget(cfg.max_num_batched_tokens, cfg.max_num_batched_tokens)
+            return StepBudget(cfg.max_num_batched_tokens)
         # The decodes' next tokens: the step must end before the earliest falls due (a late one leaves
         # the fixed budget only, so that it catches up as fast as steps allow).
         due = min(r.metrics.first_token_time + r.num_output_tokens / cfg.slo_tokens_per_s for r in started)
@@ -256,7 +256,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = time.perf_counter()
+                req.metrics.first_scheduled_time = self.clock()
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget.take(req.num_computed_tokens, n)
