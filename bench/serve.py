@@ -15,6 +15,7 @@ fraction.
 
     python bench/serve.py                      # SmolLM2, both policies, clients 1..32
     python bench/serve.py --model .cache/models/llama-1.1b --mix 0.5:256,0.5:64 --clients 1,2,4,8
+    python bench/serve.py --policies splitfuse,prefill_first,splitfuse_shortest   # and shortest-prompt-first
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, write_results
 
 SLO_POLICY = "splitfuse_slo"
+SHORTEST = "_shortest"  # a policy name ending in it: the server runs `--prompt-order shortest`
+POLICIES = ("splitfuse", "prefill_first", SLO_POLICY, "splitfuse" + SHORTEST, SLO_POLICY + SHORTEST)
 
 
 @dataclass
@@ -244,8 +247,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--policies", default="splitfuse,prefill_first",
-                    help=f"comma-separated: splitfuse, prefill_first, {SLO_POLICY} (splitfuse promised the SLA's g: "
-                    "`tierlm serve --slo-tokens-per-s g`)")
+                    help=f"comma-separated, of {', '.join(POLICIES)}: {SLO_POLICY} is splitfuse promised the SLA's "
+                    f"g (`tierlm serve --slo-tokens-per-s g`), {SHORTEST} adds `--prompt-order shortest`")
     ap.add_argument("--clients", default="1,2,4,8,16,32")
     ap.add_argument("--duration", type=float, default=75, help="measured seconds per level")
     ap.add_argument("--warmup", type=float, default=15, help="excluded seconds at the start of each level, at least")
@@ -273,6 +276,8 @@ def main() -> int:
     mix = [(float(w), float(m)) for w, m in (p.split(":") for p in args.mix.split(","))]
     clients = [int(c) for c in args.clients.split(",")]
     policies = args.policies.split(",")
+    if unknown := [p for p in policies if p not in POLICIES]:
+        ap.error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     reqs = make_requests(4000, mix, args.out_mean, args.max_model_len, args.vocab, args.seed)
     long_len = int(max(m for _, m in mix))
     rows, servers, procs = [], {}, {}
@@ -289,6 +294,8 @@ def main() -> int:
             extra = [] if prefill_budget is None else ["--max-num-prefill-tokens", str(prefill_budget)]
             if slo is not None:
                 extra += ["--slo-tokens-per-s", f"{slo:.4g}"]
+            if policy.endswith(SHORTEST):
+                extra += ["--prompt-order", "shortest"]
             if budget == "auto":
                 extra.append("-v")  # the server logs the budgets it measured
             port = free_port()
@@ -296,7 +303,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "tierlm", "serve", *([args.model] if args.model else []), "--port", str(port),
                    "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs",
                    str(args.max_num_seqs), "--max-num-batched-tokens", str(budget), "--max-queue", "256",
-                   "--scheduling-policy", "splitfuse" if splitfuse else policy, *extra]
+                   "--scheduling-policy", "splitfuse" if splitfuse else "prefill_first", *extra]
             print(f"[{time.strftime('%H:%M:%S')}] starting: {' '.join(cmd[1:])}", flush=True)
             log_path = Path(f"/tmp/tierlm-bench-{args.name}-{policy}.log")
             procs[policy] = (start_server(cmd, log_path, base), base)
@@ -310,20 +317,21 @@ def main() -> int:
                                "max_num_prefill_tokens": prefill_budget, "lone_rates": rates}
 
         for policy in policies:
-            if policy != SLO_POLICY:
+            if not policy.startswith(SLO_POLICY):
                 start(policy)
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
         prefill = max(s["lone_rates"]["prefill_tok_per_s"] for s in servers.values())
         decode = max(s["lone_rates"]["decode_tok_per_s"] for s in servers.values())
-        sla = {"from": "the fastest lone prefill and decode rates over the policies' servers (not splitfuse_slo's)",
+        sla = {"from": "the fastest lone prefill and decode rates over the policies' servers (not the SLO servers')",
                "prefill_tok_per_s": prefill, "decode_tok_per_s": decode,
                "R_tok_per_s": prefill / args.sla_scale, "g_tok_per_s": decode / args.sla_scale,
                "g_literal_tok_per_s": 2.0}
         print(f"  SLA: R = {sla['R_tok_per_s']:.0f} tok/s, g = {sla['g_tok_per_s']:.1f} tok/s "
               f"(fastest lone rates / {args.sla_scale}); also g = 2 tok/s", flush=True)
-        if SLO_POLICY in policies:  # its server is promised the SLA's g, so it starts once g is known
-            start(SLO_POLICY, sla["g_tok_per_s"])
+        for policy in policies:  # an SLO server is promised the SLA's g, so it starts once g is known
+            if policy.startswith(SLO_POLICY):
+                start(policy, sla["g_tok_per_s"])
         for c in clients:
             for policy in policies:
                 res, t_warm, t_end = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,

@@ -11,6 +11,9 @@ The step costs and the SLA default to what bench/serve.py and bench/step_cost.py
 (serve_*_final.md, step_cost*.md); the simulation says which policy should win, not by how much a
 real run will: it leaves out the server's own overhead (tokenizing, streaming, the event loop).
 
+Each splitfuse policy runs with prompts in arrival order and, as ``*_shortest``, fewest prompt tokens
+left first (``SchedulerConfig.prompt_order``).
+
     python bench/serve_sim.py --model llama11b --noise 0.15 --margins 1.2,1.5,2
 """
 
@@ -59,7 +62,8 @@ def make_requests(model: dict, n: int, seed: int) -> list[tuple[int, int]]:
 
 
 def simulate(model: dict, policy: str, clients: int, duration: float, warmup: float, noise: float,
-             slo: bool = False, margin: float = scheduler_module.SLO_COST_MARGIN, seed: int = 0) -> dict:
+             slo: bool = False, margin: float = scheduler_module.SLO_COST_MARGIN, seed: int = 0,
+             prompt_order: str = "fcfs") -> dict:
     """One level: C closed-loop clients for ``duration`` simulated seconds; requests that arrive after
     ``warmup`` are scored. Returns queries/s, pass fraction, effective queries/s and P95 token gap."""
     cost: StepCost = model["cost"]
@@ -67,7 +71,8 @@ def simulate(model: dict, policy: str, clients: int, duration: float, warmup: fl
     cfg = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=model["budget"] if splitfuse else 4096,
                           policy="splitfuse" if splitfuse else "prefill_first",
                           max_num_prefill_tokens=2048 if splitfuse else None,
-                          slo_tokens_per_s=model["g"] if slo else None, step_cost=cost if slo else None)
+                          slo_tokens_per_s=model["g"] if slo else None, step_cost=cost if slo else None,
+                          prompt_order=prompt_order if splitfuse else "fcfs")
     now = 0.0
     sched = Scheduler(cfg, BlockManager(4096, 16), clock=lambda: now)
     pool, noise_rng, done, num_sent = make_requests(model, 4000, seed), random.Random(seed + 1), [], 0
@@ -130,10 +135,13 @@ def main() -> int:
     rows = []
     for c in (int(x) for x in args.clients.split(",")):
         base = simulate(model, "prefill_first", c, args.duration, args.warmup, args.noise)
-        runs = [("prefill_first", None, base), ("splitfuse", None,
-                                                 simulate(model, "splitfuse", c, args.duration, args.warmup, args.noise))]
-        runs += [("splitfuse_slo", m, simulate(model, "splitfuse", c, args.duration, args.warmup, args.noise, True, m))
-                 for m in (float(x) for x in args.margins.split(","))]
+        runs = [("prefill_first", None, base)]
+        for order, suffix in (("fcfs", ""), ("shortest", "_shortest")):
+            runs.append(("splitfuse" + suffix, None, simulate(model, "splitfuse", c, args.duration, args.warmup,
+                                                              args.noise, prompt_order=order)))
+            runs += [("splitfuse_slo" + suffix, m, simulate(model, "splitfuse", c, args.duration, args.warmup,
+                                                            args.noise, True, m, prompt_order=order))
+                     for m in (float(x) for x in args.margins.split(","))]
         for policy, margin, res in runs:
             ratio = res["eff_qps"] / base["eff_qps"] if base["eff_qps"] else None
             rows.append({"policy": policy, "margin": margin if margin is not None else "-", "clients": c, **res,

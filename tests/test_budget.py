@@ -175,3 +175,21 @@ def test_serve_slo_needs_splitfuse_and_the_measured_budget():
                  ["--slo-tokens-per-s", "0"]):
         with pytest.raises(ValueError, match="--slo-tokens-per-s"):
             cmd_serve(build_parser().parse_args(["serve", *argv]))
+
+
+def test_prompt_order_reaches_the_scheduler_and_is_validated():
+    from tierlm.cli import cmd_serve
+
+    assert build_parser().parse_args(["serve"]).prompt_order == "fcfs"
+    assert build_parser().parse_args(["serve", "--prompt-order", "shortest"]).prompt_order == "shortest"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--prompt-order", "longest"])
+    with pytest.raises(ValueError, match="--prompt-order applies to --scheduling-policy splitfuse"):
+        cmd_serve(build_parser().parse_args(["serve", "--prompt-order", "shortest",
+                                             "--scheduling-policy", "prefill_first"]))
+    llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest")
+    assert llm.config.prompt_order == "shortest" and llm.engine.scheduler.config.prompt_order == "shortest"
+    with pytest.raises(ConfigError, match="prompt_order applies to the splitfuse policy only"):
+        LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", scheduling_policy="prefill_first")
+    with pytest.raises(ConfigError, match="prompt_order must be one of"):
+        LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="longest")

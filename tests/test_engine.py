@@ -226,6 +226,83 @@ def test_prefill_budget_defaults_to_the_step_budget_and_is_validated():
     assert _chunks(sched.schedule()) == [("a", 0, 5, True)]
 
 
+def _long_prompt_then_two_short(prompt_order: str) -> tuple[Scheduler, list]:
+    """a (20 tokens) has had its first chunk of 8; then b (5) and c (3) arrive, in that order."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, prompt_order=prompt_order),
+                      BlockManager(64, 4))
+    a = _req("a", 20)
+    sched.add(a)
+    out = sched.schedule()
+    assert _chunks(out) == [("a", 0, 8, False)]
+    _finish_step(sched, out)
+    sched.add(_req("b", 5))
+    sched.add(_req("c", 3))
+    return sched, [_step(sched) for _ in range(4)]
+
+
+def _step(sched: Scheduler):
+    """Schedule one step and finish it; returns its chunks (as ``_chunks``, read before the finish)."""
+    out = sched.schedule()
+    chunks = _chunks(out)
+    _finish_step(sched, out)
+    return chunks
+
+
+def test_fcfs_makes_short_prompts_wait_for_a_long_one_being_chunked():
+    _, steps = _long_prompt_then_two_short("fcfs")
+    assert steps == [
+        [("a", 8, 8, False)],
+        [("a", 16, 4, True), ("b", 0, 4, False)],  # a's prompt done; b gets what is left
+        [("a", 20, 1, True), ("b", 4, 1, True), ("c", 0, 3, True)],
+        [("a", 21, 1, True), ("b", 5, 1, True), ("c", 3, 1, True)],
+    ]  # b's first token after 3 steps, c's after 3
+
+
+def test_shortest_runs_short_prompts_ahead_of_a_long_one_being_chunked():
+    _, steps = _long_prompt_then_two_short("shortest")
+    assert steps == [
+        # left to compute: c 3, b 5, a 12: both short prompts whole, a waits
+        [("c", 0, 3, True), ("b", 0, 5, True)],
+        # decodes first, in running order (c was admitted before b), then a's chunk
+        [("c", 3, 1, True), ("b", 5, 1, True), ("a", 8, 6, False)],
+        [("c", 4, 1, True), ("b", 6, 1, True), ("a", 14, 6, True)],
+        [("a", 20, 1, True), ("c", 5, 1, True), ("b", 7, 1, True)],  # a joined running first
+    ]  # b's and c's first tokens after 1 step, not 3; a's after 3, as in arrival order
+
+
+def test_shortest_counts_what_a_running_prompt_has_left():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, prompt_order="shortest"),
+                      BlockManager(64, 4))
+    sched.add(_req("a", 20))
+    assert _step(sched) == [("a", 0, 8, False)]
+    sched.add(_req("b", 14))  # 14 tokens against a's 12 left: a goes on first
+    assert _step(sched) == [("a", 8, 8, False)]
+    assert _step(sched) == [("a", 16, 4, True), ("b", 0, 4, False)]
+    sched.add(_req("c", 10))  # 10 against b's 10 left: a tie keeps running before waiting
+    assert _step(sched) == [("a", 20, 1, True), ("b", 4, 7, False)]
+    assert _step(sched) == [("a", 21, 1, True), ("b", 11, 3, True), ("c", 0, 4, False)]
+
+
+def test_shortest_skips_a_prompt_with_no_room_and_admits_the_next():
+    # max_num_seqs 2: once a runs, one slot is left; b (2 tokens) takes it, c (4) must wait for a slot
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8, prompt_order="shortest"),
+                      BlockManager(64, 4))
+    sched.add(_req("a", 6))
+    assert _step(sched) == [("a", 0, 6, True)]
+    sched.add(_req("c", 4))
+    sched.add(_req("b", 2))
+    assert _step(sched) == [("a", 6, 1, True), ("b", 0, 2, True)]
+    assert [r.request_id for r in sched.waiting] == ["c"]
+
+
+def test_prompt_order_is_validated():
+    assert SchedulerConfig(prompt_order="shortest").prompt_order == "shortest"
+    with pytest.raises(ValueError, match="prompt_order must be one of"):
+        SchedulerConfig(prompt_order="longest")
+    with pytest.raises(ValueError, match="splitfuse policy only"):
+        SchedulerConfig(prompt_order="shortest", policy="prefill_first")
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="policy must be one of"):
         SchedulerConfig(policy="fastest")
@@ -240,10 +317,11 @@ def test_max_num_seqs_limits_running():
     assert [r.request_id for r in sched.waiting] == ["r2"]
 
 
-def test_preemption_frees_newest_and_requeues_it_first():
+@pytest.mark.parametrize("prompt_order", ["fcfs", "shortest"])
+def test_preemption_frees_newest_and_requeues_it_first(prompt_order):
     # 4 usable blocks of 2 tokens. a: 3 tokens (2 blocks), b: 3 tokens (2 blocks): cache full.
     bm = BlockManager(num_blocks=5, block_size=2)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), bm)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, prompt_order=prompt_order), bm)
     a, b = _req("a", 3), _req("b", 3)
     sched.add(a)
     sched.add(b)

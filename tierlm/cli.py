@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--scheduling-policy", choices=("splitfuse", "prefill_first"), default="splitfuse",
                      help="splitfuse: prompt chunks and decodes share each step; prefill_first: whole prompts "
                      "first, decodes wait (default: splitfuse)")
+    srv.add_argument("--prompt-order", choices=("fcfs", "shortest"), default="fcfs",
+                     help="splitfuse: which prompts get the step's tokens left after the decodes: fcfs, in arrival "
+                     "order (default), or shortest, fewest prompt tokens left first (meets more time-to-first-token "
+                     "deadlines that grow with the prompt; a long prompt waits while shorter ones keep coming)")
     srv.add_argument("--served-model-name", metavar="NAME", help="name in /v1/models and responses "
                      "(default: the model's file or folder name); requests may name any model")
     srv.set_defaults(run=cmd_serve)
@@ -395,10 +399,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                   and args.slo_tokens_per_s > 0):
         raise ValueError("--slo-tokens-per-s must be > 0 and needs --scheduling-policy splitfuse with "
                          "--max-num-batched-tokens auto (the step cost is measured)")
+    if args.prompt_order != "fcfs" and args.scheduling_policy != "splitfuse":
+        raise ValueError("--prompt-order applies to --scheduling-policy splitfuse only (prefill_first never splits "
+                         "a prompt and runs the queue in arrival order)")
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=AUTO_LOAD_BUDGET if auto else args.max_num_batched_tokens,
                     max_num_prefill_tokens=args.max_num_prefill_tokens,
-                    scheduling_policy=args.scheduling_policy)
+                    scheduling_policy=args.scheduling_policy, prompt_order=args.prompt_order)
     if auto and args.scheduling_policy == "splitfuse":
         llm.tune_token_budget(args.slo_tokens_per_s)
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tierlm.engine.scheduler import POLICIES
+from tierlm.engine.scheduler import POLICIES, PROMPT_ORDERS
 from tierlm.memory.plan import LOCKINGS, ORDERS
 from tierlm.quant import FORMATS, GGUF_NATIVE, KV_FORMATS
 
@@ -35,6 +35,7 @@ class EngineConfig:
     slo_tokens_per_s: float | None = None  # splitfuse: the rate each stream is promised (tierlm.engine.scheduler)
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
+    prompt_order: str = "fcfs"  # splitfuse: or "shortest", fewest prompt tokens left first (tierlm.engine.scheduler)
     weight_memory_bytes: int | None = None  # None: every weight resident; else see tierlm.memory.plan
     prefetch_window: int = 3
     tier_locking: str = "balanced"
@@ -46,6 +47,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.scheduling_policy not in POLICIES:
             raise ConfigError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
+        if self.prompt_order not in PROMPT_ORDERS:
+            raise ConfigError(f"prompt_order must be one of {PROMPT_ORDERS}, got {self.prompt_order!r}")
+        if self.prompt_order != "fcfs" and self.scheduling_policy != "splitfuse":
+            raise ConfigError("prompt_order applies to the splitfuse policy only")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.prefetch_window < 0:

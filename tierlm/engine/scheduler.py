@@ -27,6 +27,16 @@ fixed budget is the floor, so a decode already behind schedule gets the shortest
 A stream that ran ahead of its schedule (decode-only steps are far faster than 1 / g) thus lends
 its slack to the prompts waiting behind it, as prefill-first does, but only as much as it has.
 
+The prompts' order (``prompt_order``): "fcfs" as above, or "shortest": after the decodes, running and
+waiting prompts together, fewest tokens left to compute first. With a fixed budget a long prompt is
+computed over many steps, and in arrival order every prompt that comes in behind it waits for all of
+them; FastGen's SLA gives a prompt of L tokens L / R seconds to its first token, so the short prompt
+misses its deadline while the long one had time to spare. Shortest-first follows those deadlines
+without knowing R (the same order when all arrive together). In bench/serve_sim.py on the 1.1B at 4
+clients it lifts the fixed budget's pass fraction from 0.70 to 0.93 at the same P95 per-token latency
+(serve_sim_*.md). The price is the usual one of shortest-job-first: a long prompt waits as long as
+shorter ones keep arriving, which only the queue limit bounds; hence not the default.
+
 "prefill_first" (the classic scheduler, kept for comparison): while a waiting prompt fits, a step
 runs whole prompts only (first come first served, within the budget) and every decode waits;
 otherwise it runs one token for every running request. Prompts are never split.
@@ -44,6 +54,7 @@ from tierlm.engine.budget import StepCost
 from tierlm.engine.request import FinishReason, Request, RequestStatus
 
 POLICIES = ("splitfuse", "prefill_first")
+PROMPT_ORDERS = ("fcfs", "shortest")
 # Under an SLO a step is planned as if it cost this many times its measured StepCost: a step that runs
 # past the deadline it was sized for fails every decode in it, and steps here vary by 10-30%. In a
 # simulation of bench/serve.py's workloads with the real scheduler and 15% log-normal noise on each step
@@ -67,6 +78,10 @@ class SchedulerConfig:
     # falls due. None: the fixed budget alone.
     slo_tokens_per_s: float | None = None
     step_cost: StepCost | None = None  # what a step costs here (tierlm.engine.budget); needed by the SLO
+    # splitfuse: which prompts get the budget the decodes leave. "fcfs": running prompts oldest first,
+    # then the queue in arrival order; "shortest": running and waiting prompts together, fewest tokens
+    # left to compute first (see the module docstring)
+    prompt_order: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -85,6 +100,10 @@ class SchedulerConfig:
                                  "measurement: max_num_batched_tokens='auto')")
             if self.policy != "splitfuse":
                 raise ValueError("slo_tokens_per_s applies to the splitfuse policy only")
+        if self.prompt_order not in PROMPT_ORDERS:
+            raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {self.prompt_order!r}")
+        if self.prompt_order != "fcfs" and self.policy != "splitfuse":
+            raise ValueError("prompt_order applies to the splitfuse policy only")
 
     @property
     def prefill_budget(self) -> int:
@@ -197,12 +216,18 @@ class Scheduler:
         decodes = [r for r in self.running if r.is_decoding]
         prompts = [r for r in self.running if not r.is_decoding]
         budget = self._step_budget(admit, decodes)
+        merged = admit and self.config.prompt_order == "shortest"
+        if merged:  # running and waiting prompts compete for the budget, fewest tokens left first (stable:
+            # running before waiting, then arrival order, among equals)
+            prompts = sorted(prompts + list(self.waiting), key=lambda r: r.num_uncomputed_tokens)
         granted: set[str] = set()
         for req in decodes + prompts:
             if not budget.has_room:
                 break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if req.status is RequestStatus.WAITING:  # only when merged (or preempted earlier in this step)
+                if not out.preempted:
+                    self._admit(req, out, budget)
+                continue
             n = budget.grant(req.num_computed_tokens, req.num_uncomputed_tokens)
             if n == 0:
                 continue
@@ -212,7 +237,7 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget.take(req.num_computed_tokens, n)
             granted.add(req.request_id)
-        if admit and not out.preempted:
+        if admit and not merged and not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
@@ -246,20 +271,27 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: StepBudget) -> None:
         """Move waiting requests (FCFS) into running while budget, sequence slots and blocks last."""
-        while self.waiting and budget.has_room and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = budget.grant(req.num_computed_tokens, req.num_uncomputed_tokens)
-            if n == 0 or (n < req.num_uncomputed_tokens and not self.splits_prompts):
-                break
-            if self.blocks.allocate(req.block_table, req.num_computed_tokens + n) is None:
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = self.clock()
-            self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-            budget.take(req.num_computed_tokens, n)
+        while self.waiting and budget.has_room and self._admit(self.waiting[0], out, budget):
+            pass
+
+    def _admit(self, req: Request, out: SchedulerOutput, budget: StepBudget) -> bool:
+        """Move waiting ``req`` into running with its first chunk, if a sequence slot, the budget and
+        the blocks allow."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        n = budget.grant(req.num_computed_tokens, req.num_uncomputed_tokens)
+        if n == 0 or (n < req.num_uncomputed_tokens and not self.splits_prompts):
+            return False
+        if self.blocks.allocate(req.block_table, req.num_computed_tokens + n) is None:
+            return False
+        self.waiting.remove(req)
+        req.status = RequestStatus.RUNNING
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = self.clock()
+        self.running.append(req)
+        out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+        budget.take(req.num_computed_tokens, n)
+        return True
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
