@@ -9,10 +9,13 @@ its own process, one after another in the same run:
 * tierlm bf16 and tierlm q8 / q6 / q5 / q4 / q3h / q3 / q2 quantized on load from the HF folder.
 
 Each engine: a 16-token prompt, then ``--tokens`` greedy decode steps; the median step time after
-2 warm-up steps. Achieved GB/s = bytes of weight matrices read per step / step time, held against
-RAM read bandwidth measured in the same run.
+2 warm-up steps. Every engine runs ``--rounds`` times, the engines taking turns (round 1 runs them
+all, then round 2, ...), and each keeps its fastest round: this machine's speed drifts by tens of
+percent over minutes (other tenants), and taking turns gives every engine the same chances at its
+quiet stretches. Achieved GB/s = bytes of weight matrices read per step / step time, held against
+RAM read bandwidth measured in the same run (before every round; the fastest).
 
-    .venv/bin/python bench/quant.py [--tokens 24] [--engines ...]
+    .venv/bin/python bench/quant.py [--tokens 24] [--rounds 3] [--engines ...]
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def _child(engine: str, num_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per engine, taking turns; the fastest is kept")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,18 +122,27 @@ def main() -> None:
         return
     for kind in ("Q8_0", "Q4_0"):
         gguf_file(kind)  # made before any timing
-    bandwidth = measure_memory_bandwidth()
+    bandwidth = 0.0  # the fastest read seen in any round: the limit every engine's share is held against
+    steps: dict[str, list[float]] = {e: [] for e in args.engines}  # median step time of each round, s
+    weight_bytes: dict[str, int] = {}
+    for i in range(args.rounds):
+        bandwidth = max(bandwidth, measure_memory_bandwidth())
+        for engine in args.engines:
+            out = subprocess.run([sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens)],
+                                 capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            steps[engine].append(statistics.median(r["step_s"][2:]))
+            weight_bytes[engine] = r["weight_bytes"]
+            print(f"round {i + 1}: {engine}: {1 / steps[engine][-1]:.2f} tok/s", flush=True)
     rows = []
     for engine in args.engines:
-        out = subprocess.run([sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens)],
-                             capture_output=True, text=True, cwd=REPO_ROOT, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        step = statistics.median(r["step_s"][2:])
-        rows.append({"engine": engine, "decode_tok_s": round(1 / step, 2), "weight_mb": round(r["weight_bytes"] / 1e6),
-                     "achieved_gbps": round(r["weight_bytes"] / step / 1e9, 1),
-                     "share_of_bandwidth": round(r["weight_bytes"] / step / 1e9 / bandwidth, 2)})
+        step, nbytes = min(steps[engine]), weight_bytes[engine]
+        rows.append({"engine": engine, "decode_tok_s": round(1 / step, 2), "weight_mb": round(nbytes / 1e6),
+                     "achieved_gbps": round(nbytes / step / 1e9, 1),
+                     "share_of_bandwidth": round(nbytes / step / 1e9 / bandwidth, 2),
+                     "rounds_tok_s": [round(1 / s, 2) for s in steps[engine]]})
         print(json.dumps(rows[-1]), flush=True)
     by = {r["engine"]: r for r in rows}
     for r in rows:
@@ -141,9 +154,10 @@ def main() -> None:
             r["speedup_vs_bf16"] = round(r["decode_tok_s"] / bf["decode_tok_s"], 2)
             r["bytes_ratio_vs_bf16"] = round(bf["weight_mb"] / r["weight_mb"], 2)
     write_results("quant", rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
-                                  "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2},
+                                  "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2,
+                                  "rounds": f"{args.rounds}, engines taking turns; decode_tok_s is the fastest"},
                   columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",
-                           "vs_llama_cpp", "speedup_vs_bf16", "bytes_ratio_vs_bf16"])
+                           "vs_llama_cpp", "speedup_vs_bf16", "bytes_ratio_vs_bf16", "rounds_tok_s"])
 
 
 if __name__ == "__main__":

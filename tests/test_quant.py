@@ -145,6 +145,19 @@ def test_uniform_importance_quantizes_like_no_importance(fmt):
         assert (q.unpack(weighted.codes, 256) == q.unpack(plain.codes, 256)).float().mean() > 0.999
 
 
+def test_quantizing_in_bands_of_rows_gives_exactly_the_whole_matrix_result(monkeypatch):
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(3))
+    imps = (None, torch.rand(256, generator=torch.Generator().manual_seed(4)),
+            torch.rand(37, 256, generator=torch.Generator().manual_seed(5)))
+    whole = [qbase.minmax_quantize(w, 16, 64, True, imp) for imp in imps]
+    monkeypatch.setattr(qbase, "QUANT_BAND_WEIGHTS", 5 * 256)  # bands of 5 rows, the last one of 2
+    for imp, expected in zip(imps, whole, strict=True):
+        banded = qbase.minmax_quantize(w, 16, 64, True, imp)
+        assert [t.shape for t in banded] == [(37, 256), (37, 4), (37, 4)]
+        for got, want in zip(banded, expected, strict=True):
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fmt", ["q6", "q5", "q4", "q3h", "q3", "q2"])
 def test_a_heavily_weighted_column_gets_a_smaller_error(fmt):
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(5))

@@ -44,6 +44,7 @@ SEARCH_FACTORS = tuple(1.0 - 0.3 * i / 19 for i in range(20))  # range shrink fa
 # ends shrink together by default; a grid of pairs also tries asymmetric ranges (one-sided outliers).
 SEARCH_PAIRS = tuple((f, f) for f in SEARCH_FACTORS)
 REFINE_ITERS = 3  # least-squares refinements of the searched step and min
+QUANT_BAND_WEIGHTS = 2**19  # weights quantized per band of rows (minmax_quantize): 2 MiB of float32
 
 
 class QuantError(ValueError):
@@ -236,8 +237,24 @@ def minmax_quantize(w: torch.Tensor, levels: int, group: int, search: bool = Fal
     r, k = w.shape
     if k % group:
         raise QuantError(f"a row of {k} weights is not a whole number of groups of {group}")
-    g = w.detach().float().reshape(r, k // group, group)  # (R, G, group)
     imp = _group_importance(importance, r, k, group) if search else None  # (R or 1, G, group)
+    # Rows are independent: bands of about QUANT_BAND_WEIGHTS keep the search's dozens of passes over
+    # its temporaries in cache (a 5632 x 2048 q4 matrix: 3.2 s whole, 0.48 s in bands of 256 rows;
+    # identical results).
+    band = max(1, QUANT_BAND_WEIGHTS // k)
+    if r <= band:
+        return _minmax_quantize_band(w, levels, group, search, imp)
+    parts = [_minmax_quantize_band(w[r0:r0 + band], levels, group, search,
+                                   None if imp is None else imp if imp.shape[0] == 1 else imp[r0:r0 + band])
+             for r0 in range(0, r, band)]
+    return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
+
+
+def _minmax_quantize_band(w: torch.Tensor, levels: int, group: int, search: bool,
+                          imp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``minmax_quantize`` of rows w (R, K), imp already grouped (R or 1, G, group) or None."""
+    r, k = w.shape
+    g = w.detach().float().reshape(r, k // group, group)  # (R, G, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (R, G)
     steps, mins = _params(lo, hi, levels)
     if search:

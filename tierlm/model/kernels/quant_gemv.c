@@ -204,12 +204,15 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
     const int nb = K / 32, bpg = tq ? group / 32 : 1;
     /* Software prefetch of the next tile (the ROWS rows after these, contiguous in memory), in step
      * with this one: rows are only ~1-2 KiB, too short for the hardware prefetcher to ramp up on
-     * four interleaved streams, and without it the kernel ran at half the DRAM bandwidth. */
+     * four interleaved streams, and without it the kernel ran at half the DRAM bandwidth. Into L2
+     * (T1), not L1: on Zen 4 prefetches into L1 wait for its few miss buffers, and q8 streamed at
+     * 24 GB/s with T0 against 32 GB/s with T1 (a plain 2-thread read: 33 GB/s); q4 went from 41
+     * to 47 G weights/s. Two tiles ahead, or four, was no better (bench/quant_kernel.py). */
     const uint8_t *next = codes + ROWS * row_bytes;
     const int64_t pf_inc = (row_bytes << 16) / nb;  /* bytes per block of x, 16.16 fixed point */
     for (int b = 0, g = 0, in_group = 0; b < nb; b++) {
         if (prefetch)
-            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + ((b * pf_inc) >> 16)), _MM_HINT_T0);
+            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + ((b * pf_inc) >> 16)), _MM_HINT_T1);
         if (tq && in_group == 0)
             for (int r = 0; r < ROWS; r++) { wd[r] = _cvtsh_ss(steps[r * G + g]); wm[r] = _cvtsh_ss(mins[r * G + g]); }
         if (++in_group == bpg) { in_group = 0; g++; }
