@@ -46,7 +46,7 @@ test: setup
 
 # Baselines for bench/ (not needed by the tests): llama.cpp's Python binding compiles from source (~8 min).
 bench-deps: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install llama-cpp-python accelerate
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install llama-cpp-python accelerate matplotlib
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -78,6 +78,10 @@ class AttentionGroup:
     q_pos: torch.Tensor  # (Bg, maxQ) int64 absolute positions (for ALiBi)
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # layer type -> (Bg, 1, maxQ, maxL) bool
     fresh: bool = False  # one row, no cached prefix: attend over this step's own k/v, causal
+    # The group's queries as one run of the step's tokens, in order and unpadded (every decode group
+    # of a step whose decodes come first, and any single row); None otherwise. Attention then reads q
+    # and writes its output as views, saving a gather and a scatter per layer.
+    rows: slice | None = None
 
 
 @dataclass
@@ -130,6 +134,8 @@ def _group(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int |
         table = torch.tensor(s.block_table, dtype=torch.int64)
         kv_slots[r, :s.context_len] = table[pos // block_size] * block_size + pos % block_size
     fresh = bg == 1 and seqs[0].context_len == seqs[0].query_len
+    start = seqs[0].query_start
+    dense = all(s.query_len == max_q and s.query_start == start + r * max_q for r, s in enumerate(seqs))
     kv_pos = torch.arange(max_kv)
     masks: dict[str, torch.Tensor | None] = {}
     for layer_type, window in layer_windows.items():
@@ -146,7 +152,8 @@ def _group(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int |
     q_flat = q_index.view(-1)
     return AttentionGroup(num_rows=bg, max_q=max_q, max_kv=max_kv, q_index=q_flat.to(device),
                           valid=valid_flat.to(device), out_index=q_flat[valid_flat].to(device),
-                          kv_slots=kv_slots.view(-1).to(device), q_pos=q_pos.to(device), masks=masks, fresh=fresh)
+                          kv_slots=kv_slots.view(-1).to(device), q_pos=q_pos.to(device), masks=masks, fresh=fresh,
+                          rows=slice(start, start + bg * max_q) if dense else None)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -176,14 +183,12 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     out = torch.empty(n, h * d, dtype=q.dtype, device=q.device)
     for g in batch.groups:
         mask = g.masks[layer_type]
-        if g.fresh:
-            start = int(g.q_index[0])  # the row's tokens are contiguous in the step
-            rows = slice(start, start + g.max_q)
-            qg = q[rows].unsqueeze(0).transpose(1, 2)  # (1, H, T, D)
-            kg = k_new[rows].unsqueeze(0).transpose(1, 2)  # (1, Hkv, T, D)
-            vg = v_new[rows].unsqueeze(0).transpose(1, 2)
+        q_rows = q[g.rows] if g.rows is not None else q.index_select(0, g.q_index)  # (Bg * maxQ, H, D)
+        qg = q_rows.view(g.num_rows, g.max_q, h, d).transpose(1, 2)  # (Bg, H, maxQ, D)
+        if g.fresh:  # one row (so g.rows is set): its own k/v are all there is
+            kg = k_new[g.rows].unsqueeze(0).transpose(1, 2)  # (1, Hkv, T, D)
+            vg = v_new[g.rows].unsqueeze(0).transpose(1, 2)
         else:
-            qg = q.index_select(0, g.q_index).view(g.num_rows, g.max_q, h, d).transpose(1, 2)
             kg = k_cache.index_select(0, g.kv_slots).view(g.num_rows, g.max_kv, hkv, d).transpose(1, 2)
             vg = v_cache.index_select(0, g.kv_slots).view(g.num_rows, g.max_kv, hkv, d).transpose(1, 2)
         if softcap is None and alibi is None:
@@ -192,8 +197,8 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
         else:
             og = _attention_reference(qg, kg, vg, mask, scale, softcap, alibi, g.q_pos)
         og = og.transpose(1, 2).reshape(-1, h * d)  # (Bg * maxQ, H * D)
-        if g.fresh:
-            out[rows] = og
+        if g.rows is not None:
+            out[g.rows] = og
         else:
             out.index_copy_(0, g.out_index, og[g.valid])
     return out

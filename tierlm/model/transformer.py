@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tierlm.loader.weights import LayerWeights, ModelWeights
 from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
+from tierlm.model.kernels import rms_norm_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ModelConfig
@@ -70,6 +71,7 @@ class Transformer:
             if not weights.tied:
                 weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]
+        self._rms_kernel = rms_norm_kernel() if self.device.type == "cpu" and cfg.norm == "rmsnorm" else None
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -166,7 +168,12 @@ class Transformer:
         if w is None:
             return x
         xf = x.float()
-        if self.cfg.norm == "rmsnorm":
+        if self._rms_kernel is not None:  # the compiled RMSNorm (tierlm/model/kernels/rms_norm.c)
+            xf, w = xf.contiguous(), w.float().contiguous()
+            y = torch.empty_like(xf)
+            self._rms_kernel(xf.data_ptr(), w.data_ptr(), y.data_ptr(), xf.numel() // xf.shape[-1], xf.shape[-1],
+                             self.cfg.norm_eps, torch.get_num_threads())
+        elif self.cfg.norm == "rmsnorm":
             y = F.rms_norm(xf, (xf.shape[-1],), w, self.cfg.norm_eps)
         else:
             y = F.layer_norm(xf, (xf.shape[-1],), w, None if b is None else b.float(), self.cfg.norm_eps)
@@ -185,8 +192,14 @@ class Transformer:
             k = self._norm(k, lw.k_norm, None)
         if rope is not None:
             cos, sin = rope
-            q = apply_rope(q, cos, sin, c.rope_layout)
-            k = apply_rope(k, cos, sin, c.rope_layout)
+            if lw.q_norm is None:  # q and k sit side by side in qkv: rotate them as one (N, H + Hkv, D)
+                # tensor, half the small ops of a decode step's RoPE
+                qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim),
+                                cos, sin, c.rope_layout)
+                q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
+            else:
+                q = apply_rope(q, cos, sin, c.rope_layout)
+                k = apply_rope(k, cos, sin, c.rope_layout)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi)
         return self.linear.apply(o, lw.o, lw.o_bias)
 

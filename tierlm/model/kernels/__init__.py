@@ -16,8 +16,11 @@ SOURCE = Path(__file__).with_name("bf16_gemm.c")
 LIBRARY = Path(__file__).with_name("libtierlm_bf16.so")
 QUANT_SOURCE = Path(__file__).with_name("quant_gemv.c")
 QUANT_LIBRARY = Path(__file__).with_name("libtierlm_quant.so")
+NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
+NORM_LIBRARY = Path(__file__).with_name("libtierlm_norm.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+_NORM_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # AVX2: every x86-64 CPU of the decade
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -26,6 +29,10 @@ def cpu_has_avx512_bf16() -> bool:
 
 def cpu_has_avx512_vnni() -> bool:
     return _cpu_has("avx512_vnni") and _cpu_has("avx512bw") and _cpu_has("avx512vl") and _cpu_has("f16c")
+
+
+def cpu_has_avx2() -> bool:
+    return _cpu_has("avx2") and _cpu_has("fma")
 
 
 def _cpu_has(flag: str) -> bool:
@@ -56,6 +63,26 @@ def build(force: bool = False) -> Path | None:
 def build_quant(force: bool = False) -> Path | None:
     """Compile the quantized GEMV (AVX512-VNNI) if this CPU runs it; returns the library path, or None."""
     return _compile(cpu_has_avx512_vnni(), QUANT_SOURCE, QUANT_LIBRARY, _QUANT_FLAGS, force)
+
+
+def build_norm(force: bool = False) -> Path | None:
+    """Compile the float32 RMSNorm if this CPU runs it (AVX2); returns the library path, or None."""
+    return _compile(cpu_has_avx2(), NORM_SOURCE, NORM_LIBRARY, _NORM_FLAGS, force)
+
+
+@functools.cache
+def rms_norm_kernel():
+    """``f(x_ptr, w_ptr, y_ptr, n, d, eps, num_threads)`` from rms_norm.c (float32 rows), or None when
+    unavailable (not built, older than its source, or a CPU without AVX2)."""
+    if not cpu_has_avx2() or not _fresh(NORM_LIBRARY, NORM_SOURCE):
+        return None
+    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
+
+    fn = ctypes.CDLL(str(NORM_LIBRARY)).tierlm_rms_norm
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                   ctypes.c_int]
+    fn.restype = None
+    return fn
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """``python -m tierlm.model.kernels``: build the compiled kernels this CPU can run (make calls it)."""
 
-from tierlm.model.kernels import build, build_quant
+from tierlm.model.kernels import build, build_norm, build_quant
 
 path = build()
 print(f"tierlm kernels: built {path}" if path else
@@ -8,3 +8,6 @@ print(f"tierlm kernels: built {path}" if path else
 path = build_quant()
 print(f"tierlm kernels: built {path}" if path else
       "tierlm kernels: this CPU has no AVX512-VNNI; quantized matmuls will dequantize tile by tile")
+path = build_norm()
+print(f"tierlm kernels: built {path}" if path else
+      "tierlm kernels: this CPU has no AVX2; RMSNorm will use torch")
