@@ -89,3 +89,64 @@ def test_alibi_paged_attention_equals_direct_formula():
     k2, v2 = torch.cat([old_k, k[6:]]), torch.cat([old_v, v[6:]])
     assert torch.allclose(out[6:], direct(q[6:], k2, v2, [2]), atol=1e-5)
     assert math.isfinite(out.abs().max().item())
+
+
+def _decode_case(dtype, window, hkv, seed):
+    """Three decode rows with 1, 9 and 37 tokens in context (windows cut the last two), one prompt
+    chunk beside them; the caches hold every row's earlier tokens."""
+    g = torch.Generator().manual_seed(seed)
+    heads, head_dim, block = 8, 64, 4
+    lens = [1, 9, 37]
+    tables, nxt = [], 1
+    for n in lens + [5]:
+        tables.append(list(range(nxt, nxt + -(-n // block))))
+        nxt += len(tables[-1])
+    seqs = [SeqSlice(query_start=i, query_len=1, context_len=n, block_table=t)
+            for i, (n, t) in enumerate(zip(lens, tables))]
+    seqs.append(SeqSlice(query_start=3, query_len=5, context_len=5, block_table=tables[3]))
+    k_cache = torch.randn(nxt * block, hkv, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(nxt * block, hkv, head_dim, generator=g).to(dtype)
+    k_cache[:block], v_cache[:block] = 0, 0  # the null block
+    # q as the fused qkv output's view: rows (heads + hkv) * head_dim apart
+    qk = torch.randn(8, heads + hkv, head_dim, generator=g).to(dtype)
+    q = qk[:, :heads]
+    k = torch.randn(8, hkv, head_dim, generator=g).to(dtype)
+    v = torch.randn(8, hkv, head_dim, generator=g).to(dtype)
+    windows = {"full": None, "sliding": window}
+    return q, k, v, k_cache, v_cache, build_attention_batch(seqs, block, windows), windows
+
+
+def test_decode_kernel_equals_the_gather_and_sdpa_path():
+    from tierlm.model.attention import DecodeAttention
+    from tierlm.model.kernels import cpu_has_avx2
+
+    for dtype, window, hkv in ((torch.float32, None, 2), (torch.float32, 6, 8), (torch.bfloat16, None, 1),
+                               (torch.bfloat16, 6, 2)):
+        q, k, v, kc, vc, batch, windows = _decode_case(dtype, window, hkv, seed=hkv)
+        decode = DecodeAttention.for_model(torch.device("cpu"), None, None, windows)
+        if not cpu_has_avx2():
+            assert decode is None
+            return
+        assert decode is not None, "the decode attention kernel was not built: run `make setup`"
+        assert decode.takes(batch.groups[0], q, kc) and not decode.takes(batch.groups[1], q, kc)
+        for layer_type in ("full", "sliding"):
+            ref = paged_attention(q, k, v, kc.clone(), vc.clone(), batch, layer_type, 0.125)
+            got = paged_attention(q, k, v, kc.clone(), vc.clone(), batch, layer_type, 0.125, decode=decode)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=0), (dtype, window, hkv, layer_type)
+            assert torch.equal(got[3:], ref[3:])  # the prompt chunk still goes through SDPA
+
+
+def test_decode_kernel_declines_what_it_cannot_do():
+    from tierlm.model.attention import DecodeAttention
+    from tierlm.quant.kv import QuantizedSlots
+
+    q, k, v, kc, vc, batch, windows = _decode_case(torch.float32, None, 2, seed=0)
+    assert DecodeAttention.for_model(torch.device("cpu"), 30.0, None, windows) is None  # soft-capping
+    assert DecodeAttention.for_model(torch.device("cpu"), None, alibi_slopes(8), windows) is None
+    decode = DecodeAttention.for_model(torch.device("cpu"), None, None, windows)
+    if decode is None:
+        return
+    slots = QuantizedSlots("q8", kc.shape[0], 2, 64, torch.float32)
+    assert not decode.takes(batch.groups[0], q, slots)  # quantized KV: dequantized by the gather
+    assert not decode.takes(batch.groups[0], q.to(torch.bfloat16), kc)  # dtypes differ

@@ -169,10 +169,49 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+class DecodeAttention:
+    """Decode rows' attention by the compiled kernel (tierlm/model/kernels/decode_attention.c), which
+    reads each row's keys and values in place from the paged cache instead of gathering them for
+    SDPA. The model picks it once (``for_model``): CPU, no logit soft-capping, no ALiBi; a step's
+    decode group then goes to it whenever the cache is a plain float32 or bfloat16 tensor."""
+
+    _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+    def __init__(self, kernel, layer_windows: dict[str, int | None]):
+        self.kernel = kernel
+        self.layer_windows = layer_windows
+
+    @classmethod
+    def for_model(cls, device: torch.device, softcap: float | None, alibi: torch.Tensor | None,
+                  layer_windows: dict[str, int | None]) -> DecodeAttention | None:
+        from tierlm.model.kernels import decode_attention_kernel
+
+        kernel = decode_attention_kernel() if device.type == "cpu" and softcap is None and alibi is None else None
+        return None if kernel is None else cls(kernel, layer_windows)
+
+    def takes(self, g: AttentionGroup, q: torch.Tensor, k_cache) -> bool:
+        return (g.max_q == 1 and not g.fresh and isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype
+                and q.dtype in self._DTYPES and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1])
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
+                 layer_type: str, scale: float, out: torch.Tensor) -> None:
+        """q (Bg, H, D), one query each (heads contiguous, rows any stride); writes out (Bg, H * D)."""
+        bg, h, d = q.shape
+        window = self.layer_windows.get(layer_type) or 0
+        status = self.kernel(self._DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                             g.kv_slots.data_ptr(), g.q_pos.data_ptr(), bg, h, k_cache.shape[1], d, g.max_kv,
+                             window, scale, out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"decode attention kernel failed (status {status}) for {bg} rows of {h} heads "
+                               f"x {d} over {k_cache.shape[1]} KV heads")
+
+
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: AttentionBatch, layer_type: str, scale: float,
-                    softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
-    """Write this step's k/v into the cache, then attend.
+                    softcap: float | None = None, alibi: torch.Tensor | None = None,
+                    decode: DecodeAttention | None = None) -> torch.Tensor:
+    """Write this step's k/v into the cache, then attend (the decode group through ``decode`` when
+    it takes it).
 
     q: (N, H, D); k_new, v_new: (N, Hkv, D); returns (N, H * D) in q's dtype.
     """
@@ -182,6 +221,13 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
     hkv = k_new.shape[1]
     out = torch.empty(n, h * d, dtype=q.dtype, device=q.device)
     for g in batch.groups:
+        if decode is not None and decode.takes(g, q, k_cache):
+            q_rows = q[g.rows] if g.rows is not None else q.index_select(0, g.q_index)  # (Bg, H, D)
+            o_rows = out[g.rows] if g.rows is not None else torch.empty(g.num_rows, h * d, dtype=q.dtype)
+            decode(q_rows, k_cache, v_cache, g, layer_type, scale, o_rows)
+            if g.rows is None:
+                out.index_copy_(0, g.out_index, o_rows)
+            continue
         mask = g.masks[layer_type]
         q_rows = q[g.rows] if g.rows is not None else q.index_select(0, g.q_index)  # (Bg * maxQ, H, D)
         qg = q_rows.view(g.num_rows, g.max_q, h, d).transpose(1, 2)  # (Bg, H, maxQ, D)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
 from tierlm.memory.tiered import TieredLinear, TieredWeights
-from tierlm.model.attention import AttentionBatch, KVCache, alibi_slopes, paged_attention
+from tierlm.model.attention import AttentionBatch, DecodeAttention, KVCache, alibi_slopes, paged_attention
 from tierlm.model.kernels import rms_norm_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
@@ -79,6 +79,7 @@ class Transformer:
         # HF multiplies by the scale cast to the weights' dtype; do the same to match bit for bit.
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
         self.alibi = alibi_slopes(cfg.num_heads).to(self.device) if cfg.position == "alibi" else None
+        self.decode_attention = DecodeAttention.for_model(self.device, cfg.attn_softcap, self.alibi, self.layer_windows)
         self.rope: dict[str, RotaryTable] = {}
         if cfg.position == "rope":
             global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict,
@@ -200,7 +201,8 @@ class Transformer:
             else:
                 q = apply_rope(q, cos, sin, c.rope_layout)
                 k = apply_rope(k, cos, sin, c.rope_layout)
-        o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi)
+        o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi,
+                            self.decode_attention)
         return self.linear.apply(o, lw.o, lw.o_bias)
 
     def _mlp(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:

@@ -18,9 +18,12 @@ QUANT_SOURCE = Path(__file__).with_name("quant_gemv.c")
 QUANT_LIBRARY = Path(__file__).with_name("libtierlm_quant.so")
 NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
 NORM_LIBRARY = Path(__file__).with_name("libtierlm_norm.so")
+ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
+ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_attention.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _NORM_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # AVX2: every x86-64 CPU of the decade
+# (the decode attention too)
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -68,6 +71,27 @@ def build_quant(force: bool = False) -> Path | None:
 def build_norm(force: bool = False) -> Path | None:
     """Compile the float32 RMSNorm if this CPU runs it (AVX2); returns the library path, or None."""
     return _compile(cpu_has_avx2(), NORM_SOURCE, NORM_LIBRARY, _NORM_FLAGS, force)
+
+
+def build_attention(force: bool = False) -> Path | None:
+    """Compile the paged decode attention if this CPU runs it (AVX2); returns the library path, or None."""
+    return _compile(cpu_has_avx2(), ATTENTION_SOURCE, ATTENTION_LIBRARY, _NORM_FLAGS, force)
+
+
+@functools.cache
+def decode_attention_kernel():
+    """``f(dtype, q_ptr, q_stride, k_cache_ptr, v_cache_ptr, slots_ptr, q_pos_ptr, B, H, Hkv, D, max_kv,
+    window, scale, out_ptr, num_threads) -> int`` from decode_attention.c (0 = done, -1 = a shape it
+    does not take, -2 = out of memory), or None when unavailable."""
+    if not cpu_has_avx2() or not _fresh(ATTENTION_LIBRARY, ATTENTION_SOURCE):
+        return None
+    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
+
+    fn = ctypes.CDLL(str(ATTENTION_LIBRARY)).tierlm_decode_attention
+    fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
+    fn.restype = ctypes.c_int
+    return fn
 
 
 @functools.cache

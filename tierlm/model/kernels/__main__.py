@@ -1,6 +1,6 @@
 """``python -m tierlm.model.kernels``: build the compiled kernels this CPU can run (make calls it)."""
 
-from tierlm.model.kernels import build, build_norm, build_quant
+from tierlm.model.kernels import build, build_attention, build_norm, build_quant
 
 path = build()
 print(f"tierlm kernels: built {path}" if path else
@@ -11,3 +11,6 @@ print(f"tierlm kernels: built {path}" if path else
 path = build_norm()
 print(f"tierlm kernels: built {path}" if path else
       "tierlm kernels: this CPU has no AVX2; RMSNorm will use torch")
+path = build_attention()
+print(f"tierlm kernels: built {path}" if path else
+      "tierlm kernels: this CPU has no AVX2; decode attention will gather the cache for SDPA")
