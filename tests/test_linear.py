@@ -6,14 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tierlm.model.kernels import bf16_gemm, cpu_has_avx512_bf16
-from tierlm.model.linear import AVX512BF16Linear, CPULinear, DenseLinear, default_linear_method
+from tierlm.model.kernels import bf16_gemm, cpu_has_avx512_bf16, cpu_has_avx512f, f32_gemm
+from tierlm.model.linear import CPULinear, DenseLinear, StreamingLinear, default_linear_method
 
 
 def _methods():
     methods = [DenseLinear(), CPULinear(), CPULinear(min_fp32_packed_elements=0)]
     if bf16_gemm() is not None:
-        methods.append(AVX512BF16Linear(bf16_gemm()))
+        methods.append(StreamingLinear(bf16_gemm(), torch.bfloat16, max_rows=16, k_multiple=32))
+    if f32_gemm() is not None:
+        methods.append(StreamingLinear(f32_gemm(), torch.float32, max_rows=64, k_multiple=16))
     return methods
 
 
@@ -50,10 +52,28 @@ def test_bf16_kernel_accumulates_in_float32_exactly_like_a_float_product():
     assert (y.double() - ref).abs().max() < 1e-3
 
 
+def test_f32_kernel_equals_a_float_product_at_every_decode_batch():
+    kernel = f32_gemm()
+    if not cpu_has_avx512f():
+        assert kernel is None
+        return
+    assert kernel is not None, "the float32 kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(21, 2048, generator=g)  # 21 rows: two whole slabs of 8 and a short one
+    for m in (1, 3, 4, 9, 64):  # x rows in blocks of 4, the last one short
+        x = torch.randn(m, 2048, generator=g)
+        y = torch.empty(m, 21)
+        kernel(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, 21, 2048, torch.get_num_threads())
+        assert (y.double() - x.double() @ w.double().T).abs().max() < 1e-3, m
+
+
 def test_default_method_follows_the_machine():
-    assert isinstance(default_linear_method("cpu", torch.float32), CPULinear)
+    f32 = default_linear_method("cpu", torch.float32)
+    assert isinstance(f32, StreamingLinear if cpu_has_avx512f() else CPULinear)
     bf16 = default_linear_method("cpu", torch.bfloat16)
-    assert isinstance(bf16, AVX512BF16Linear if cpu_has_avx512_bf16() else CPULinear)
+    assert isinstance(bf16, StreamingLinear if cpu_has_avx512_bf16() else CPULinear)
+    if cpu_has_avx512f():
+        assert (f32.dtype, f32.max_rows) == (torch.float32, 64)
 
 
 def test_bf16_model_stays_close_to_float32(hf_model):

@@ -39,7 +39,7 @@ from tierlm.memory.device import DeviceStage, copy_engine_for
 from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
-from tierlm.model.linear import AVX512BF16Linear, DenseLinear, LinearMethod
+from tierlm.model.linear import DenseLinear, LinearMethod, StreamingLinear
 from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, check_method, get_quantizer
 from tierlm.quant.imatrix import file_digest, importance_for, load_importance
 from tierlm.quant.linear import QuantLinear
@@ -225,7 +225,7 @@ class TieredLinear:
     def __init__(self, inner: LinearMethod, tiers: TieredWeights):
         self.inner = inner
         # QuantLinear multiplies QuantizedWeight views as they are, whatever backs them.
-        plain = (AVX512BF16Linear, DenseLinear, QuantLinear)
+        plain = (StreamingLinear, DenseLinear, QuantLinear)
         self.raw: LinearMethod = inner if isinstance(inner, plain) else DenseLinear()
         self.tiers = tiers
 

@@ -22,7 +22,8 @@ class LinearMethod(Protocol):
         ...
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (N, in) -> (N, out), in x's dtype."""
+        """x (N, in) -> (N, out), in x's dtype. ``weight`` is what ``prepare`` returned, or a plain
+        (out, in) tensor that was never prepared (a tied head: the embedding table)."""
         ...
 
 
@@ -39,7 +40,8 @@ class DenseLinear:
 
 
 class CPULinear:
-    """CPU: weights re-blocked once into oneDNN's preferred layout where that pays, else plain.
+    """CPU: weights re-blocked once into oneDNN's preferred layout where that pays, else plain. The
+    choice for a dtype that has no StreamingLinear kernel on this machine.
 
     Measured on this project's CPU (bench/results/linear.md, 2 threads, weights beyond L3):
     bf16 packed moves 1.3-1.5x the bytes/s of ``F.linear`` at batch 1 and 16; fp32 packed is a
@@ -71,48 +73,51 @@ def plain_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
-class AVX512BF16Linear:
-    """CPU bf16 with AVX512-BF16: tierlm's own kernel (kernels/bf16_gemm.c) for decode-sized
-    batches, ``F.linear`` for prompt chunks. Weights stay plain (out, in) bf16.
+class StreamingLinear:
+    """CPU products of decode-sized batches by tierlm's own kernels, which stream W once for all rows
+    of x (kernels/bf16_gemm.c with AVX512-BF16, kernels/f32_gemm.c with AVX-512F); ``F.linear`` above
+    ``max_rows`` rows, where a product is compute-bound and oneDNN/MKL's blocked GEMMs are the better
+    tool. Weights stay plain (out, in) in ``dtype``: the kernel and ``F.linear`` share them, and batch-1
+    decode, the case this path is for, reads them as they are (two copies would double memory).
 
-    Measured (bench/results/linear.md): at batch 1 the kernel streams weights 5-12% faster than
-    oneDNN's packed kernel (85% of the measured read bandwidth on the 1.1B shapes); at batch 16 it
-    is 8-20% slower than packed weights but faster than ``F.linear``, the alternative for weights
-    stored plain. Plain storage is kept because batch-1 decode is the case this CPU path is for,
-    and two copies of the weights would double memory. For prompt chunks (compute-bound) oneDNN's
-    on-the-fly re-blocking costs ~3%.
+    Measured (bench/results/linear.md, Intel Xeon): bf16 at batch 1 streams weights 5-12% faster than
+    oneDNN's packed kernel, at batch 16 8-20% slower than packed weights but faster than ``F.linear``;
+    prompt chunks lose ~3% to oneDNN's on-the-fly re-blocking. float32 on AMD Zen 4, where MKL's
+    small-M products crawl (kernels/f32_gemm.c): against ``F.linear``, 1.7-3.6x at M = 1, 2.4-6.7x at
+    M = 2-8, 1.2-1.4x at M = 64, and 0.8-0.95x from M = 96 on, hence 64 rows.
     """
 
-    name = "avx512-bf16"
-    max_rows = 16  # above this a product is compute-bound: oneDNN's GEMM is the better tool
-
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, dtype: torch.dtype, max_rows: int, k_multiple: int):
+        self.kernel, self.dtype, self.max_rows, self.k_multiple = kernel, dtype, max_rows, k_multiple
+        self.name = {torch.bfloat16: "avx512-bf16", torch.float32: "avx512-f32"}[dtype]
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.contiguous()
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m, k = x.shape
-        if m > self.max_rows or k % 32 or x.dtype != torch.bfloat16:
+        if (m > self.max_rows or k % self.k_multiple or x.dtype != self.dtype or weight.dtype != self.dtype
+                or not weight.is_contiguous()):  # a tied head (the embedding table) is never prepared
             return F.linear(x, weight, bias)
         x = x.contiguous()
         y = torch.empty(m, weight.shape[0], dtype=torch.float32)  # (M, N), fp32 accumulators
         self.kernel(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, weight.shape[0], k, torch.get_num_threads())
         if bias is not None:
             y += bias
-        return y.to(torch.bfloat16)
+        return y.to(self.dtype)
 
 
 def default_linear_method(device: torch.device | str, dtype: torch.dtype) -> LinearMethod:
     """The fastest method this machine has for ``dtype`` on ``device`` (policy, logged at start-up)."""
-    from tierlm.model.kernels import bf16_gemm
+    from tierlm.model.kernels import bf16_gemm, f32_gemm
 
     device = torch.device(device)
     if device.type != "cpu":
         return DenseLinear()
     if dtype == torch.bfloat16 and bf16_gemm() is not None:
-        return AVX512BF16Linear(bf16_gemm())
+        return StreamingLinear(bf16_gemm(), torch.bfloat16, max_rows=16, k_multiple=32)
+    if dtype == torch.float32 and f32_gemm() is not None:
+        return StreamingLinear(f32_gemm(), torch.float32, max_rows=64, k_multiple=16)
     if dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
         return CPULinear()
     return DenseLinear()

@@ -66,8 +66,9 @@ class Transformer:
             for lw in weights.layers:
                 for name in ("qkv", "o", "up", "down"):
                     setattr(lw, name, self.linear.prepare(getattr(lw, name)))
-            # A tied lm_head is also the embedding table, which must stay a plain tensor.
-            self.lm_head_linear = DenseLinear() if weights.tied else self.linear
+            # A tied lm_head is also the embedding table, which must stay a plain tensor: it is never
+            # prepared, and every method's apply takes a plain tensor as it is (its kernels included).
+            self.lm_head_linear = self.linear
             if not weights.tied:
                 weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]

@@ -18,9 +18,12 @@ QUANT_SOURCE = Path(__file__).with_name("quant_gemv.c")
 QUANT_LIBRARY = Path(__file__).with_name("libtierlm_quant.so")
 NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
 NORM_LIBRARY = Path(__file__).with_name("libtierlm_norm.so")
+F32_SOURCE = Path(__file__).with_name("f32_gemm.c")
+F32_LIBRARY = Path(__file__).with_name("libtierlm_f32.so")
 ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
 ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_attention.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_F32_FLAGS = ["-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _NORM_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # AVX2: every x86-64 CPU of the decade
 # (the decode attention too)
@@ -32,6 +35,10 @@ def cpu_has_avx512_bf16() -> bool:
 
 def cpu_has_avx512_vnni() -> bool:
     return _cpu_has("avx512_vnni") and _cpu_has("avx512bw") and _cpu_has("avx512vl") and _cpu_has("f16c")
+
+
+def cpu_has_avx512f() -> bool:
+    return _cpu_has("avx512f")
 
 
 def cpu_has_avx2() -> bool:
@@ -66,6 +73,24 @@ def build(force: bool = False) -> Path | None:
 def build_quant(force: bool = False) -> Path | None:
     """Compile the quantized GEMV (AVX512-VNNI) if this CPU runs it; returns the library path, or None."""
     return _compile(cpu_has_avx512_vnni(), QUANT_SOURCE, QUANT_LIBRARY, _QUANT_FLAGS, force)
+
+
+def build_f32(force: bool = False) -> Path | None:
+    """Compile the float32 GEMM if this CPU runs it (AVX-512F); returns the library path, or None."""
+    return _compile(cpu_has_avx512f(), F32_SOURCE, F32_LIBRARY, _F32_FLAGS, force)
+
+
+@functools.cache
+def f32_gemm():
+    """``f(x_ptr, w_ptr, y_ptr, M, N, K, num_threads)`` from f32_gemm.c, or None when unavailable."""
+    if not cpu_has_avx512f() or not _fresh(F32_LIBRARY, F32_SOURCE):
+        return None
+    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
+
+    fn = ctypes.CDLL(str(F32_LIBRARY)).tierlm_f32_gemm
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
+    fn.restype = None
+    return fn
 
 
 def build_norm(force: bool = False) -> Path | None:
