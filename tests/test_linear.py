@@ -16,6 +16,8 @@ def _methods():
         methods.append(StreamingLinear(bf16_gemm(), torch.bfloat16, max_rows=16, k_multiple=32))
     if f32_gemm() is not None:
         methods.append(StreamingLinear(f32_gemm(), torch.float32, max_rows=64, k_multiple=16))
+        # Above max_rows the product goes to oneDNN on the plain weight (m = 5, 16, 17 here).
+        methods.append(StreamingLinear(f32_gemm(), torch.float32, max_rows=4, k_multiple=16, onednn_above=True))
     return methods
 
 
@@ -73,7 +75,7 @@ def test_default_method_follows_the_machine():
     bf16 = default_linear_method("cpu", torch.bfloat16)
     assert isinstance(bf16, StreamingLinear if cpu_has_avx512_bf16() else CPULinear)
     if cpu_has_avx512f():
-        assert (f32.dtype, f32.max_rows) == (torch.float32, 64)
+        assert (f32.dtype, f32.max_rows, f32.onednn_above) == (torch.float32, 16, True)
 
 
 def test_bf16_model_stays_close_to_float32(hf_model):

@@ -84,11 +84,15 @@ class StreamingLinear:
     oneDNN's packed kernel, at batch 16 8-20% slower than packed weights but faster than ``F.linear``;
     prompt chunks lose ~3% to oneDNN's on-the-fly re-blocking. float32 on AMD Zen 4, where MKL's
     small-M products crawl (kernels/f32_gemm.c): against ``F.linear``, 1.7-3.6x at M = 1, 2.4-6.7x at
-    M = 2-8, 1.2-1.4x at M = 64, and 0.8-0.95x from M = 96 on, hence 64 rows.
+    M = 2-8. oneDNN on the plain float32 weight (re-blocked on the fly) runs 1.3-2x faster than
+    ``F.linear`` (MKL) from M = 64 to 512 there, and ties the kernel at M = 16 (0.97-1.04x), beats it
+    above: so float32 takes the kernel up to 16 rows and oneDNN above (``onednn_above``).
     """
 
-    def __init__(self, kernel, dtype: torch.dtype, max_rows: int, k_multiple: int):
+    def __init__(self, kernel, dtype: torch.dtype, max_rows: int, k_multiple: int,
+                 onednn_above: bool = False):
         self.kernel, self.dtype, self.max_rows, self.k_multiple = kernel, dtype, max_rows, k_multiple
+        self.onednn_above = onednn_above and torch.backends.mkldnn.is_available()
         self.name = {torch.bfloat16: "avx512-bf16", torch.float32: "avx512-f32"}[dtype]
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
@@ -96,8 +100,11 @@ class StreamingLinear:
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m, k = x.shape
-        if (m > self.max_rows or k % self.k_multiple or x.dtype != self.dtype or weight.dtype != self.dtype
-                or not weight.is_contiguous()):  # a tied head (the embedding table) is never prepared
+        if x.dtype != self.dtype or weight.dtype != self.dtype or not weight.is_contiguous():
+            return F.linear(x, weight, bias)  # a tied head (the embedding table) is never prepared
+        if m > self.max_rows or k % self.k_multiple:
+            if self.onednn_above:
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [None], "")
             return F.linear(x, weight, bias)
         x = x.contiguous()
         y = torch.empty(m, weight.shape[0], dtype=torch.float32)  # (M, N), fp32 accumulators
@@ -117,7 +124,7 @@ def default_linear_method(device: torch.device | str, dtype: torch.dtype) -> Lin
     if dtype == torch.bfloat16 and bf16_gemm() is not None:
         return StreamingLinear(bf16_gemm(), torch.bfloat16, max_rows=16, k_multiple=32)
     if dtype == torch.float32 and f32_gemm() is not None:
-        return StreamingLinear(f32_gemm(), torch.float32, max_rows=64, k_multiple=16)
+        return StreamingLinear(f32_gemm(), torch.float32, max_rows=16, k_multiple=16, onednn_above=True)
     if dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
         return CPULinear()
     return DenseLinear()
