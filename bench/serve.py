@@ -106,8 +106,25 @@ async def run_request(client: httpx.AsyncClient, url: str, idx: int, req: Req, s
 
 # -- one load level -------------------------------------------------------------------------------
 
-async def run_level(url: str, reqs: list[Req], clients: int, warmup: float, duration: float) -> tuple[list[Result], float, float]:
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what the kernel could still hand out without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+# Below this much free memory the servers' pages (weights, KV) start being evicted and re-read:
+# a level's figures then measure the disk, not the scheduler (four 1.1B float32 servers did that).
+MIN_MEM_AVAILABLE_BYTES = 1 << 30
+
+
+async def run_level(url: str, reqs: list[Req], clients: int, warmup: float, duration: float
+                    ) -> tuple[list[Result], float, float, int]:
+    """The level's results, warm-up end and end (perf_counter s), and the least MemAvailable seen (bytes)."""
     results: list[Result] = []
+    mem_min = mem_available_bytes()
     counter = iter(range(10**9))
     t0 = time.perf_counter()
     t_end = t0 + warmup + duration
@@ -120,12 +137,14 @@ async def run_level(url: str, reqs: list[Req], clients: int, warmup: float, dura
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         tasks = [asyncio.create_task(client_loop(client)) for _ in range(clients)]
-        await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+        while (left := t_end - time.perf_counter()) > 0:
+            await asyncio.sleep(min(1.0, left))
+            mem_min = min(mem_min, mem_available_bytes())
         for t in tasks:
             t.cancel()  # in-flight requests are abandoned; the server aborts them on disconnect
         await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(1.0)  # let the server finish aborting before the next level
-    return results, t0 + warmup, t_end
+    return results, t0 + warmup, t_end, mem_min
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -334,12 +353,16 @@ def main() -> int:
                 start(policy, sla["g_tok_per_s"])
         for c in clients:
             for policy in policies:
-                res, t_warm, t_end = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,
+                res, t_warm, t_end, mem_min = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,
                                                            max(args.warmup, args.warmup_per_client * c),
                                                            args.duration))
                 row = {"policy": policy, "clients": c,
-                       **summarize(res, t_warm, t_end, sla["R_tok_per_s"], sla["g_tok_per_s"], 2.0)}
+                       **summarize(res, t_warm, t_end, sla["R_tok_per_s"], sla["g_tok_per_s"], 2.0),
+                       "mem_avail_min_gib": round(mem_min / 2**30, 2)}
                 rows.append(row)
+                if mem_min < MIN_MEM_AVAILABLE_BYTES:
+                    print(f"  WARNING: MemAvailable fell to {mem_min / 2**30:.2f} GiB in this level: the servers "
+                          f"were paging, its figures are not the scheduler's (run fewer policies at once)", flush=True)
                 print(f"[{time.strftime('%H:%M:%S')}] {policy:>13} C={c:<3} qps {row['queries_per_s']:.2f} "
                       f"TTFT p50/p95 {row['ttft_p50_s']} / {row['ttft_p95_s']} s, tok p50/p95 "
                       f"{row['tok_lat_p50_ms']} / {row['tok_lat_p95_ms']} ms, pass {row['pass_frac']} "
@@ -369,7 +392,7 @@ def main() -> int:
             "total_runtime_s": round(time.time() - t_start, 1)}
     cols = ["policy", "clients", "queries_per_s", "ttft_p50_s", "ttft_p95_s", "tok_lat_p50_ms", "tok_lat_p90_ms",
             "tok_lat_p95_ms", "tok_lat_p99_ms", "pass_frac", "eff_qps", "pass_frac_g2", "eff_qps_g2", "completed",
-            "errors"]
+            "errors", "mem_avail_min_gib"]
     write_results(args.name, rows, meta, columns=cols)
     plot(rows, policies, RESULTS_DIR / args.plot, meta)
     print(json.dumps(best, indent=1))
