@@ -15,7 +15,7 @@ percent over minutes (other tenants), and taking turns gives every engine the sa
 quiet stretches. Achieved GB/s = bytes of weight matrices read per step / step time, held against
 RAM read bandwidth measured in the same run (before every round; the fastest).
 
-    .venv/bin/python bench/quant.py [--tokens 24] [--rounds 3] [--engines ...]
+    .venv/bin/python bench/quant.py [--tokens 24] [--rounds 3] [--engines ...] [--name quant]
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="runs per engine, taking turns; the fastest is kept")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--name", default="quant", help="results file name under bench/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -153,7 +154,7 @@ def main() -> None:
             bf = by["tierlm bf16"]
             r["speedup_vs_bf16"] = round(r["decode_tok_s"] / bf["decode_tok_s"], 2)
             r["bytes_ratio_vs_bf16"] = round(bf["weight_mb"] / r["weight_mb"], 2)
-    write_results("quant", rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
+    write_results(args.name, rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
                                   "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2,
                                   "rounds": f"{args.rounds}, engines taking turns; decode_tok_s is the fastest"},
                   columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",
