@@ -2,18 +2,14 @@
 
 from tierlm.model.kernels import build, build_attention, build_f32, build_norm, build_quant
 
-path = build()
-print(f"tierlm kernels: built {path}" if path else
-      "tierlm kernels: this CPU has no AVX512-BF16; bf16 matmuls will use oneDNN")
-path = build_f32()
-print(f"tierlm kernels: built {path}" if path else
-      "tierlm kernels: this CPU has no AVX-512F; float32 matmuls will use oneDNN/MKL")
-path = build_quant()
-print(f"tierlm kernels: built {path}" if path else
-      "tierlm kernels: this CPU has no AVX512-VNNI; quantized matmuls will dequantize tile by tile")
-path = build_norm()
-print(f"tierlm kernels: built {path}" if path else
-      "tierlm kernels: this CPU has no AVX2; RMSNorm will use torch")
-path = build_attention()
-print(f"tierlm kernels: built {path}" if path else
-      "tierlm kernels: this CPU has no AVX2; decode attention will gather the cache for SDPA")
+# (builder, what runs instead on a CPU that lacks the instructions)
+KERNELS = (
+    (build, "this CPU has no AVX512-BF16; bf16 matmuls will use oneDNN"),
+    (build_f32, "this CPU has no AVX-512F; float32 matmuls will use oneDNN/MKL"),
+    (build_quant, "this CPU has no AVX512-VNNI; quantized matmuls will dequantize tile by tile"),
+    (build_norm, "this CPU has no AVX2; RMSNorm will use torch"),
+    (build_attention, "this CPU has no AVX2; decode attention will gather the cache for SDPA"),
+)
+for builder, fallback in KERNELS:
+    path = builder()
+    print(f"tierlm kernels: built {path}" if path else f"tierlm kernels: {fallback}")
