@@ -65,6 +65,22 @@ def _compile(supported: bool, source: Path, library: Path, flags: list[str], for
     return library
 
 
+def _load(supported: bool, library: Path, source: Path, symbol: str, argtypes: list, restype):
+    """``symbol`` from ``library`` with its ctypes signature, or None when the CPU cannot run it or
+    the library is missing or older than its source.
+
+    The libraries link libgomp.so.1 by soname; torch is imported first so that its copy is the one
+    loaded under that soname, and both share one OpenMP thread pool instead of fighting over the cores.
+    """
+    if not supported or not _fresh(library, source):
+        return None
+    import torch  # noqa: F401  (load torch's libgomp first; see above)
+
+    fn = getattr(ctypes.CDLL(str(library)), symbol)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def build(force: bool = False) -> Path | None:
     """Compile the bf16 GEMM if this CPU runs it; returns the library path, or None."""
     return _compile(cpu_has_avx512_bf16(), SOURCE, LIBRARY, _FLAGS, force)
@@ -83,14 +99,8 @@ def build_f32(force: bool = False) -> Path | None:
 @functools.cache
 def f32_gemm():
     """``f(x_ptr, w_ptr, y_ptr, M, N, K, num_threads)`` from f32_gemm.c, or None when unavailable."""
-    if not cpu_has_avx512f() or not _fresh(F32_LIBRARY, F32_SOURCE):
-        return None
-    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
-
-    fn = ctypes.CDLL(str(F32_LIBRARY)).tierlm_f32_gemm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
-    fn.restype = None
-    return fn
+    return _load(cpu_has_avx512f(), F32_LIBRARY, F32_SOURCE, "tierlm_f32_gemm",
+                 [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4, None)
 
 
 def build_norm(force: bool = False) -> Path | None:
@@ -108,47 +118,26 @@ def decode_attention_kernel():
     """``f(dtype, q_ptr, q_stride, k_cache_ptr, v_cache_ptr, slots_ptr, q_pos_ptr, B, H, Hkv, D, max_kv,
     window, scale, out_ptr, num_threads) -> int`` from decode_attention.c (0 = done, -1 = a shape it
     does not take, -2 = out of memory), or None when unavailable."""
-    if not cpu_has_avx2() or not _fresh(ATTENTION_LIBRARY, ATTENTION_SOURCE):
-        return None
-    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
-
-    fn = ctypes.CDLL(str(ATTENTION_LIBRARY)).tierlm_decode_attention
-    fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
-    fn.restype = ctypes.c_int
-    return fn
+    return _load(cpu_has_avx2(), ATTENTION_LIBRARY, ATTENTION_SOURCE, "tierlm_decode_attention",
+                 [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int],
+                 ctypes.c_int)
 
 
 @functools.cache
 def rms_norm_kernel():
     """``f(x_ptr, w_ptr, y_ptr, n, d, eps, num_threads)`` from rms_norm.c (float32 rows), or None when
     unavailable (not built, older than its source, or a CPU without AVX2)."""
-    if not cpu_has_avx2() or not _fresh(NORM_LIBRARY, NORM_SOURCE):
-        return None
-    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
-
-    fn = ctypes.CDLL(str(NORM_LIBRARY)).tierlm_rms_norm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                   ctypes.c_int]
-    fn.restype = None
-    return fn
+    return _load(cpu_has_avx2(), NORM_LIBRARY, NORM_SOURCE, "tierlm_rms_norm",
+                 [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                  ctypes.c_int], None)
 
 
 @functools.cache
 def bf16_gemm():
-    """``f(x_ptr, w_ptr, y_ptr, M, N, K, num_threads)`` from bf16_gemm.c, or None when unavailable.
-
-    The library links libgomp.so.1 by soname; torch has already loaded its own copy under that
-    soname, so both share one OpenMP thread pool instead of fighting over the cores.
-    """
-    if not cpu_has_avx512_bf16() or not _fresh(LIBRARY, SOURCE):
-        return None
-    import torch  # noqa: F401  (load torch's libgomp first; see above)
-
-    fn = ctypes.CDLL(str(LIBRARY)).tierlm_bf16_gemm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
-    fn.restype = None
-    return fn
+    """``f(x_ptr, w_ptr, y_ptr, M, N, K, num_threads)`` from bf16_gemm.c, or None when unavailable."""
+    return _load(cpu_has_avx512_bf16(), LIBRARY, SOURCE, "tierlm_bf16_gemm",
+                 [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4, None)
 
 
 @functools.cache
@@ -157,13 +146,7 @@ def quant_gemv():
     num_threads) -> int``
     from quant_gemv.c (0 = done, -1 = shape or format it does not take), or None when unavailable.
     Format ids: tierlm.quant.kernel.KERNEL_FORMATS."""
-    if not cpu_has_avx512_vnni() or not _fresh(QUANT_LIBRARY, QUANT_SOURCE):
-        return None
-    import torch  # noqa: F401  (load torch's libgomp first; see bf16_gemm)
-
-    fn = ctypes.CDLL(str(QUANT_LIBRARY)).tierlm_quant_gemv
-    fn.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                    ctypes.c_int])
-    fn.restype = ctypes.c_int
-    return fn
+    return _load(cpu_has_avx512_vnni(), QUANT_LIBRARY, QUANT_SOURCE, "tierlm_quant_gemv",
+                 [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                  ctypes.c_int], ctypes.c_int)
