@@ -44,8 +44,8 @@ def export(folder: Path, out: Path, kind: str = "f16") -> Path:
     w.add_rope_dimension_count(d // heads)
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(
-        kind, gguf.LlamaFileType.MOSTLY_BF16))
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(kind, gguf.LlamaFileType.MOSTLY_BF16))
     vocab = cfg["vocab_size"]
     pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
     pieces += [f"▁t{i}" for i in range(vocab - len(pieces))]
@@ -80,9 +80,10 @@ def export(folder: Path, out: Path, kind: str = "f16") -> Path:
             w.add_tensor(gg, arr)
         elif kind == "f16":
             w.add_tensor(gg, t.to(torch.float16).numpy())
-        elif kind == "q8_0":  # (tests) every matrix as Q8_0 blocks, quantized by the gguf package
-            raw = gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gg, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif kind in ("q8_0", "q4_0"):  # (tests) every matrix in these blocks, quantized by the gguf package
+            qtype = gguf.GGMLQuantizationType[kind.upper()]
+            raw = gguf.quants.quantize(t.float().numpy(), qtype)
+            w.add_tensor(gg, raw, raw_dtype=qtype)
         else:
             raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
             w.add_tensor(gg, raw, raw_shape=tuple(t.shape), raw_dtype=gguf.GGMLQuantizationType.BF16)

@@ -20,7 +20,8 @@ from tierlm.quant import (
     method_for,
 )
 from tierlm.quant.gguf import SUPPORTED, GGUFFormat
-from tierlm.quant.linear import KERNEL_FORMATS, QuantLinear, kernel_matmul
+from tierlm.quant.linear import KERNEL_FORMATS, TILE_KERNEL_FORMATS, QuantLinear, kernel_matmul
+from tierlm.quant.tiles import TILE_FORMATS, TILE_ROWS, RowTiles, dequantize_tiles, tile_rows, tiled_tiles_matmul
 
 LEVELS = {"q8": 256, "q6": 64, "q5": 32, "q4": 16, "q3h": 11, "q3": 8, "q2": 4}
 BITS_PER_WEIGHT = {"q8": 8, "q6": 6, "q5": 5, "q4": 4, "q3h": 3.5, "q3": 3, "q2": 2}
@@ -299,6 +300,81 @@ def test_fused_weight_concatenates_its_parts_outputs():
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7))
     deq = torch.cat([method_for(p.format, p.group).dequantize(p) for p in (a, b)])
     assert torch.allclose(lin.apply(x, fused, None), x @ deq.T, atol=1e-4)
+
+
+# -- row tiles (tierlm.quant.tiles) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [41, 16, 3])  # 41: a padded last tile; 3: fewer rows than one tile
+def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(rows):
+    qw = _gguf_weight("Q4_0", rows=rows)
+    tw = tile_rows(qw)
+    num_tiles = -(-rows // TILE_ROWS)
+    assert tw.shape == qw.shape and tw.tiles.shape == (num_tiles, 512 // 32 * 288)
+    assert tw.nbytes == num_tiles * TILE_ROWS * 512 // 32 * 18  # the blocks' bytes, padding rows included
+    deq = dequantize_tiles(tw, 0, num_tiles)
+    assert torch.equal(deq[:rows], method_for(qw.format, qw.group).dequantize(qw))
+    assert torch.equal(deq[rows:], torch.zeros(num_tiles * TILE_ROWS - rows, 512))
+    # byte layout: tile 0, block 1 starts with row 2's d at bytes 4..5; its chunk 3 holds row 2's
+    # nibble bytes 12..15 at 32 + 64 * 3 + 4 * 2
+    if rows > 2:
+        b = 288
+        assert torch.equal(tw.tiles[0, b + 4:b + 6], qw.codes[2, 18:20])
+        assert torch.equal(tw.tiles[0, b + 32 + 192 + 8:b + 32 + 192 + 12], qw.codes[2, 18 + 2 + 12:18 + 2 + 16])
+
+
+def test_row_tiles_take_only_their_formats():
+    with pytest.raises(QuantError, match="no row-tile layout for gguf:Q8_0"):
+        tile_rows(_gguf_weight("Q8_0"))
+    assert set(TILE_FORMATS) == set(TILE_KERNEL_FORMATS)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("rows", [41, 3])
+def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(m, rows):
+    kernel = _kernel()
+    if kernel is None:
+        return
+    qw = _gguf_weight("Q4_0", rows=rows)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0  # an all-zero block of x: scale 0
+    deq = method_for(qw.format, qw.group).dequantize(qw).double()
+    y = kernel_matmul(kernel, x, tile_rows(qw), num_threads=2)
+    ref = _int8_blocks(x) @ deq.T
+    assert y.shape == (m, rows)
+    assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+    # the row kernel on the file's layout computes the same products (summed in another order)
+    assert torch.allclose(y, kernel_matmul(kernel, x, qw, num_threads=2), atol=1e-5 * ref.abs().max().item())
+
+
+def test_row_tiles_multiply_prompt_chunks_band_by_band(monkeypatch):
+    qw = _gguf_weight("Q4_0", rows=41)
+    monkeypatch.setattr("tierlm.quant.tiles.TILE_BYTES", 2 * 512 * 4 * TILE_ROWS)  # bands of 2 tiles
+    x = torch.randn(20, 512, generator=torch.Generator().manual_seed(3))
+    deq = method_for(qw.format, qw.group).dequantize(qw)
+    assert torch.allclose(tiled_tiles_matmul(x, tile_rows(qw)), x @ deq.T, atol=1e-4)
+    with pytest.raises(QuantError, match="input has 256 features"):
+        tiled_tiles_matmul(x[:, :256], tile_rows(qw))
+
+
+def test_quant_linear_tiles_resident_q4_0_only_with_the_kernel():
+    kernel = _kernel()
+    a, b = _gguf_weight("Q4_0", rows=40, cols=256), _gguf_weight("Q8_0", rows=8, cols=256)
+    x1 = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
+    x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(9))
+    deq = torch.cat([method_for(p.format, p.group).dequantize(p) for p in (a, b)])
+    lin = QuantLinear(None, DenseLinear(), kernel)
+    fused = lin.prepare(FusedWeight((a, b)))
+    assert isinstance(fused, FusedWeight) and fused.shape == (48, 256)
+    if kernel is None:
+        assert fused.parts == (a, b)
+        return
+    tiled, kept = fused.parts
+    assert isinstance(tiled, RowTiles) and kept is b  # Q8_0 has no tile layout
+    assert lin.prepare(tiled) is tiled and lin.prepare(fused.parts[0]) is tiled
+    assert torch.allclose(lin.apply(x16, fused, None), x16 @ deq.T, atol=1e-4)  # above max_kernel_rows
+    expected = (_int8_blocks(x1) @ deq.double().T).float()
+    assert torch.allclose(lin.apply(x1, fused, None), expected, atol=1e-4)
+    assert QuantLinear(None, DenseLinear(), None).prepare(a) is a  # no kernel: the file's layout
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q3h", "gguf:Q4_0"])

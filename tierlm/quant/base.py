@@ -104,7 +104,7 @@ class FusedWeight:
     """Matrices stacked along the output dimension whose formats differ (a GGUF file may store q and
     k as Q5_0 but v as Q8_0); multiplied part by part, outputs concatenated."""
 
-    parts: tuple[QuantizedWeight, ...]
+    parts: tuple  # of QuantizedWeight, or their RowTiles (tierlm.quant.tiles) once prepared for the kernel
 
     @property
     def shape(self) -> tuple[int, int]:

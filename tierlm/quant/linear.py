@@ -24,6 +24,7 @@ from tierlm.quant import (
     Quantizer,
     method_for,
 )
+from tierlm.quant.tiles import TILE_FORMATS, RowTiles, tile_rows, tiled_tiles_matmul
 
 log = logging.getLogger("tierlm")
 
@@ -31,13 +32,22 @@ log = logging.getLogger("tierlm")
 KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6,
                   "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
                   "q6": 11, "q5": 12, "q3": 13, "q2": 14}
+# source format -> format id of its row-tile kernel (tierlm.quant.tiles)
+TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15}
 
 
-def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight, num_threads: int | None = None) -> torch.Tensor:
-    """x (M, in) @ W^T with the compiled kernel; float32 (M, out). The caller checks KERNEL_FORMATS."""
+def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
+    """x (M, in) @ W^T with the compiled kernel; float32 (M, out). The caller checks KERNEL_FORMATS
+    (or, for row tiles, TILE_KERNEL_FORMATS)."""
     out, k = qw.shape
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    if isinstance(qw, RowTiles):
+        status = kernel(TILE_KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, qw.tiles.data_ptr(), None,
+                        None, 32, 0, 0, y.data_ptr(), out, num_threads or torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"the quantized kernel does not take {qw.format} row tiles of shape {qw.shape}")
+        return y
     # Rows may be strided (views into a store's packed rows, QuantizedWeight.from_packed_rows): the
     # kernel takes the row stride of the codes and of the steps/mins, which must share one stride.
     codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
@@ -66,15 +76,25 @@ class QuantLinear:
         self.name = f"quant-{quantizer.name if quantizer else 'native'}+{dense.name}" + ("+vnni" if kernel else "")
 
     def prepare(self, weight: torch.Tensor | AnyQuantized) -> torch.Tensor | AnyQuantized:
-        if isinstance(weight, (QuantizedWeight, FusedWeight)):
+        """Quantize a float matrix (with a quantizer), and, with the kernel, repack a resident matrix
+        whose format has a row-tile kernel (tierlm.quant.tiles) into row tiles."""
+        if isinstance(weight, RowTiles):
             return weight
+        if isinstance(weight, FusedWeight):
+            return FusedWeight(tuple(self.prepare(p) for p in weight.parts))
+        if isinstance(weight, QuantizedWeight):
+            return self._tile(weight)
         if self.quantizer is None:
             return self.dense.prepare(weight)
         qw = self.quantizer.quantize(weight)
         if self.kernel is not None and qw.format in KERNEL_FORMATS:  # kernel reads codes in place
             qw = QuantizedWeight(qw.format, qw.shape, qw.codes.contiguous(), qw.group,
                                  qw.scales.contiguous(), qw.mins.contiguous())
-        return qw
+        return self._tile(qw)
+
+    def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
+        on_cpu = qw.codes.device.type == "cpu"
+        return tile_rows(qw) if self.kernel is not None and on_cpu and qw.format in TILE_FORMATS else qw
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):
@@ -87,7 +107,11 @@ class QuantLinear:
             y = y + bias
         return y
 
-    def _matmul(self, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
+        if isinstance(qw, RowTiles):  # only made when the kernel is there (prepare)
+            if x.shape[0] <= self.max_kernel_rows:
+                return kernel_matmul(self.kernel, x, qw).to(x.dtype)
+            return tiled_tiles_matmul(x, qw)
         if (self.kernel is not None and x.shape[0] <= self.max_kernel_rows and x.device.type == "cpu"
                 and qw.format in KERNEL_FORMATS):
             return kernel_matmul(self.kernel, x, qw).to(x.dtype)
