@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tierlm.quant.base as qbase
+import tierlm.quant.tiles as qtiles
 from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
 from tierlm.model.linear import DenseLinear
 from tierlm.quant import (
@@ -304,22 +305,48 @@ def test_fused_weight_concatenates_its_parts_outputs():
 
 # -- row tiles (tierlm.quant.tiles) -------------------------------------------------------------------
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
 @pytest.mark.parametrize("rows", [41, 16, 3])  # 41: a padded last tile; 3: fewer rows than one tile
-def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(rows):
-    qw = _gguf_weight("Q4_0", rows=rows)
+def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(type_name, rows):
+    qw = _gguf_weight(type_name, rows=rows)
     tw = tile_rows(qw)
     num_tiles = -(-rows // TILE_ROWS)
-    assert tw.shape == qw.shape and tw.tiles.shape == (num_tiles, 512 // 32 * 288)
-    assert tw.nbytes == num_tiles * TILE_ROWS * 512 // 32 * 18  # the blocks' bytes, padding rows included
+    tile_bytes = {"Q4_0": 512 // 32 * 288, "Q6_K": 512 // 256 * 3360}[type_name]
+    assert tw.shape == qw.shape and tw.tiles.shape == (num_tiles, tile_bytes)
+    assert tw.nbytes == num_tiles * TILE_ROWS * qw.codes.shape[1]  # the blocks' bytes, padding rows included
     deq = dequantize_tiles(tw, 0, num_tiles)
     assert torch.equal(deq[:rows], method_for(qw.format, qw.group).dequantize(qw))
     assert torch.equal(deq[rows:], torch.zeros(num_tiles * TILE_ROWS - rows, 512))
-    # byte layout: tile 0, block 1 starts with row 2's d at bytes 4..5; its chunk 3 holds row 2's
-    # nibble bytes 12..15 at 32 + 64 * 3 + 4 * 2
-    if rows > 2:
+    if rows > 2 and type_name == "Q4_0":
+        # tile 0, block 1 starts with row 2's d at bytes 4..5; its chunk 3 holds row 2's nibble bytes
+        # 12..15 at 32 + 64 * 3 + 4 * 2
         b = 288
         assert torch.equal(tw.tiles[0, b + 4:b + 6], qw.codes[2, 18:20])
         assert torch.equal(tw.tiles[0, b + 32 + 192 + 8:b + 32 + 192 + 12], qw.codes[2, 18 + 2 + 12:18 + 2 + 16])
+    if rows > 2 and type_name == "Q6_K":
+        # super-block 1 of tile 0: row 2's d (the block's last 2 bytes) at 4..5, its sub-block 5
+        # scale at 32 + 16 * 5 + 2, and weight 32 * 3 + 16 + 4 * 2 + 1 = 121's code split between
+        # block 3's chunk 2 (high nibble of row 2's byte 1) and its second top-bits chunk (bits 4..5)
+        sb, row = 3360, qw.codes[2, 210:420]
+        assert torch.equal(tw.tiles[0, sb + 4:sb + 6], row[208:210])
+        assert tw.tiles[0, sb + 32 + 80 + 2] == row[192 + 5]
+        code = qtiles.q6_k_codes(row.reshape(1, 1, 210))[0, 0, 121].item()
+        blk = sb + 288 + 384 * 3
+        assert tw.tiles[0, blk + 64 * 2 + 4 * 2 + 1].item() >> 4 == code & 15
+        assert (tw.tiles[0, blk + 320 + 4 * 2 + 1].item() >> 4) & 3 == code >> 4
+
+
+def test_q6_k_codes_follow_ggml_layout():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qw = _gguf_weight("Q6_K", rows=5)
+    blocks = qw.codes.reshape(5, 2, 210)
+    codes = qtiles.q6_k_codes(blocks).float()  # (5, 2, 256)
+    d = blocks[..., 208:].contiguous().view(torch.float16).float()  # (5, 2, 1)
+    sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # (5, 2, 16)
+    w = ((d * sc)[..., None] * (codes.reshape(5, 2, 16, 16) - 32)).reshape(5, 512)
+    assert torch.equal(w, torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType.Q6_K)))
 
 
 def test_row_tiles_take_only_their_formats():
@@ -328,13 +355,14 @@ def test_row_tiles_take_only_their_formats():
     assert set(TILE_FORMATS) == set(TILE_KERNEL_FORMATS)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("rows", [41, 3])
-def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(m, rows):
+def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(type_name, m, rows):
     kernel = _kernel()
     if kernel is None:
         return
-    qw = _gguf_weight("Q4_0", rows=rows)
+    qw = _gguf_weight(type_name, rows=rows)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block of x: scale 0
     deq = method_for(qw.format, qw.group).dequantize(qw).double()
@@ -346,8 +374,9 @@ def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(m, r
     assert torch.allclose(y, kernel_matmul(kernel, x, qw, num_threads=2), atol=1e-5 * ref.abs().max().item())
 
 
-def test_row_tiles_multiply_prompt_chunks_band_by_band(monkeypatch):
-    qw = _gguf_weight("Q4_0", rows=41)
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
+def test_row_tiles_multiply_prompt_chunks_band_by_band(type_name, monkeypatch):
+    qw = _gguf_weight(type_name, rows=41)
     monkeypatch.setattr("tierlm.quant.tiles.TILE_BYTES", 2 * 512 * 4 * TILE_ROWS)  # bands of 2 tiles
     x = torch.randn(20, 512, generator=torch.Generator().manual_seed(3))
     deq = method_for(qw.format, qw.group).dequantize(qw)

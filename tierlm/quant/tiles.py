@@ -16,10 +16,15 @@ The repacking is done once, when the linear method prepares a resident matrix; r
 disk keep the file's layout (a tile is not a band of rows a store can split) and run through the
 row kernel. Tiles are a kernel's layout, not a storage format: nothing writes them to a store.
 
-Layout, Q4_0 (``tiles`` uint8 (num_tiles, in / 32 * 288)): tile t holds rows 16t..16t+15, the last
-one padded with zero rows. Block b of a tile is 288 bytes: the 16 rows' float16 d (32 bytes), then
-four 64-byte chunks, chunk l holding bytes 4l..4l+3 of row i's 16 nibble bytes at 4i..4i+3 (byte j
-of a Q4_0 block: weight j in its low nibble, weight j+16 in its high one; weight = d * (nibble - 8)).
+Layouts (``tiles`` uint8 (num_tiles, bytes per tile); tile t holds rows 16t..16t+15, the last one
+padded with zero rows; the same bytes per row as the file's blocks):
+- Q4_0, in / 32 * 288 bytes a tile: per block, the 16 rows' float16 d (32 bytes), then four 64-byte
+  chunks, chunk l holding bytes 4l..4l+3 of row i's 16 nibble bytes at 4i..4i+3 (byte j of a Q4_0
+  block: weight j in its low nibble, weight j+16 in its high one; weight = d * (nibble - 8)).
+- Q6_K, in / 256 * 3360 bytes a tile: per super-block, the 16 rows' float16 d, their 16 int8 scales
+  sub-block by sub-block (16 x 16 bytes), then per 32 weights four 64-byte chunks of low nibbles as
+  for Q4_0 and two of the codes' top 2 bits (chunk h, row i, byte b: weight 16h + 4l + b's in bits
+  2l..2l+1); weight = d * scale * (code - 32), a scale per 16 weights (quant_gemv.c q6_kx16_tile).
 """
 
 from __future__ import annotations
@@ -32,9 +37,77 @@ import torch.nn.functional as F
 from tierlm.quant.base import TILE_BYTES, QuantError, QuantizedWeight
 
 TILE_ROWS = 16
-TILE_FORMATS = ("gguf:Q4_0",)  # formats with a row-tile layout and kernel
-_Q4_0_BLOCK = 18  # bytes of a Q4_0 block: float16 d, 16 bytes of nibbles
-_Q4_0_TILE_BLOCK = 32 + 256  # bytes of 16 rows' blocks in a tile: 16 float16 d, 4 chunks of 64
+
+
+def _tile_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks uint8 (T * 16, nb, 18) -> tiles (T, nb * 288)."""
+    num_tiles, nb = blocks.shape[0] // TILE_ROWS, blocks.shape[1]
+    d = blocks[:, :, :2].reshape(num_tiles, TILE_ROWS, nb, 2).permute(0, 2, 1, 3)  # (T, nb, row, 2)
+    q = blocks[:, :, 2:].reshape(num_tiles, TILE_ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (T, nb, l, row, 4)
+    return torch.cat([d.reshape(num_tiles, nb, 32), q.reshape(num_tiles, nb, 256)], dim=2).reshape(num_tiles, -1)
+
+
+def _untile_q4_0(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Q4_0 tiles uint8 (T, nb * 288) -> float32 (T * 16, k)."""
+    n, nb = t.shape[0], k // 32
+    t = t.reshape(n, nb, 288)
+    d = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, nb, row)
+    q = t[:, :, 32:].reshape(n, nb, 4, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(n, TILE_ROWS, nb, 16)
+    codes = torch.cat([q & 15, q >> 4], dim=-1).float()  # (T, row, nb, 32): weights 0..15, 16..31
+    return ((codes - 8) * d.permute(0, 2, 1)[..., None]).reshape(n * TILE_ROWS, k)
+
+
+def q6_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks uint8 (R, nsb, 210) -> their 6-bit codes uint8 (R, nsb, 256) in weight order
+    (ggml's layout: per 128-weight half n, ql[64n + l] holds weights l and l + 64 of the half in its
+    low and high nibble, ql[64n + 32 + l] weights l + 32 and l + 96, qh[32n + l] their top 2 bits)."""
+    r, nsb = blocks.shape[:2]
+    ql = blocks[..., :128].reshape(r, nsb, 2, 2, 32)  # (R, nsb, half n, first/second 32 bytes, l)
+    qh = blocks[..., 128:192].reshape(r, nsb, 2, 1, 32)
+    lo = torch.stack([ql & 15, ql >> 4], dim=3)  # (R, nsb, n, nibble, 32-byte part, l)
+    lo = lo.reshape(r, nsb, 2, 4, 32)  # quarter j = 2 * nibble + part: weights 32j + l of the half
+    hi = torch.stack([(qh >> (2 * j)) & 3 for j in range(4)], dim=3).reshape(r, nsb, 2, 4, 32)
+    return (lo | (hi << 4)).reshape(r, nsb, 256)
+
+
+def _tile_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks uint8 (T * 16, nsb, 210) -> tiles (T, nsb * 3360)."""
+    num_tiles, nsb = blocks.shape[0] // TILE_ROWS, blocks.shape[1]
+    shape = (num_tiles, TILE_ROWS, nsb)
+    d = blocks[:, :, 208:].reshape(*shape, 2).permute(0, 2, 1, 3).reshape(num_tiles, nsb, 32)
+    sc = blocks[:, :, 192:208].reshape(*shape, 16).permute(0, 2, 3, 1).reshape(num_tiles, nsb, 256)
+    c = q6_k_codes(blocks).reshape(*shape, 8, 2, 4, 4)  # (T, row, nsb, block t, half h, l, b)
+    nib = (c[:, :, :, :, 0] & 15) | ((c[:, :, :, :, 1] & 15) << 4)  # (T, row, nsb, t, l, b)
+    nib = nib.permute(0, 2, 3, 4, 1, 5).reshape(num_tiles, nsb, 8, 256)
+    top = c >> 4
+    hb = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)  # (T, row, nsb, t, h, b)
+    hb = hb.permute(0, 2, 3, 4, 1, 5).reshape(num_tiles, nsb, 8, 128)
+    body = torch.cat([nib, hb], dim=3).reshape(num_tiles, nsb, 8 * 384)
+    return torch.cat([d, sc, body], dim=2).reshape(num_tiles, -1)
+
+
+def _untile_q6_k(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Q6_K tiles uint8 (T, nsb * 3360) -> float32 (T * 16, k)."""
+    n, nsb = t.shape[0], k // 256
+    t = t.reshape(n, nsb, 3360)
+    d = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, nsb, row)
+    sc = t[:, :, 32:288].contiguous().view(torch.int8).reshape(n, nsb, 16, TILE_ROWS).float()  # (T, nsb, sub, row)
+    body = t[:, :, 288:].reshape(n, nsb, 8, 384)
+    nib = body[..., :256].reshape(n, nsb, 8, 4, TILE_ROWS, 4)  # (T, nsb, t, l, row, b)
+    hb = body[..., 256:].reshape(n, nsb, 8, 2, TILE_ROWS, 4)  # (T, nsb, t, h, row, b)
+    top = torch.stack([(hb >> (2 * l)) & 3 for l in range(4)], dim=4)  # (T, nsb, t, h, l, row, b)
+    codes = torch.stack([nib & 15, nib >> 4], dim=3) | (top << 4)  # (T, nsb, t, h, l, row, b)
+    codes = codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, TILE_ROWS, nsb, 16, 16).float()  # (T, row, nsb, sub, 16)
+    scale = (d.permute(0, 2, 1)[..., None] * sc.permute(0, 3, 1, 2))[..., None]  # (T, row, nsb, sub, 1): d * sc
+    return (scale * (codes - 32)).reshape(n * TILE_ROWS, k)  # as ggml: (d * sc) * (c - 32)
+
+
+# source format -> (weights, bytes) of its blocks, tiling, untiling
+_LAYOUTS = {
+    "gguf:Q4_0": ((32, 18), _tile_q4_0, _untile_q4_0),
+    "gguf:Q6_K": ((256, 210), _tile_q6_k, _untile_q6_k),
+}
+TILE_FORMATS = tuple(_LAYOUTS)  # formats with a row-tile layout and kernel
 
 
 @dataclass(frozen=True)
@@ -56,30 +129,19 @@ class RowTiles:
 
 def tile_rows(qw: QuantizedWeight) -> RowTiles:
     """Repack ``qw`` (a format in TILE_FORMATS) into row tiles; the weight itself is unchanged."""
-    if qw.format != "gguf:Q4_0":
+    if qw.format not in _LAYOUTS:
         raise QuantError(f"no row-tile layout for {qw.format} (have: {', '.join(TILE_FORMATS)})")
+    (block, block_bytes), tile, _ = _LAYOUTS[qw.format]
     out, k = qw.shape
-    nb = k // 32
     num_tiles = -(-out // TILE_ROWS)
-    blocks = torch.zeros(num_tiles * TILE_ROWS, nb, _Q4_0_BLOCK, dtype=torch.uint8)  # zero rows pad the last tile
-    blocks[:out] = qw.codes.reshape(out, nb, _Q4_0_BLOCK)
-    d = blocks[:, :, :2].reshape(num_tiles, TILE_ROWS, nb, 2).permute(0, 2, 1, 3)  # (T, nb, row, 2)
-    q = blocks[:, :, 2:].reshape(num_tiles, TILE_ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (T, nb, l, row, 4)
-    tiles = torch.cat([d.reshape(num_tiles, nb, 32), q.reshape(num_tiles, nb, 256)], dim=2)
-    return RowTiles(qw.format, qw.shape, tiles.reshape(num_tiles, nb * _Q4_0_TILE_BLOCK).contiguous())
+    blocks = torch.zeros(num_tiles * TILE_ROWS, k // block, block_bytes, dtype=torch.uint8)  # zero rows pad
+    blocks[:out] = qw.codes.reshape(out, k // block, block_bytes)
+    return RowTiles(qw.format, qw.shape, tile(blocks).contiguous())
 
 
 def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
     """Tiles [t0, t1) as float32 (TILE_ROWS * (t1 - t0), in), padding rows included (zeros)."""
-    k = tw.shape[1]
-    nb, n = k // 32, t1 - t0
-    t = tw.tiles[t0:t1].reshape(n, nb, _Q4_0_TILE_BLOCK)
-    d = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, nb, row)
-    q = t[:, :, 32:].reshape(n, nb, 4, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)  # (T, row, nb, l, 4)
-    q = q.reshape(n, TILE_ROWS, nb, 16)  # byte j of each row's block
-    codes = torch.cat([q & 15, q >> 4], dim=-1).float()  # (T, row, nb, 32): weights 0..15, 16..31
-    w = (codes - 8) * d.permute(0, 2, 1)[..., None]
-    return w.reshape(n * TILE_ROWS, k)
+    return _LAYOUTS[tw.format][2](tw.tiles[t0:t1], tw.shape[1])
 
 
 def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:

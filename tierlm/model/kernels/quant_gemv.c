@@ -49,12 +49,13 @@
 #include <math.h>
 #include <string.h>
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16 };
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
     float *xd;    /* (K/32,) block scales */
     float *xs;    /* (K/32,) xd * sum(q): the block's sum of int8-rounded x */
+    float *xs16;  /* (K/16,) the same per half block (Q6_K's scales are per 16 weights) */
 } XBlocks;
 
 static inline float fp16(const uint8_t *p) { return _cvtsh_ss(*(const uint16_t *)p); }
@@ -71,8 +72,11 @@ static void quantize_x(const float *x, int K, XBlocks *xb) {
         const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
         _mm_storeu_si128((__m128i *)(xb->q + 32 * b), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(xb->q + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+        const int s0 = _mm512_reduce_add_epi32(q0), s1 = _mm512_reduce_add_epi32(q1);
         xb->xd[b] = d;
-        xb->xs[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        xb->xs[b] = d * (float)(s0 + s1);
+        xb->xs16[2 * b] = d * (float)s0;
+        xb->xs16[2 * b + 1] = d * (float)s1;
     }
 }
 
@@ -314,15 +318,58 @@ static void q4_0x16_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *
     _mm512_storeu_ps(out, _mm512_fnmadd_ps(accm, _mm512_set1_ps(8.f), acc));
 }
 
-static void run_q4_0x16(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
-    const int nb = K / 32, num_tiles = (N + 15) / 16;
-    const int64_t tile_bytes = 288 * (int64_t)nb;
+/* Q6_K repacked into tiles of 16 rows (tierlm.quant.tiles): per 256-weight super-block, 3360 bytes:
+ * the 16 rows' fp16 d (32 B), their int8 scales sub-block by sub-block (16 x 16 B), then 8 blocks of
+ * 32 weights (384 B each): four 64-byte chunks of low nibbles laid out as in Q4_0's tiles (chunk l,
+ * row i, byte b: weight 4l+b in the low nibble, 16+4l+b in the high one) and two 64-byte chunks of
+ * the codes' top 2 bits (chunk h, row i, byte b: weight 16h+4l+b's in bits 2l..2l+1). A code c is
+ * 6 bits; weight = d * scale * (c - 32), the scale per 16 weights, so each half of a block
+ * (4 vpdpbusd) is converted and scaled on its own. Same bytes as Q6_K: 210 per row and super-block. */
+static void q6_kx16_tile(const uint8_t *tile, int nsb, const XBlocks *xb, float *out) {
+    const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    for (int sb = 0; sb < nsb; sb++) {
+        const uint8_t *p = tile + 3360 * (int64_t)sb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        for (int t = 0; t < 8; t++) {
+            const uint8_t *blk = p + 288 + 384 * t;
+            const int b = 8 * sb + t;  /* block of x */
+            const int32_t *xw = (const int32_t *)(xb->q + 32 * b);
+            const __m512i h0 = _mm512_loadu_si512((const void *)(blk + 256)), h1 = _mm512_loadu_si512((const void *)(blk + 320));
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int l = 0; l < 4; l++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * l));
+                /* bits 2l..2l+1 of each byte up to bits 4..5 (what crosses a byte lands below bit 4) */
+                const __m512i u0 = l < 3 ? _mm512_slli_epi16(h0, 4 - 2 * l) : _mm512_srli_epi16(h0, 2);
+                const __m512i u1 = l < 3 ? _mm512_slli_epi16(h1, 4 - 2 * l) : _mm512_srli_epi16(h1, 2);
+                const __m512i c0 = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(u0, top));
+                const __m512i c1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_and_si512(u1, top));
+                s0 = _mm512_dpbusd_epi32(s0, c0, _mm512_set1_epi32(xw[l]));
+                s1 = _mm512_dpbusd_epi32(s1, c1, _mm512_set1_epi32(xw[4 + l]));
+            }
+            const __m512 sc0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 32 + 32 * t)))));
+            const __m512 sc1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 48 + 32 * t)))));
+            const __m512 xd = _mm512_set1_ps(xb->xd[b]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(sc0, xd), acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(sc1, xd), acc);
+            accm = _mm512_fmadd_ps(sc0, _mm512_set1_ps(xb->xs16[2 * b]), accm);  /* the -32 offset */
+            accm = _mm512_fmadd_ps(sc1, _mm512_set1_ps(xb->xs16[2 * b + 1]), accm);
+        }
+    }
+    _mm512_storeu_ps(out, _mm512_fnmadd_ps(accm, _mm512_set1_ps(32.f), acc));
+}
+
+/* fmt Q4_0X16 or Q6_KX16: tiles of 16 rows (the last padded), each one sequential stream */
+static void run_tiles16(int fmt, const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
+    const int num_tiles = (N + 15) / 16;
+    const int64_t tile_bytes = fmt == Q4_0X16 ? 288 * (int64_t)(K / 32) : 3360 * (int64_t)(K / 256);
     _Pragma("omp parallel for schedule(static) num_threads(num_threads)")
     for (int t = 0; t < num_tiles; t++) {
         float out[16];
         const int nr = N - 16 * t < 16 ? N - 16 * t : 16;
         for (int m = 0; m < M; m++) {
-            q4_0x16_tile(tiles + t * tile_bytes, nb, &xbs[m], out);
+            if (fmt == Q4_0X16) q4_0x16_tile(tiles + t * tile_bytes, K / 32, &xbs[m], out);
+            else q6_kx16_tile(tiles + t * tile_bytes, K / 256, &xbs[m], out);
             memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);
         }
     }
@@ -338,7 +385,7 @@ static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, ru
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > Q4_0X16 || K % 32 || M < 1 || (fmt >= Q4_K && fmt <= Q6_K && K % 256)
+    if (fmt < 0 || fmt > Q6_KX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
         || (is_tq(fmt) && (group < 32 || group % 32 || K % group)))
         return -1;
     int nb = K / 32;
@@ -347,13 +394,13 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     const int64_t G = scale_stride > 0 ? scale_stride : (group > 0 ? K / group : 0);
     XBlocks *xbs = malloc(sizeof(XBlocks) * M);
     int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *f = malloc(sizeof(float) * 2 * (size_t)M * nb);
+    float *f = malloc(sizeof(float) * 4 * (size_t)M * nb);
     for (int m = 0; m < M; m++) {
-        xbs[m] = (XBlocks){q + (int64_t)m * K, f + (2 * m) * nb, f + (2 * m + 1) * nb};
+        xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
     }
-    if (fmt == Q4_0X16)  /* codes: the tiles (row_bytes, steps, mins and group unused) */
-        run_q4_0x16(xbs, M, codes, y, N, K, num_threads);
+    if (fmt == Q4_0X16 || fmt == Q6_KX16)  /* codes: the tiles (row_bytes, steps, mins and group unused) */
+        run_tiles16(fmt, xbs, M, codes, y, N, K, num_threads);
     else
         RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
     free(f); free(q); free(xbs);
