@@ -278,9 +278,12 @@ def test_quant_linear_quantizes_on_prepare_and_uses_the_kernel_only_for_small_ba
     w = _weights(40, 256)
     bias = torch.randn(40)
     qw = lin.prepare(w)
-    assert isinstance(qw, QuantizedWeight) and qw.format == "q4"
-    assert qw.nbytes == 40 * 128 + 2 * 40 * 4 * 2  # codes + float16 steps and mins
-    deq = get_quantizer("q4").dequantize(qw)
+    # with the kernel, repacked into row tiles (40 rows padded to 48) of the same codes, steps and mins
+    assert isinstance(qw, RowTiles if kernel is not None else QuantizedWeight) and qw.format == "q4"
+    stored = get_quantizer("q4").quantize(w)
+    num_rows = 48 if kernel is not None else 40
+    assert qw.nbytes == num_rows * (128 + 4 * 2 * 2)  # codes + float16 steps and mins
+    deq = get_quantizer("q4").dequantize(stored)
     x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(6))  # > max_kernel_rows: float path
     assert torch.allclose(lin.apply(x16, qw, bias), x16 @ deq.T + bias, atol=1e-4)
     x1 = x16[:1]
@@ -305,25 +308,34 @@ def test_fused_weight_concatenates_its_parts_outputs():
 
 # -- row tiles (tierlm.quant.tiles) -------------------------------------------------------------------
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
+TILED = ["Q4_0", "Q6_K", "q8", "q6", "q5", "q4", "q3", "q2"]
+
+
+def _tile_source(name: str, rows: int, group: int = 64) -> QuantizedWeight:
+    """A GGUF type's blocks (upper case) or a tierlm format's matrix (rows x 512)."""
+    if name.isupper():
+        return _gguf_weight(name, rows=rows)
+    return get_quantizer(name, group).quantize(_weights(41, 512)[:rows])
+
+
+@pytest.mark.parametrize("name", TILED)
 @pytest.mark.parametrize("rows", [41, 16, 3])  # 41: a padded last tile; 3: fewer rows than one tile
-def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(type_name, rows):
-    qw = _gguf_weight(type_name, rows=rows)
+def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(name, rows):
+    qw = _tile_source(name, rows, group={41: 64, 16: 128, 3: 32}[rows])
     tw = tile_rows(qw)
     num_tiles = -(-rows // TILE_ROWS)
-    tile_bytes = {"Q4_0": 512 // 32 * 288, "Q6_K": 512 // 256 * 3360}[type_name]
-    assert tw.shape == qw.shape and tw.tiles.shape == (num_tiles, tile_bytes)
-    assert tw.nbytes == num_tiles * TILE_ROWS * qw.codes.shape[1]  # the blocks' bytes, padding rows included
+    assert tw.shape == qw.shape and tw.format == qw.format and tw.group == qw.group
+    assert tw.nbytes == num_tiles * TILE_ROWS * qw.nbytes // rows  # the rows' bytes, padding rows included
     deq = dequantize_tiles(tw, 0, num_tiles)
     assert torch.equal(deq[:rows], method_for(qw.format, qw.group).dequantize(qw))
     assert torch.equal(deq[rows:], torch.zeros(num_tiles * TILE_ROWS - rows, 512))
-    if rows > 2 and type_name == "Q4_0":
+    if rows > 2 and name == "Q4_0":
         # tile 0, block 1 starts with row 2's d at bytes 4..5; its chunk 3 holds row 2's nibble bytes
         # 12..15 at 32 + 64 * 3 + 4 * 2
         b = 288
         assert torch.equal(tw.tiles[0, b + 4:b + 6], qw.codes[2, 18:20])
         assert torch.equal(tw.tiles[0, b + 32 + 192 + 8:b + 32 + 192 + 12], qw.codes[2, 18 + 2 + 12:18 + 2 + 16])
-    if rows > 2 and type_name == "Q6_K":
+    if rows > 2 and name == "Q6_K":
         # super-block 1 of tile 0: row 2's d (the block's last 2 bytes) at 4..5, its sub-block 5
         # scale at 32 + 16 * 5 + 2, and weight 32 * 3 + 16 + 4 * 2 + 1 = 121's code split between
         # block 3's chunk 2 (high nibble of row 2's byte 1) and its second top-bits chunk (bits 4..5)
@@ -334,6 +346,13 @@ def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(type_name, row
         blk = sb + 288 + 384 * 3
         assert tw.tiles[0, blk + 64 * 2 + 4 * 2 + 1].item() >> 4 == code & 15
         assert (tw.tiles[0, blk + 320 + 4 * 2 + 1].item() >> 4) & 3 == code >> 4
+    if rows == 41 and name == "q3":
+        # group 1 of tile 0 (records of 64 + 2 blocks x 192 bytes): row 2's step at 2 * 2, then block
+        # 0's 2-bit plane (chunk h = 1) and 1-bit plane hold weight 64 + 16 + 4 * 2 + 1 = 89
+        g1, code = 448, get_quantizer("q3", 64).unpack(qw.codes, 512)[2, 89].item()
+        assert torch.equal(tw.tiles[0, g1 + 4:g1 + 6].view(torch.float16), qw.scales[2, 1:2])
+        assert (tw.tiles[0, g1 + 64 + 64 + 9].item() >> 4) & 3 == code & 3  # bits 2l, l = 2
+        assert (tw.tiles[0, g1 + 64 + 128 + 9].item() >> 6) & 1 == code >> 2  # bit 4h + l = 6
 
 
 def test_q6_k_codes_follow_ggml_layout():
@@ -352,17 +371,19 @@ def test_q6_k_codes_follow_ggml_layout():
 def test_row_tiles_take_only_their_formats():
     with pytest.raises(QuantError, match="no row-tile layout for gguf:Q8_0"):
         tile_rows(_gguf_weight("Q8_0"))
-    assert set(TILE_FORMATS) == set(TILE_KERNEL_FORMATS)
+    with pytest.raises(QuantError, match="no row-tile layout for q3h"):
+        tile_rows(get_quantizer("q3h").quantize(_weights()))
+    assert set(TILE_FORMATS) == set(TILE_KERNEL_FORMATS) == {f"gguf:{n}" if n.isupper() else n for n in TILED}
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
+@pytest.mark.parametrize("name", TILED)
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("rows", [41, 3])
-def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(type_name, m, rows):
+def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(name, m, rows):
     kernel = _kernel()
     if kernel is None:
         return
-    qw = _gguf_weight(type_name, rows=rows)
+    qw = _tile_source(name, rows, group={1: 64, 3: 128, 8: 32}[m])
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block of x: scale 0
     deq = method_for(qw.format, qw.group).dequantize(qw).double()
@@ -374,9 +395,9 @@ def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(type
     assert torch.allclose(y, kernel_matmul(kernel, x, qw, num_threads=2), atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q6_K"])
-def test_row_tiles_multiply_prompt_chunks_band_by_band(type_name, monkeypatch):
-    qw = _gguf_weight(type_name, rows=41)
+@pytest.mark.parametrize("name", TILED)
+def test_row_tiles_multiply_prompt_chunks_band_by_band(name, monkeypatch):
+    qw = _tile_source(name, 41)
     monkeypatch.setattr("tierlm.quant.tiles.TILE_BYTES", 2 * 512 * 4 * TILE_ROWS)  # bands of 2 tiles
     x = torch.randn(20, 512, generator=torch.Generator().manual_seed(3))
     deq = method_for(qw.format, qw.group).dequantize(qw)

@@ -70,8 +70,12 @@ def test_llm_quantizes_on_load_and_computes_with_exactly_those_weights(hf_model,
     ref.model.w.lm_head = q.dequantize(q.quantize(ref.model.w.lm_head))  # untied heads are quantized too
     llm = LLM(folder, quant=quant, quant_group=32)
     assert llm.config.quant == quant and llm.config.quant_group == 32 and "quant=" + quant in llm.config.describe()
+    from tierlm.model.kernels import quant_gemv
+    from tierlm.quant.tiles import TILE_FORMATS, RowTiles
+
     lw = llm.model.w.layers[0]
-    assert all(isinstance(getattr(lw, n), QuantizedWeight) and getattr(lw, n).format == quant
+    kind = RowTiles if quant_gemv() is not None and quant in TILE_FORMATS else QuantizedWeight  # (q3h: rows)
+    assert all(isinstance(getattr(lw, n), kind) and getattr(lw, n).format == quant
                for n in ("qkv", "o", "up", "down"))
     assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # prompt chunks: the tiled float path
     out = llm.generate([ids[:5]], SamplingParams(max_tokens=4, temperature=0))[0]  # batch 1: the kernel

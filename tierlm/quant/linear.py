@@ -24,7 +24,7 @@ from tierlm.quant import (
     Quantizer,
     method_for,
 )
-from tierlm.quant.tiles import TILE_FORMATS, RowTiles, tile_rows, tiled_tiles_matmul
+from tierlm.quant.tiles import GROUPWISE_BITS, TILE_FORMATS, RowTiles, tile_rows, tiled_tiles_matmul
 
 log = logging.getLogger("tierlm")
 
@@ -33,7 +33,7 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1":
                   "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
                   "q6": 11, "q5": 12, "q3": 13, "q2": 14}
 # source format -> format id of its row-tile kernel (tierlm.quant.tiles)
-TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16}
+TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}}
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
@@ -43,8 +43,10 @@ def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_t
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     if isinstance(qw, RowTiles):
+        # (for tierlm's formats the kernel takes the bits per code where row_bytes goes)
         status = kernel(TILE_KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, qw.tiles.data_ptr(), None,
-                        None, 32, 0, 0, y.data_ptr(), out, num_threads or torch.get_num_threads())
+                        None, qw.group, GROUPWISE_BITS.get(qw.format, 0), 0, y.data_ptr(), out,
+                        num_threads or torch.get_num_threads())
         if status != 0:
             raise ValueError(f"the quantized kernel does not take {qw.format} row tiles of shape {qw.shape}")
         return y

@@ -102,12 +102,69 @@ def _untile_q6_k(t: torch.Tensor, k: int) -> torch.Tensor:
     return (scale * (codes - 32)).reshape(n * TILE_ROWS, k)  # as ggml: (d * sc) * (c - 32)
 
 
-# source format -> (weights, bytes) of its blocks, tiling, untiling
-_LAYOUTS = {
+# tierlm's group-wise formats: bits -> their code's planes, (width, position in the code), lowest first
+PLANES = {8: ((8, 0),), 6: ((4, 0), (2, 4)), 5: ((4, 0), (1, 4)), 4: ((4, 0),), 3: ((2, 0), (1, 2)), 2: ((2, 0),)}
+
+
+def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """codes uint8 (T * 16, K), steps/mins float16 (T * 16, K / group) -> tiles (T, bytes per tile)."""
+    num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
+    ng, bpg = k // group, group // 32
+    c = codes.reshape(num_tiles, TILE_ROWS, ng, bpg, 2, 4, 4)  # (T, row, group, block, h, l, b): weight 16h + 4l + b
+    planes = []
+    for width, at in PLANES[bits]:
+        f = (c >> at) & ((1 << width) - 1)
+        if width == 8:  # chunk 4h + l
+            p = f.permute(0, 2, 3, 4, 5, 1, 6)  # (T, group, block, h, l, row, b)
+        elif width == 4:  # chunk l, h in the nibble
+            p = (f[:, :, :, :, 0] | (f[:, :, :, :, 1] << 4)).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, l, row, b)
+        elif width == 2:  # chunk h, l in bits 2l
+            p = sum(f[..., l, :] << (2 * l) for l in range(4)).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, h, row, b)
+        else:  # one chunk, (h, l) in bit 4h + l
+            p = sum(f[:, :, :, :, h, l] << (4 * h + l) for h in range(2) for l in range(4))
+            p = p.permute(0, 2, 3, 1, 4)  # (T, group, block, row, b)
+        planes.append(p.reshape(num_tiles, ng, bpg, -1).to(torch.uint8))
+    body = torch.cat(planes, dim=3).reshape(num_tiles, ng, -1)  # (T, group, blocks * 64 * bits)
+    head = [t.reshape(num_tiles, TILE_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (steps, mins)]
+    return torch.cat([*head, body], dim=2).reshape(num_tiles, -1)  # per group: 16 steps, 16 mins, blocks
+
+
+def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.Tensor:
+    """Group-wise tiles uint8 (T, bytes per tile) -> float32 (T * 16, k): min + step * code."""
+    n, ng, bpg = t.shape[0], k // group, group // 32
+    t = t.reshape(n, ng, 64 + bpg * 64 * bits)
+    steps = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, group, row)
+    mins = t[:, :, 32:64].contiguous().view(torch.float16).float()
+    body = t[:, :, 64:].reshape(n, ng, bpg, 64 * bits)
+    codes = torch.zeros(n, ng, bpg, 2, 4, TILE_ROWS, 4, dtype=torch.uint8)  # (T, group, block, h, l, row, b)
+    off = 0
+    for width, at in PLANES[bits]:
+        chunk = body[..., off:off + 64 * width]
+        off += 64 * width
+        if width == 8:
+            f = chunk.reshape(n, ng, bpg, 2, 4, TILE_ROWS, 4)
+        elif width == 4:
+            v = chunk.reshape(n, ng, bpg, 1, 4, TILE_ROWS, 4)
+            f = torch.cat([v & 15, v >> 4], dim=3)
+        elif width == 2:
+            v = chunk.reshape(n, ng, bpg, 2, 1, TILE_ROWS, 4)
+            f = torch.cat([(v >> (2 * l)) & 3 for l in range(4)], dim=4)
+        else:
+            v = chunk.reshape(n, ng, bpg, 1, 1, TILE_ROWS, 4)
+            f = torch.cat([torch.cat([(v >> (4 * h + l)) & 1 for l in range(4)], dim=4) for h in range(2)], dim=3)
+        codes |= f << at
+    g = codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, TILE_ROWS, ng, group).float()  # (T, row, group, weights)
+    w = g * steps.permute(0, 2, 1)[..., None] + mins.permute(0, 2, 1)[..., None]  # as minmax_dequantize
+    return w.reshape(n * TILE_ROWS, k)
+
+
+# GGUF source format -> (weights, bytes) of its blocks, tiling, untiling
+_GGUF_LAYOUTS = {
     "gguf:Q4_0": ((32, 18), _tile_q4_0, _untile_q4_0),
     "gguf:Q6_K": ((256, 210), _tile_q6_k, _untile_q6_k),
 }
-TILE_FORMATS = tuple(_LAYOUTS)  # formats with a row-tile layout and kernel
+GROUPWISE_BITS = {f"q{b}": b for b in PLANES}  # tierlm formats with a tile layout (not q3h: its 7-bit pairs)
+TILE_FORMATS = (*_GGUF_LAYOUTS, *GROUPWISE_BITS)  # formats with a row-tile layout and kernel
 
 
 @dataclass(frozen=True)
@@ -117,6 +174,7 @@ class RowTiles:
     format: str  # the source format, one of TILE_FORMATS
     shape: tuple[int, int]  # (out, in) of the float matrix
     tiles: torch.Tensor  # uint8 (ceil(out / TILE_ROWS), bytes per tile)
+    group: int  # the source's weights per group (GGUF: per block)
 
     @property
     def nbytes(self) -> int:
@@ -129,19 +187,31 @@ class RowTiles:
 
 def tile_rows(qw: QuantizedWeight) -> RowTiles:
     """Repack ``qw`` (a format in TILE_FORMATS) into row tiles; the weight itself is unchanged."""
-    if qw.format not in _LAYOUTS:
+    if qw.format not in TILE_FORMATS:
         raise QuantError(f"no row-tile layout for {qw.format} (have: {', '.join(TILE_FORMATS)})")
-    (block, block_bytes), tile, _ = _LAYOUTS[qw.format]
     out, k = qw.shape
-    num_tiles = -(-out // TILE_ROWS)
-    blocks = torch.zeros(num_tiles * TILE_ROWS, k // block, block_bytes, dtype=torch.uint8)  # zero rows pad
-    blocks[:out] = qw.codes.reshape(out, k // block, block_bytes)
-    return RowTiles(qw.format, qw.shape, tile(blocks).contiguous())
+    rows = -(-out // TILE_ROWS) * TILE_ROWS  # zero rows pad the last tile
+    if qw.format in GROUPWISE_BITS:
+        from tierlm.quant import get_quantizer
+
+        codes = torch.zeros(rows, k, dtype=torch.uint8)
+        codes[:out] = get_quantizer(qw.format, qw.group).unpack(qw.codes, k)
+        steps, mins = (torch.zeros(rows, k // qw.group, dtype=torch.float16) for _ in range(2))
+        steps[:out], mins[:out] = qw.scales, qw.mins
+        tiles = _tile_groupwise(codes, steps, mins, GROUPWISE_BITS[qw.format], qw.group)
+    else:
+        (block, block_bytes), tile, _ = _GGUF_LAYOUTS[qw.format]
+        blocks = torch.zeros(rows, k // block, block_bytes, dtype=torch.uint8)
+        blocks[:out] = qw.codes.reshape(out, k // block, block_bytes)
+        tiles = tile(blocks)
+    return RowTiles(qw.format, qw.shape, tiles.contiguous(), qw.group)
 
 
 def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
     """Tiles [t0, t1) as float32 (TILE_ROWS * (t1 - t0), in), padding rows included (zeros)."""
-    return _LAYOUTS[tw.format][2](tw.tiles[t0:t1], tw.shape[1])
+    if tw.format in GROUPWISE_BITS:
+        return _untile_groupwise(tw.tiles[t0:t1], tw.shape[1], GROUPWISE_BITS[tw.format], tw.group)
+    return _GGUF_LAYOUTS[tw.format][2](tw.tiles[t0:t1], tw.shape[1])
 
 
 def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:

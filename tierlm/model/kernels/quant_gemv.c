@@ -49,7 +49,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17 };
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
@@ -359,21 +359,106 @@ static void q6_kx16_tile(const uint8_t *tile, int nsb, const XBlocks *xb, float 
     _mm512_storeu_ps(out, _mm512_fnmadd_ps(accm, _mm512_set1_ps(32.f), acc));
 }
 
-/* fmt Q4_0X16 or Q6_KX16: tiles of 16 rows (the last padded), each one sequential stream */
-static void run_tiles16(int fmt, const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
-    const int num_tiles = (N + 15) / 16;
-    const int64_t tile_bytes = fmt == Q4_0X16 ? 288 * (int64_t)(K / 32) : 3360 * (int64_t)(K / 256);
-    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")
-    for (int t = 0; t < num_tiles; t++) {
-        float out[16];
-        const int nr = N - 16 * t < 16 ? N - 16 * t : 16;
-        for (int m = 0; m < M; m++) {
-            if (fmt == Q4_0X16) q4_0x16_tile(tiles + t * tile_bytes, K / 32, &xbs[m], out);
-            else q6_kx16_tile(tiles + t * tile_bytes, K / 256, &xbs[m], out);
-            memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);
-        }
-    }
+/* tierlm's group-wise formats (q8, q6, q5, q4, q3, q2) in tiles of 16 rows (tierlm.quant.tiles):
+ * per group of `group` weights, the 16 rows' fp16 steps and mins (64 B), then per block of 32
+ * weights the codes in bit planes, 64-byte chunks in which row i owns bytes 4i..4i+3, byte b of a
+ * row standing for weights 16h + 4l + b (h = 0, 1; l = 0..3):
+ *   byte plane (q8)            8 chunks, chunk 4h + l: the code
+ *   nibble plane (q6, q5, q4)  4 chunks, chunk l: h = 0 in the low nibble, h = 1 in the high one
+ *   2-bit plane (q6, q3, q2)   2 chunks, chunk h: bits 2l..2l+1
+ *   1-bit plane (q5, q3)       1 chunk: bit 4h + l
+ * and a code is its planes' fields side by side, lowest plane first (q6: nibble | 2 bits << 4; q5:
+ * nibble | bit << 4; q3: 2 bits | bit << 2). Each field is a shift and a mask of the chunk (a
+ * 16-bit shift: what crosses into the next byte lands outside the mask). weight = min + step * c. */
+static inline __attribute__((always_inline)) __m512i plane_field(__m512i v, int from, int to, int width) {
+    const __m512i u = to >= from ? _mm512_slli_epi16(v, to - from) : _mm512_srli_epi16(v, from - to);
+    return _mm512_and_si512(u, _mm512_set1_epi8((char)(((1 << width) - 1) << to)));
 }
+
+static inline __attribute__((always_inline)) void tq_x16_tile(int bits, const uint8_t *tile, int nb, int group,
+                                                              const XBlocks *xb, float *out) {
+    const int nib = bits >= 4 && bits <= 6, two = bits == 6 || bits <= 3, one = bits == 5 || bits == 3;
+    const int block_bytes = bits * 64, bpg = group / 32;
+    const int two_at = nib ? 4 : 0, one_at = nib ? 4 : 2;  /* where a plane's field sits in the code */
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    const uint8_t *p = tile;
+    for (int b = 0; b < nb; b++) {
+        if (b % bpg == 0) p += 64;  /* past the group's steps and mins (read below) */
+        const uint8_t *head = p - 64 - (int64_t)(b % bpg) * block_bytes;
+        const int32_t *xw = (const int32_t *)(xb->q + 32 * b);
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        const uint8_t *q = p;
+        __m512i n[4], t[2], o = _mm512_setzero_si512();
+        for (int i = 0; i < 4; i++) n[i] = o;
+        t[0] = t[1] = o;
+        if (bits == 8) {
+            for (int l = 0; l < 4; l++) {
+                s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512((const void *)(q + 64 * l)), _mm512_set1_epi32(xw[l]));
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512((const void *)(q + 256 + 64 * l)), _mm512_set1_epi32(xw[4 + l]));
+            }
+        } else {
+            if (nib) { for (int l = 0; l < 4; l++) n[l] = _mm512_loadu_si512((const void *)(q + 64 * l)); q += 256; }
+            if (two) { t[0] = _mm512_loadu_si512((const void *)q); t[1] = _mm512_loadu_si512((const void *)(q + 64)); q += 128; }
+            if (one) o = _mm512_loadu_si512((const void *)q);
+            for (int l = 0; l < 4; l++) {
+                __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
+                if (nib) { c0 = plane_field(n[l], 0, 0, 4); c1 = plane_field(n[l], 4, 0, 4); }
+                if (two) {
+                    c0 = _mm512_or_si512(c0, plane_field(t[0], 2 * l, two_at, 2));
+                    c1 = _mm512_or_si512(c1, plane_field(t[1], 2 * l, two_at, 2));
+                }
+                if (one) {
+                    c0 = _mm512_or_si512(c0, plane_field(o, l, one_at, 1));
+                    c1 = _mm512_or_si512(c1, plane_field(o, 4 + l, one_at, 1));
+                }
+                s0 = _mm512_dpbusd_epi32(s0, c0, _mm512_set1_epi32(xw[l]));
+                s1 = _mm512_dpbusd_epi32(s1, c1, _mm512_set1_epi32(xw[4 + l]));
+            }
+        }
+        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);
+        accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);
+        p += block_bytes;
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
+}
+
+/* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
+ * each one sequential stream. One function per (format, bits), so that both are literals inside
+ * OpenMP's outlined loop body (as DEFINE_RUN). */
+static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, const uint8_t *tile, int K, int group,
+                                                           const XBlocks *xb, float *out) {
+    if (fmt == Q4_0X16) q4_0x16_tile(tile, K / 32, xb, out);
+    else if (fmt == Q6_KX16) q6_kx16_tile(tile, K / 256, xb, out);
+    else tq_x16_tile(bits, tile, K / 32, group, xb, out);
+}
+
+#define DEFINE_TILES(NAME, FMT, BITS)                                                                     \
+    static void NAME(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,  \
+                     int num_threads) {                                                                   \
+        const int num_tiles = (N + 15) / 16;                                                              \
+        const int64_t tile_bytes = FMT == Q4_0X16 ? 288 * (int64_t)(K / 32)                               \
+                                 : FMT == Q6_KX16 ? 3360 * (int64_t)(K / 256)                             \
+                                 : (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 64 * BITS);       \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                             \
+        for (int t = 0; t < num_tiles; t++) {                                                             \
+            float out[16];                                                                                \
+            const int nr = N - 16 * t < 16 ? N - 16 * t : 16;                                             \
+            for (int m = 0; m < M; m++) {                                                                 \
+                tile_dot(FMT, BITS, tiles + t * tile_bytes, K, group, &xbs[m], out);                      \
+                memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);                             \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+DEFINE_TILES(tiles_q4_0, Q4_0X16, 0)
+DEFINE_TILES(tiles_q6_k, Q6_KX16, 0)
+DEFINE_TILES(tiles_tq8, TQX16, 8)
+DEFINE_TILES(tiles_tq6, TQX16, 6)
+DEFINE_TILES(tiles_tq5, TQX16, 5)
+DEFINE_TILES(tiles_tq4, TQX16, 4)
+DEFINE_TILES(tiles_tq3, TQX16, 3)
+DEFINE_TILES(tiles_tq2, TQX16, 2)
 
 typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int,
                        int, int64_t, int64_t, int);
@@ -385,8 +470,9 @@ static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, ru
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > Q6_KX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
-        || (is_tq(fmt) && (group < 32 || group % 32 || K % group)))
+    if (fmt < 0 || fmt > TQX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
+        || ((is_tq(fmt) || fmt == TQX16) && (group < 32 || group % 32 || K % group))
+        || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
         return -1;
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
@@ -399,8 +485,20 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
     }
-    if (fmt == Q4_0X16 || fmt == Q6_KX16)  /* codes: the tiles (row_bytes, steps, mins and group unused) */
-        run_tiles16(fmt, xbs, M, codes, y, N, K, num_threads);
+    /* Tiles: codes is the tiles; steps, mins and scale_stride unused; for TQX16, row_bytes is the bits
+     * per code and group the weights per group. */
+    if (fmt == Q4_0X16) tiles_q4_0(xbs, M, codes, group, y, N, K, num_threads);
+    else if (fmt == Q6_KX16) tiles_q6_k(xbs, M, codes, group, y, N, K, num_threads);
+    else if (fmt == TQX16) {
+        switch (row_bytes) {
+        case 8: tiles_tq8(xbs, M, codes, group, y, N, K, num_threads); break;
+        case 6: tiles_tq6(xbs, M, codes, group, y, N, K, num_threads); break;
+        case 5: tiles_tq5(xbs, M, codes, group, y, N, K, num_threads); break;
+        case 4: tiles_tq4(xbs, M, codes, group, y, N, K, num_threads); break;
+        case 3: tiles_tq3(xbs, M, codes, group, y, N, K, num_threads); break;
+        default: tiles_tq2(xbs, M, codes, group, y, N, K, num_threads); break;
+        }
+    }
     else
         RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
     free(f); free(q); free(xbs);
