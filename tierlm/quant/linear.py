@@ -33,7 +33,7 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1":
                   "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
                   "q6": 11, "q5": 12, "q3": 13, "q2": 14}
 # source format -> format id of its row-tile kernel (tierlm.quant.tiles)
-TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}}
+TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}, "q3h": 18}
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:

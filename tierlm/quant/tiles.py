@@ -9,12 +9,16 @@ decode compute-bound at ~34 G weights/s on 2 Zen 4 cores, against ~55 that DRAM 
 Repacked in tiles of ``TILE_ROWS`` = 16 rows, block by block, with the 16 rows' scales side by side
 and each 64-byte chunk holding 4 bytes of every row, int32 lane i is row i: a block of all 16 rows
 is 8 vpdpbusd against x's bytes broadcast, one conversion and two FMAs with the 16 scales as one
-vector. Measured (5632 x 2048 Q4_0, batch 1, 2 threads): 31.7 -> 55.5 G weights/s from DRAM, 40.7 ->
-172 in cache. llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
+vector. Measured (5632 x 2048, batch 1, 2 threads, AMD EPYC; G weights/s from DRAM, rows -> tiles):
+Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 18 -> 34, q4 32 -> 46,
+q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 42. llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for
+the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix; rows streamed from
 disk keep the file's layout (a tile is not a band of rows a store can split) and run through the
-row kernel. Tiles are a kernel's layout, not a storage format: nothing writes them to a store.
+row kernel. Tiles are a kernel's layout, not a storage format: nothing writes them to a store. A
+matrix of R rows takes ceil(R / 16) * 16 rows' bytes (a tiered plan's resident slices of a few rows
+pay up to 15 rows of padding each).
 
 Layouts (``tiles`` uint8 (num_tiles, bytes per tile); tile t holds rows 16t..16t+15, the last one
 padded with zero rows; the same bytes per row as the file's blocks):
@@ -25,6 +29,11 @@ padded with zero rows; the same bytes per row as the file's blocks):
   sub-block by sub-block (16 x 16 bytes), then per 32 weights four 64-byte chunks of low nibbles as
   for Q4_0 and two of the codes' top 2 bits (chunk h, row i, byte b: weight 16h + 4l + b's in bits
   2l..2l+1); weight = d * scale * (code - 32), a scale per 16 weights (quant_gemv.c q6_kx16_tile).
+- tierlm's q8, q6, q5, q4, q3, q2: per group, the 16 rows' float16 steps and mins (64 bytes), then per
+  32 weights the codes in bit planes (byte / nibble / 2-bit / 1-bit chunks, ``PLANES``; quant_gemv.c
+  tq_x16_tile); weight = min + step * code.
+- q3h: per group steps and mins as above, then per 32 weights 224 bytes of the 7-bit pair values in
+  a 4-, a 2- and a 1-bit plane arranged by 16-bit lane (quant_gemv.c tq3h_x16_tile).
 """
 
 from __future__ import annotations
@@ -158,13 +167,60 @@ def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.T
     return w.reshape(n * TILE_ROWS, k)
 
 
+def _le16(v: torch.Tensor) -> torch.Tensor:
+    """int64 values < 2^16 (..., n) -> their little-endian bytes uint8 (..., 2 n)."""
+    return torch.stack([v & 255, v >> 8], dim=-1).flatten(-2).to(torch.uint8)
+
+
+def _tile_q3h(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
+    """q3h codes uint8 (T * 16, K) (11 levels), steps/mins (T * 16, K / group) -> tiles: per group 16 steps,
+    16 mins, then per block the pair values' planes (quant_gemv.c tq3h_x16_tile)."""
+    num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
+    ng, bpg = k // group, group // 32
+    c = codes.to(torch.int64).reshape(num_tiles, TILE_ROWS, ng, bpg, 2, 4, 2, 2)  # (T, row, group, block, h, l, k, e)
+    p = c[..., 0] * 11 + c[..., 1]  # (T, row, group, block, h, l, k): pair 8h + 2l + k
+    nib = sum((p[:, :, :, :, :, l] & 15) << (4 * l) for l in range(4))  # (T, row, group, block, h, k)
+    nib = _le16(nib.permute(0, 2, 3, 4, 1, 5)).reshape(num_tiles, ng, bpg, 128)  # chunk h: lane (row, k)
+    two = sum(((p[:, :, :, :, h, l] >> 4) & 3) << (2 * (4 * h + l)) for h in range(2) for l in range(4))
+    two = _le16(two.permute(0, 2, 3, 1, 4)).reshape(num_tiles, ng, bpg, 64)  # (T, group, block, row, k)
+    one = sum(((p[:, :, :, :, h, l, kk] >> 6) & 1) << (8 * kk + 4 * h + l)
+              for h in range(2) for l in range(4) for kk in range(2))  # (T, row, group, block)
+    one = _le16(one.permute(0, 2, 3, 1)).reshape(num_tiles, ng, bpg, 32)
+    body = torch.cat([nib, two, one], dim=3).reshape(num_tiles, ng, bpg * 224)
+    head = [t.reshape(num_tiles, TILE_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (steps, mins)]
+    return torch.cat([*head, body], dim=2).reshape(num_tiles, -1)
+
+
+def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """q3h tiles uint8 (T, bytes per tile) -> float32 (T * 16, k): min + step * code."""
+    n, ng, bpg = t.shape[0], k // group, group // 32
+    t = t.reshape(n, ng, 64 + bpg * 224)
+    steps = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, group, row)
+    mins = t[:, :, 32:64].contiguous().view(torch.float16).float()
+    body = t[:, :, 64:].reshape(n, ng, bpg, 224).to(torch.int64)
+    u16 = (lambda b: b[..., 0::2] | (b[..., 1::2] << 8))  # little-endian 16-bit words
+    nib = u16(body[..., :128]).reshape(n, ng, bpg, 2, TILE_ROWS, 2)  # (T, group, block, h, row, k)
+    two = u16(body[..., 128:192]).reshape(n, ng, bpg, TILE_ROWS, 2)  # (T, group, block, row, k)
+    one = u16(body[..., 192:]).reshape(n, ng, bpg, TILE_ROWS)  # (T, group, block, row)
+    p = torch.zeros(n, ng, bpg, 2, 4, TILE_ROWS, 2, dtype=torch.int64)  # (T, group, block, h, l, row, k)
+    for h in range(2):
+        for l in range(4):
+            f = 4 * h + l
+            ones = torch.stack([(one >> (8 * kk + f)) & 1 for kk in range(2)], dim=-1)  # (T, group, block, row, k)
+            p[:, :, :, h, l] = ((nib[:, :, :, h] >> (4 * l)) & 15) | (((two >> (2 * f)) & 3) << 4) | (ones << 6)
+    codes = torch.stack([p // 11, p % 11], dim=-1)  # (T, group, block, h, l, row, k, e)
+    g = codes.permute(0, 5, 1, 2, 3, 4, 6, 7).reshape(n, TILE_ROWS, ng, group).float()
+    w = g * steps.permute(0, 2, 1)[..., None] + mins.permute(0, 2, 1)[..., None]  # as minmax_dequantize
+    return w.reshape(n * TILE_ROWS, k)
+
+
 # GGUF source format -> (weights, bytes) of its blocks, tiling, untiling
 _GGUF_LAYOUTS = {
     "gguf:Q4_0": ((32, 18), _tile_q4_0, _untile_q4_0),
     "gguf:Q6_K": ((256, 210), _tile_q6_k, _untile_q6_k),
 }
-GROUPWISE_BITS = {f"q{b}": b for b in PLANES}  # tierlm formats with a tile layout (not q3h: its 7-bit pairs)
-TILE_FORMATS = (*_GGUF_LAYOUTS, *GROUPWISE_BITS)  # formats with a row-tile layout and kernel
+GROUPWISE_BITS = {f"q{b}": b for b in PLANES}  # tierlm's bit-plane formats (and q3h's 7-bit pairs)
+TILE_FORMATS = (*_GGUF_LAYOUTS, *GROUPWISE_BITS, "q3h")  # formats with a row-tile layout and kernel
 
 
 @dataclass(frozen=True)
@@ -191,14 +247,17 @@ def tile_rows(qw: QuantizedWeight) -> RowTiles:
         raise QuantError(f"no row-tile layout for {qw.format} (have: {', '.join(TILE_FORMATS)})")
     out, k = qw.shape
     rows = -(-out // TILE_ROWS) * TILE_ROWS  # zero rows pad the last tile
-    if qw.format in GROUPWISE_BITS:
+    if not qw.format.startswith("gguf:"):
         from tierlm.quant import get_quantizer
 
         codes = torch.zeros(rows, k, dtype=torch.uint8)
         codes[:out] = get_quantizer(qw.format, qw.group).unpack(qw.codes, k)
         steps, mins = (torch.zeros(rows, k // qw.group, dtype=torch.float16) for _ in range(2))
         steps[:out], mins[:out] = qw.scales, qw.mins
-        tiles = _tile_groupwise(codes, steps, mins, GROUPWISE_BITS[qw.format], qw.group)
+        if qw.format == "q3h":
+            tiles = _tile_q3h(codes, steps, mins, qw.group)
+        else:
+            tiles = _tile_groupwise(codes, steps, mins, GROUPWISE_BITS[qw.format], qw.group)
     else:
         (block, block_bytes), tile, _ = _GGUF_LAYOUTS[qw.format]
         blocks = torch.zeros(rows, k // block, block_bytes, dtype=torch.uint8)
@@ -209,6 +268,8 @@ def tile_rows(qw: QuantizedWeight) -> RowTiles:
 
 def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
     """Tiles [t0, t1) as float32 (TILE_ROWS * (t1 - t0), in), padding rows included (zeros)."""
+    if tw.format == "q3h":
+        return _untile_q3h(tw.tiles[t0:t1], tw.shape[1], tw.group)
     if tw.format in GROUPWISE_BITS:
         return _untile_groupwise(tw.tiles[t0:t1], tw.shape[1], GROUPWISE_BITS[tw.format], tw.group)
     return _GGUF_LAYOUTS[tw.format][2](tw.tiles[t0:t1], tw.shape[1])

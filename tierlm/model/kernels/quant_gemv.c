@@ -42,6 +42,10 @@
  * word's eight b-bit fields into the eight bytes of a 64-bit lane.
  * Rows of W are independent: threads split the rows. Requires K % 32 == 0 (K-quants: K % 256 == 0) and,
  * for TQ*, group % 32 == 0.
+ *
+ * Row tiles (Q4_0X16, Q6_KX16, TQX16, TQ3HX16; tierlm.quant.tiles): the same formats repacked 16
+ * rows at a time so that int32 lane i of a 512-bit vpdpbusd is row i, which removes the per-row,
+ * per-block scalar work above; the kernels for them follow rows_dot.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -49,7 +53,7 @@
 #include <math.h>
 #include <string.h>
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18 };
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
@@ -292,6 +296,19 @@ DEFINE_RUN(TQ5)
 DEFINE_RUN(TQ3)
 DEFINE_RUN(TQ2)
 
+/* Tiles are read as one sequential stream each, which the hardware prefetcher follows by itself,
+ * except behind q3h's heavier unpacking: its tiles ran at 22-23 G weights/s from DRAM against 52 in
+ * cache, and software prefetches 4 KiB ahead (into L2, as rows_dot) bring them to 42-43. The same
+ * prefetches made the bit-plane tiles (q8..q2) 0.45-0.87x as fast, left Q4_0's unchanged and
+ * Q6_K's 0.9x (A/B in one process, 5632 x 2048 and 32000 x 2048, 2 threads,
+ * AMD EPYC), so only q3h uses them. */
+#ifndef PF_AHEAD
+#define PF_AHEAD 4096
+#endif
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, int num_bytes) {
+    for (int c = 0; c < num_bytes; c += 64) _mm_prefetch((const char *)(p + PF_AHEAD + c), _MM_HINT_T1);
+}
+
 /* Q4_0 repacked into tiles of 16 rows (tierlm.quant.gguf.interleave_q4_0): tile t holds rows
  * 16t..16t+15 (zero rows pad the last tile), block by block, 288 bytes a block: the 16 rows' fp16 d,
  * then four 64-byte chunks; chunk l holds bytes 4l..4l+3 of the block of row i at 4i..4i+3. So int32
@@ -424,6 +441,59 @@ static inline __attribute__((always_inline)) void tq_x16_tile(int bits, const ui
     _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
 }
 
+/* q3h in tiles of 16 rows: per group the 16 steps and mins (64 B) as for TQX16, then per block of 32
+ * weights 224 bytes of the 7-bit pair values p = a * 11 + b (a, b: the codes of weights 2j, 2j+1) in
+ * planes laid out so that the 16-bit lane k of row i's 32-bit word is pair 8h + 2l + k, i.e. weights
+ * 16h + 4l + 2k and + 1 (h = 0, 1; l = 0..3):
+ *   bits 0..3  2 chunks of 64 B, chunk h: lane (i, k), nibble l
+ *   bits 4..5  1 chunk: lane (i, k), bits 2f..2f+1, f = 4h + l
+ *   bit 6      32 B: row i's 16 bits at bytes 2i, 2i+1, bit 8k + f
+ * so each (h, l) gathers p into 16-bit lanes with shifts and bit selects, then splits it into
+ * lane = a | b << 8 (a = p / 11, b = p - 11 a). Same bytes as q3h's rows. */
+static inline __attribute__((always_inline)) __m512i shift16(__m512i v, int from, int to) {
+    return to >= from ? _mm512_slli_epi16(v, to - from) : _mm512_srli_epi16(v, from - to);
+}
+
+static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *tile, int nb, int group,
+                                                                const XBlocks *xb, float *out) {
+    const int bpg = group / 32;
+    const __m512i m4 = _mm512_set1_epi16(0x000F), m6 = _mm512_set1_epi16(0x003F), m7 = _mm512_set1_epi16(0x007F);
+    const __m512i k5968 = _mm512_set1_epi16((short)5968), k2815 = _mm512_set1_epi16(2815);
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    const uint8_t *p = tile;
+    for (int b = 0; b < nb; b++) {
+        if (b % bpg == 0) p += 64;
+        const uint8_t *head = p - 64 - (int64_t)(b % bpg) * 224;
+        const int32_t *xw = (const int32_t *)(xb->q + 32 * b);
+        prefetch_ahead(p, 224);
+        const __m512i n0 = _mm512_loadu_si512((const void *)p), n1 = _mm512_loadu_si512((const void *)(p + 64));
+        const __m512i t = _mm512_loadu_si512((const void *)(p + 128));
+        const __m512i o = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 192)));
+        const __m512i o2 = _mm512_or_si512(o, _mm512_slli_epi32(o, 8));  /* lane k = 1 gets bits 8..15 */
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++)
+            for (int l = 0; l < 4; l++) {
+                const int f = 4 * h + l;
+                /* bit selects (vpternlog: (x & m) | (y & ~m)) merge the planes' fields, then one AND */
+                __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi16(h ? n1 : n0, 4 * l), shift16(t, 2 * f, 4), m4, 0xE4);
+                v = _mm512_ternarylogic_epi32(v, shift16(o2, f, 6), m6, 0xE4);
+                v = _mm512_and_si512(v, m7);
+                /* a = p / 11 = (p * 373) >> 12 = the high half of p * 5968; lane a | b << 8 with
+                 * b = p - 11 a is 256 p - 2815 a (no carries: a <= 10, b <= 10) */
+                const __m512i a = _mm512_mulhi_epu16(v, k5968);
+                const __m512i c = _mm512_sub_epi16(_mm512_slli_epi16(v, 8), _mm512_mullo_epi16(a, k2815));
+                if (h) s1 = _mm512_dpbusd_epi32(s1, c, _mm512_set1_epi32(xw[f]));
+                else s0 = _mm512_dpbusd_epi32(s0, c, _mm512_set1_epi32(xw[f]));
+            }
+        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);
+        accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);
+        p += 224;
+    }
+    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
+}
+
 /* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
  * each one sequential stream. One function per (format, bits), so that both are literals inside
  * OpenMP's outlined loop body (as DEFINE_RUN). */
@@ -431,6 +501,7 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
                                                            const XBlocks *xb, float *out) {
     if (fmt == Q4_0X16) q4_0x16_tile(tile, K / 32, xb, out);
     else if (fmt == Q6_KX16) q6_kx16_tile(tile, K / 256, xb, out);
+    else if (fmt == TQ3HX16) tq3h_x16_tile(tile, K / 32, group, xb, out);
     else tq_x16_tile(bits, tile, K / 32, group, xb, out);
 }
 
@@ -440,6 +511,7 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
         const int num_tiles = (N + 15) / 16;                                                              \
         const int64_t tile_bytes = FMT == Q4_0X16 ? 288 * (int64_t)(K / 32)                               \
                                  : FMT == Q6_KX16 ? 3360 * (int64_t)(K / 256)                             \
+                                 : FMT == TQ3HX16 ? (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224) \
                                  : (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 64 * BITS);       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                             \
         for (int t = 0; t < num_tiles; t++) {                                                             \
@@ -453,6 +525,7 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
     }
 DEFINE_TILES(tiles_q4_0, Q4_0X16, 0)
 DEFINE_TILES(tiles_q6_k, Q6_KX16, 0)
+DEFINE_TILES(tiles_tq3h, TQ3HX16, 0)
 DEFINE_TILES(tiles_tq8, TQX16, 8)
 DEFINE_TILES(tiles_tq6, TQX16, 6)
 DEFINE_TILES(tiles_tq5, TQX16, 5)
@@ -470,8 +543,8 @@ static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, ru
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > TQX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
-        || ((is_tq(fmt) || fmt == TQX16) && (group < 32 || group % 32 || K % group))
+    if (fmt < 0 || fmt > TQ3HX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
+        || ((is_tq(fmt) || fmt == TQX16 || fmt == TQ3HX16) && (group < 32 || group % 32 || K % group))
         || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
         return -1;
     int nb = K / 32;
@@ -489,6 +562,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
      * per code and group the weights per group. */
     if (fmt == Q4_0X16) tiles_q4_0(xbs, M, codes, group, y, N, K, num_threads);
     else if (fmt == Q6_KX16) tiles_q6_k(xbs, M, codes, group, y, N, K, num_threads);
+    else if (fmt == TQ3HX16) tiles_tq3h(xbs, M, codes, group, y, N, K, num_threads);
     else if (fmt == TQX16) {
         switch (row_bytes) {
         case 8: tiles_tq8(xbs, M, codes, group, y, N, K, num_threads); break;
