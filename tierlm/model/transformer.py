@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tierlm.loader.weights import LayerWeights, ModelWeights
 from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import AttentionBatch, DecodeAttention, KVCache, alibi_slopes, paged_attention
-from tierlm.model.kernels import rms_norm_kernel
+from tierlm.model.kernels import rms_norm_kernel, rope_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ModelConfig
@@ -73,6 +73,7 @@ class Transformer:
                 weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]
         self._rms_kernel = rms_norm_kernel() if self.device.type == "cpu" and cfg.norm == "rmsnorm" else None
+        self._rope_kernel = rope_kernel() if self.device.type == "cpu" else None
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -195,16 +196,27 @@ class Transformer:
         if rope is not None:
             cos, sin = rope
             if lw.q_norm is None:  # q and k sit side by side in qkv: rotate them as one (N, H + Hkv, D)
-                # tensor, half the small ops of a decode step's RoPE
-                qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim),
-                                cos, sin, c.rope_layout)
+                qk = qkv[:, :self.q_size + self.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim)
+                if not self._rope_(qk, cos, sin):  # half the small ops of rotating q and k apart
+                    qk = apply_rope(qk, cos, sin, c.rope_layout)
                 q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
             else:
-                q = apply_rope(q, cos, sin, c.rope_layout)
-                k = apply_rope(k, cos, sin, c.rope_layout)
+                q = q if self._rope_(q, cos, sin) else apply_rope(q, cos, sin, c.rope_layout)
+                k = k if self._rope_(k, cos, sin) else apply_rope(k, cos, sin, c.rope_layout)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi,
                             self.decode_attention)
         return self.linear.apply(o, lw.o, lw.o_bias)
+
+    def _rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Rotate x (N, heads, D) in place with the compiled kernel (tierlm/model/kernels/rope.c) where it
+        takes it: float32, heads contiguous (rows any stride). False: the caller uses apply_rope."""
+        if (self._rope_kernel is None or x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != x.shape[2]
+                or cos.dtype != torch.float32):
+            return False
+        cos, sin = cos.contiguous(), sin.contiguous()  # (N, 1, r/2)
+        self._rope_kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], 2 * cos.shape[-1],
+                          cos.data_ptr(), sin.data_ptr(), int(self.cfg.rope_layout == "interleaved"))
+        return True
 
     def _mlp(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         u = self.linear.apply(h, lw.up, lw.up_bias)

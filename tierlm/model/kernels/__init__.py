@@ -22,11 +22,13 @@ F32_SOURCE = Path(__file__).with_name("f32_gemm.c")
 F32_LIBRARY = Path(__file__).with_name("libtierlm_f32.so")
 ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
 ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_attention.so")
+ROPE_SOURCE = Path(__file__).with_name("rope.c")
+ROPE_LIBRARY = Path(__file__).with_name("libtierlm_rope.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _F32_FLAGS = ["-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _NORM_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # AVX2: every x86-64 CPU of the decade
-# (the decode attention too)
+# (the decode attention and RoPE too)
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -111,6 +113,20 @@ def build_norm(force: bool = False) -> Path | None:
 def build_attention(force: bool = False) -> Path | None:
     """Compile the paged decode attention if this CPU runs it (AVX2); returns the library path, or None."""
     return _compile(cpu_has_avx2(), ATTENTION_SOURCE, ATTENTION_LIBRARY, _NORM_FLAGS, force)
+
+
+def build_rope(force: bool = False) -> Path | None:
+    """Compile the in-place float32 RoPE if this CPU runs it (AVX2); returns the library path, or None."""
+    return _compile(cpu_has_avx2(), ROPE_SOURCE, ROPE_LIBRARY, _NORM_FLAGS, force)
+
+
+@functools.cache
+def rope_kernel():
+    """``f(x_ptr, row_stride, N, H, D, rot, cos_ptr, sin_ptr, interleaved)`` from rope.c (float32, in
+    place), or None when unavailable."""
+    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope",
+                 [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p,
+                                                                            ctypes.c_int], None)
 
 
 @functools.cache

@@ -1,0 +1,55 @@
+"""The compiled in-place RoPE (tierlm/model/kernels/rope.c) against tierlm.model.rope.apply_rope."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm.model.kernels import cpu_has_avx2, rope_kernel
+from tierlm.model.rope import RotaryTable, apply_rope
+
+
+def _kernel():
+    kernel = rope_kernel()
+    if not cpu_has_avx2():
+        assert kernel is None
+        return None
+    assert kernel is not None, "the RoPE kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
+    return kernel
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("rot", [64, 32])  # 32: partial rotary, the rest of each head passes through
+def test_compiled_rope_equals_torch_bit_for_bit_in_place_on_strided_rows(layout, rot):
+    kernel = _kernel()
+    if kernel is None:
+        return
+    g = torch.Generator().manual_seed(0)
+    n, heads, d = 5, 6, 64
+    qkv = torch.randn(n, (heads + 2) * d, generator=g)  # q and k heads, then 2 heads that must stay
+    x = qkv[:, :heads * d].view(n, heads, d)  # rows (heads + 2) * d apart
+    cos, sin = RotaryTable(rot, 10000.0, None, 64).lookup(torch.tensor([0, 3, 17, 40, 63]), torch.float32)
+    ref = apply_rope(x.clone(), cos, sin, layout)
+    rest = qkv[:, heads * d:].clone()
+    kernel(x.data_ptr(), x.stride(0), n, heads, d, rot, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+           int(layout == "interleaved"))
+    assert torch.equal(x, ref)
+    assert torch.equal(qkv[:, heads * d:], rest)
+
+
+def test_the_model_rotates_float32_in_place_and_leaves_bf16_to_torch(hf_model):
+    from tierlm import LLM
+
+    _, folder = hf_model("llama")
+    model = LLM(folder, dtype="float32").model
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 16, generator=g)
+    cos, sin = RotaryTable(16, 10000.0, None, 8).lookup(torch.tensor([1, 2, 7]), torch.float32)
+    ref = apply_rope(x.clone(), cos, sin, model.cfg.rope_layout)
+    done = model._rope_(x, cos, sin)
+    assert done == (_kernel() is not None)
+    if done:
+        assert torch.equal(x, ref)
+    xb = x.to(torch.bfloat16)
+    assert not model._rope_(xb, cos.to(torch.bfloat16), sin.to(torch.bfloat16))  # bf16: apply_rope
+    assert not model._rope_(x.transpose(0, 1), cos, sin)  # heads not contiguous
