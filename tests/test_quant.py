@@ -355,6 +355,14 @@ def test_row_tiles_hold_exactly_the_weight_and_pad_with_zero_rows(name, rows):
         assert (tw.tiles[0, g1 + 64 + 128 + 9].item() >> 6) & 1 == code >> 2  # bit 4h + l = 6
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q6_K", "q4", "q3h"])
+def test_row_tiles_are_built_band_by_band_with_the_same_bytes(name, monkeypatch):
+    qw = _tile_source(name, 41)
+    whole = tile_rows(qw).tiles
+    monkeypatch.setattr(qtiles, "TILE_BYTES", 1)  # one tile per band; the last band pads 9 rows
+    assert torch.equal(tile_rows(qw).tiles, whole)
+
+
 def test_q6_k_codes_follow_ggml_layout():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize

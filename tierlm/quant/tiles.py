@@ -242,11 +242,29 @@ class RowTiles:
 
 
 def tile_rows(qw: QuantizedWeight) -> RowTiles:
-    """Repack ``qw`` (a format in TILE_FORMATS) into row tiles; the weight itself is unchanged."""
+    """Repack ``qw`` (a format in TILE_FORMATS) into row tiles; the weight itself is unchanged.
+
+    Band by band of about TILE_BYTES of source rows, into one preallocated tensor: the unpacked codes
+    and permuted copies of a whole matrix would be several times its size (a 32000 x 2048 Q6_K head:
+    ~0.4 GB for its 54 MB)."""
     if qw.format not in TILE_FORMATS:
         raise QuantError(f"no row-tile layout for {qw.format} (have: {', '.join(TILE_FORMATS)})")
+    out = qw.shape[0]
+    num_tiles = -(-out // TILE_ROWS)
+    band = max(1, TILE_BYTES // (TILE_ROWS * qw.nbytes // out))  # tiles per band
+    first = _tile_band(qw.rows(0, min(out, band * TILE_ROWS)))
+    tiles = torch.empty(num_tiles, first.shape[1], dtype=torch.uint8)
+    tiles[:first.shape[0]] = first
+    for t0 in range(band, num_tiles, band):
+        t1 = min(num_tiles, t0 + band)
+        tiles[t0:t1] = _tile_band(qw.rows(t0 * TILE_ROWS, min(out, t1 * TILE_ROWS)))
+    return RowTiles(qw.format, qw.shape, tiles, qw.group)
+
+
+def _tile_band(qw: QuantizedWeight) -> torch.Tensor:
+    """Rows of ``qw`` (zero rows pad them to whole tiles) -> their tiles (T, bytes per tile)."""
     out, k = qw.shape
-    rows = -(-out // TILE_ROWS) * TILE_ROWS  # zero rows pad the last tile
+    rows = -(-out // TILE_ROWS) * TILE_ROWS
     if not qw.format.startswith("gguf:"):
         from tierlm.quant import get_quantizer
 
@@ -255,15 +273,13 @@ def tile_rows(qw: QuantizedWeight) -> RowTiles:
         steps, mins = (torch.zeros(rows, k // qw.group, dtype=torch.float16) for _ in range(2))
         steps[:out], mins[:out] = qw.scales, qw.mins
         if qw.format == "q3h":
-            tiles = _tile_q3h(codes, steps, mins, qw.group)
-        else:
-            tiles = _tile_groupwise(codes, steps, mins, GROUPWISE_BITS[qw.format], qw.group)
-    else:
-        (block, block_bytes), tile, _ = _GGUF_LAYOUTS[qw.format]
-        blocks = torch.zeros(rows, k // block, block_bytes, dtype=torch.uint8)
-        blocks[:out] = qw.codes.reshape(out, k // block, block_bytes)
-        tiles = tile(blocks)
-    return RowTiles(qw.format, qw.shape, tiles.contiguous(), qw.group)
+            return _tile_q3h(codes, steps, mins, qw.group)
+        return _tile_groupwise(codes, steps, mins, GROUPWISE_BITS[qw.format], qw.group)
+    (block, block_bytes), tile, _ = _GGUF_LAYOUTS[qw.format]
+    blocks = qw.codes.reshape(out, k // block, block_bytes)
+    if rows > out:
+        blocks = torch.cat([blocks, blocks.new_zeros(rows - out, k // block, block_bytes)])
+    return tile(blocks)
 
 
 def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
