@@ -272,7 +272,7 @@ def test_kernel_equals_dequantized_weight_times_int8_rounded_input(fmt, m, rows)
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
 
 
-def test_quant_linear_quantizes_on_prepare_and_uses_the_kernel_only_for_small_batches():
+def test_quant_linear_quantizes_on_prepare_and_sends_prompts_to_the_kernel_only_when_asked():
     kernel = _kernel()
     lin = QuantLinear(get_quantizer("q4"), DenseLinear(), kernel)
     w = _weights(40, 256)
@@ -286,13 +286,22 @@ def test_quant_linear_quantizes_on_prepare_and_uses_the_kernel_only_for_small_ba
     deq = get_quantizer("q4").dequantize(stored)
     x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(6))  # > max_kernel_rows: float path
     assert torch.allclose(lin.apply(x16, qw, bias), x16 @ deq.T + bias, atol=1e-4)
+    assert torch.allclose(lin.apply(x16, stored, bias), x16 @ deq.T + bias, atol=1e-4)  # file-layout rows too
     x1 = x16[:1]
     expected = (_int8_blocks(x1) @ deq.double().T).float() if kernel is not None else x1 @ deq.T
     assert torch.allclose(lin.apply(x1, qw, bias), expected + bias, atol=1e-4)
+    # int8_prompts: the kernel at every batch size (activations rounded to int8 per 32 values)
+    fast = QuantLinear(get_quantizer("q4"), DenseLinear(), kernel, int8_prompts=True)
+    for x in (x16, torch.randn(70, 256, generator=torch.Generator().manual_seed(7))):
+        expected = (_int8_blocks(x) @ deq.double().T).float() if kernel is not None else x @ deq.T
+        assert torch.allclose(fast.apply(x, qw, bias), expected + bias, atol=1e-4)
+        assert torch.allclose(fast.apply(x, stored, bias), expected + bias, atol=1e-4)
     # quantized weights pass through prepare; float ones stay float without a quantizer
     assert lin.prepare(qw) is qw
     native = QuantLinear(None, DenseLinear(), kernel)
     assert native.prepare(w) is w and torch.equal(native.apply(x16, w, None), x16 @ w.T)
+    if kernel is not None:
+        assert kernel_matmul(kernel, x16[:0], qw).shape == (0, 40)  # an empty batch
 
 
 def test_fused_weight_concatenates_its_parts_outputs():

@@ -144,6 +144,12 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # > 8 tokens: the tiled float path
     # the int8 kernel: x rounded to int8 costs 2.0% here, as much as for the file-layout row kernel
     assert _rel(llm.score(ids[:4]), ref.score(ids[:4])) < 3e-2
+    # quant_int8_prompts: prompt chunks through the int8 kernel too (the model's config says so)
+    fast = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=True)
+    assert fast.config.quant_int8_prompts and "quant_int8_prompts=True" in fast.config.describe()
+    if quant_gemv() is not None:
+        fast_scores = fast.score(ids)
+        assert not torch.equal(fast_scores, llm.score(ids)) and _rel(fast_scores, ref.score(ids)) < 3e-2
     # decoding from tiles gives the tokens of the row kernel on the file's layout
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     tokens = llm.generate([ids[:5]], greedy)[0].token_ids

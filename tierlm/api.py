@@ -68,7 +68,7 @@ class LLM:
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
                  quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
                  device_memory: str | int | None = None, quant_importance: str | Path | None = None,
-                 quant_method: str = "rtn"):
+                 quant_method: str = "rtn", quant_int8_prompts: bool = False):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -137,12 +137,13 @@ class LLM:
                                    scheduling_policy=scheduling_policy, prompt_order=prompt_order,
                                    weight_memory_bytes=None if tiers is None else tiers.plan.budget_bytes,
                                    prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
-                                   quant=quant, quant_group=quant_group, kv_quant=kv_quant)
+                                   quant=quant, quant_group=quant_group, kv_quant=kv_quant,
+                                   quant_int8_prompts=quant_int8_prompts)
         linear = default_linear_method(device, _TORCH_DTYPES[dtype])
         # Matrices are quantized as the model takes them, or come quantized from a store (GPTQ ones too);
         # a resident model's GPTQ runs below, once the float model is built.
         if quant is not None and (quant_method == "rtn" or tiers is not None):
-            linear = quant_linear(quant, quant_group, linear, device)
+            linear = quant_linear(quant, quant_group, linear, device, quant_int8_prompts)
         self.model = Transformer(loaded.config, loaded.weights if tiers is None else tiers, _TORCH_DTYPES[dtype],
                                  linear, device)
         if kv_quant is None:
@@ -182,7 +183,7 @@ class LLM:
         t0 = time.perf_counter()
         ctx = min(512, self.model_config.max_position)  # as for a GPTQ store: its own cache, not the engine's
         try:
-            method = quant_linear(quant, group, self.model.linear, device)
+            method = quant_linear(quant, group, self.model.linear, device, self.config.quant_int8_prompts)
             gptq_quantize_layers_(self, method, calibration_sequences(self.tokenizer, ctx=ctx))
         except QuantError as e:
             raise ConfigError(str(e)) from e

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantized blocks (default: float weights)")
     g.add_argument("--quant-group", type=int, default=64, metavar="N", help="weights per group (default: 64)")
     g.add_argument("--kv-quant", choices=("q8", "q4"), help="store the KV cache 8- or 4-bit (default: compute dtype)")
+    g.add_argument("--quant-int8-prompts", action="store_true",
+                   help="prompt chunks through the int8 kernel too, as llama.cpp (3-4x faster prefill on CPU; "
+                   "activations rounded to int8 per 32 values; default: float activations for prompts)")
     g.add_argument("--quant-importance", type=Path, metavar="FILE",
                    help="weight --quant's range search by an importance file from `tierlm imatrix`")
     g.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
@@ -205,6 +208,7 @@ def _load_llm(args: argparse.Namespace, **kwargs):
                quant=getattr(args, "quant", None), quant_group=getattr(args, "quant_group", 64),
                kv_quant=getattr(args, "kv_quant", None), quant_importance=getattr(args, "quant_importance", None),
                quant_method=getattr(args, "quant_method", "rtn"),
+               quant_int8_prompts=getattr(args, "quant_int8_prompts", False),
                weight_memory=args.weight_memory, prefetch_window=args.prefetch_window, store_dir=args.store_dir,
                **kwargs)
 

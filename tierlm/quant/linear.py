@@ -1,14 +1,21 @@
 """``QuantLinear``: the LinearMethod (tierlm.model.linear) for quantized weights.
 
 ``prepare`` quantizes a float matrix into the engine's format (or passes through weights that are
-already quantized, such as a GGUF file's own blocks); ``apply`` multiplies without expanding the
-whole matrix: decode-sized batches go to the compiled VNNI kernel where it has the format
-(tierlm/model/kernels/quant_gemv.c), everything else dequantizes a tile of rows at a time and uses
-``F.linear`` on it (tierlm.quant.base.tiled_matmul), which for prompt chunks costs one dequantization
-of the weights per step, shared by all the chunk's tokens.
+already quantized, such as a GGUF file's own blocks) and, with the kernel, repacks resident matrices
+into row tiles (tierlm.quant.tiles); ``apply`` multiplies without expanding the whole matrix: on a
+CPU with the compiled VNNI kernel (tierlm/model/kernels/quant_gemv.c), decode-sized batches (up to
+``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of rows at a time and use
+``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts`` sends them to the
+kernel too.
 
-The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does), so its products
-differ from the float product by that rounding; the tiled path is float throughout.
+The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does, at every batch
+size), so its products differ from the float product by that rounding; the tiled path is float
+throughout. That rounding is why prompts stay float by default: through the kernel, SmolLM2's q8
+perplexity on the Brown excerpt is +0.87% instead of +0.40% against float (the 8-bit target is
+0.5%). What it buys (256 rows of x against a 5632 x 2048 matrix, 2 threads, AMD EPYC, G
+multiply-adds/s): row tiles q4 170, q8 200, q3h 54 against the float path's 53, 56, 42; file-layout
+rows 43, 74, 28; at 16 rows the float path manages 5-10 (bench/results/quant_prefill.md has the
+whole-model prefill).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_t
     out, k = qw.shape
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return y
     if isinstance(qw, RowTiles):
         # (for tierlm's formats the kernel takes the bits per code where row_bytes goes)
         status = kernel(TILE_KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, qw.tiles.data_ptr(), None,
@@ -69,12 +78,13 @@ class QuantLinear:
     """Quantized weights: ``quantizer`` (None = keep float matrices float, run by ``dense``) for float
     matrices; quantized ones (GGUF blocks) are used as they are."""
 
-    max_kernel_rows = 8  # above this a product is compute-bound: dequantize a tile, use oneDNN
+    max_kernel_rows = 8  # decode-sized batches; above, the float path unless int8_prompts (module docstring)
 
-    def __init__(self, quantizer: Quantizer | None, dense, kernel=None):
+    def __init__(self, quantizer: Quantizer | None, dense, kernel=None, int8_prompts: bool = False):
         self.quantizer = quantizer
         self.dense = dense
         self.kernel = kernel
+        self.int8_prompts = int8_prompts
         self.name = f"quant-{quantizer.name if quantizer else 'native'}+{dense.name}" + ("+vnni" if kernel else "")
 
     def prepare(self, weight: torch.Tensor | AnyQuantized) -> torch.Tensor | AnyQuantized:
@@ -110,19 +120,18 @@ class QuantLinear:
         return y
 
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
+        in_kernel_rows = self.int8_prompts or x.shape[0] <= self.max_kernel_rows
         if isinstance(qw, RowTiles):  # only made when the kernel is there (prepare)
-            if x.shape[0] <= self.max_kernel_rows:
-                return kernel_matmul(self.kernel, x, qw).to(x.dtype)
-            return tiled_tiles_matmul(x, qw)
-        if (self.kernel is not None and x.shape[0] <= self.max_kernel_rows and x.device.type == "cpu"
-                and qw.format in KERNEL_FORMATS):
+            return kernel_matmul(self.kernel, x, qw).to(x.dtype) if in_kernel_rows else tiled_tiles_matmul(x, qw)
+        if self.kernel is not None and in_kernel_rows and x.device.type == "cpu" and qw.format in KERNEL_FORMATS:
             return kernel_matmul(self.kernel, x, qw).to(x.dtype)
         return method_for(qw.format, qw.group).matmul(x, qw)
 
 
-def quant_linear(quant: str, group: int, dense, device: torch.device | str) -> QuantLinear:
+def quant_linear(quant: str, group: int, dense, device: torch.device | str, int8_prompts: bool = False) -> QuantLinear:
     """The linear method for ``LLM(..., quant=...)``: a tierlm format name, or "gguf" (keep the file's
-    blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float."""
+    blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float;
+    ``int8_prompts``: prompt chunks through the kernel too (module docstring)."""
     from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
     from tierlm.quant import GGUF_NATIVE, get_quantizer
 
@@ -131,4 +140,4 @@ def quant_linear(quant: str, group: int, dense, device: torch.device | str) -> Q
         # Without it decode runs through numpy dequantization, tens of times slower: say so.
         log.warning("the quantized kernel is missing or older than its source: run `make setup` "
                     "(python -m tierlm.model.kernels); decoding with the slow tiled path")
-    return QuantLinear(None if quant == GGUF_NATIVE else get_quantizer(quant, group), dense, kernel)
+    return QuantLinear(None if quant == GGUF_NATIVE else get_quantizer(quant, group), dense, kernel, int8_prompts)

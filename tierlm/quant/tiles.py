@@ -292,7 +292,8 @@ def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
 
 
 def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
-    """x (N, in) @ W^T in x's dtype, dequantizing about TILE_BYTES of float32 at a time (prompt chunks)."""
+    """x (N, in) @ W^T in x's dtype with float activations, dequantizing about TILE_BYTES of float32 at a
+    time: prompt chunks, unless QuantLinear.int8_prompts sends them to the kernel."""
     out, k = tw.shape
     if x.shape[-1] != k:
         raise QuantError(f"input has {x.shape[-1]} features, the {tw.format} weight expects {k}")
