@@ -115,6 +115,28 @@ def _untile_q6_k(t: torch.Tensor, k: int) -> torch.Tensor:
 PLANES = {8: ((8, 0),), 6: ((4, 0), (2, 4)), 5: ((4, 0), (1, 4)), 4: ((4, 0),), 3: ((2, 0), (1, 2)), 2: ((2, 0),)}
 
 
+def _join_groups(steps: torch.Tensor, mins: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """steps/mins float16 (T * 16, G) and each group's code bytes (T, G, n) -> tiles (T, G * (64 + n)):
+    per group the 16 rows' steps, their mins, then the codes."""
+    num_tiles, ng = body.shape[:2]
+    head = [t.reshape(num_tiles, TILE_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (steps, mins)]
+    return torch.cat([*head, body], dim=2).reshape(num_tiles, -1)
+
+
+def _split_groups(t: torch.Tensor, ng: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``_join_groups``: float32 steps and mins (T, G, row), and the code bytes (T, G, n)."""
+    t = t.reshape(t.shape[0], ng, -1)
+    steps = t[:, :, :32].contiguous().view(torch.float16).float()
+    mins = t[:, :, 32:64].contiguous().view(torch.float16).float()
+    return steps, mins, t[:, :, 64:]
+
+
+def _affine(g: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Codes float32 (T, row, G, group) -> float32 (T * 16, G * group): min + step * code, as minmax_dequantize."""
+    w = g * steps.permute(0, 2, 1)[..., None] + mins.permute(0, 2, 1)[..., None]
+    return w.reshape(g.shape[0] * TILE_ROWS, -1)
+
+
 def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """codes uint8 (T * 16, K), steps/mins float16 (T * 16, K / group) -> tiles (T, bytes per tile)."""
     num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
@@ -134,17 +156,14 @@ def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor
             p = p.permute(0, 2, 3, 1, 4)  # (T, group, block, row, b)
         planes.append(p.reshape(num_tiles, ng, bpg, -1).to(torch.uint8))
     body = torch.cat(planes, dim=3).reshape(num_tiles, ng, -1)  # (T, group, blocks * 64 * bits)
-    head = [t.reshape(num_tiles, TILE_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (steps, mins)]
-    return torch.cat([*head, body], dim=2).reshape(num_tiles, -1)  # per group: 16 steps, 16 mins, blocks
+    return _join_groups(steps, mins, body)
 
 
 def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.Tensor:
     """Group-wise tiles uint8 (T, bytes per tile) -> float32 (T * 16, k): min + step * code."""
     n, ng, bpg = t.shape[0], k // group, group // 32
-    t = t.reshape(n, ng, 64 + bpg * 64 * bits)
-    steps = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, group, row)
-    mins = t[:, :, 32:64].contiguous().view(torch.float16).float()
-    body = t[:, :, 64:].reshape(n, ng, bpg, 64 * bits)
+    steps, mins, body = _split_groups(t, ng)
+    body = body.reshape(n, ng, bpg, 64 * bits)
     codes = torch.zeros(n, ng, bpg, 2, 4, TILE_ROWS, 4, dtype=torch.uint8)  # (T, group, block, h, l, row, b)
     off = 0
     for width, at in PLANES[bits]:
@@ -163,8 +182,7 @@ def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.T
             f = torch.cat([torch.cat([(v >> (4 * h + l)) & 1 for l in range(4)], dim=4) for h in range(2)], dim=3)
         codes |= f << at
     g = codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, TILE_ROWS, ng, group).float()  # (T, row, group, weights)
-    w = g * steps.permute(0, 2, 1)[..., None] + mins.permute(0, 2, 1)[..., None]  # as minmax_dequantize
-    return w.reshape(n * TILE_ROWS, k)
+    return _affine(g, steps, mins)
 
 
 def _le16(v: torch.Tensor) -> torch.Tensor:
@@ -187,17 +205,14 @@ def _tile_q3h(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, grou
               for h in range(2) for l in range(4) for kk in range(2))  # (T, row, group, block)
     one = _le16(one.permute(0, 2, 3, 1)).reshape(num_tiles, ng, bpg, 32)
     body = torch.cat([nib, two, one], dim=3).reshape(num_tiles, ng, bpg * 224)
-    head = [t.reshape(num_tiles, TILE_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8) for t in (steps, mins)]
-    return torch.cat([*head, body], dim=2).reshape(num_tiles, -1)
+    return _join_groups(steps, mins, body)
 
 
 def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     """q3h tiles uint8 (T, bytes per tile) -> float32 (T * 16, k): min + step * code."""
     n, ng, bpg = t.shape[0], k // group, group // 32
-    t = t.reshape(n, ng, 64 + bpg * 224)
-    steps = t[:, :, :32].contiguous().view(torch.float16).float()  # (T, group, row)
-    mins = t[:, :, 32:64].contiguous().view(torch.float16).float()
-    body = t[:, :, 64:].reshape(n, ng, bpg, 224).to(torch.int64)
+    steps, mins, body = _split_groups(t, ng)
+    body = body.reshape(n, ng, bpg, 224).to(torch.int64)
     u16 = (lambda b: b[..., 0::2] | (b[..., 1::2] << 8))  # little-endian 16-bit words
     nib = u16(body[..., :128]).reshape(n, ng, bpg, 2, TILE_ROWS, 2)  # (T, group, block, h, row, k)
     two = u16(body[..., 128:192]).reshape(n, ng, bpg, TILE_ROWS, 2)  # (T, group, block, row, k)
@@ -210,8 +225,7 @@ def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
             p[:, :, :, h, l] = ((nib[:, :, :, h] >> (4 * l)) & 15) | (((two >> (2 * f)) & 3) << 4) | (ones << 6)
     codes = torch.stack([p // 11, p % 11], dim=-1)  # (T, group, block, h, l, row, k, e)
     g = codes.permute(0, 5, 1, 2, 3, 4, 6, 7).reshape(n, TILE_ROWS, ng, group).float()
-    w = g * steps.permute(0, 2, 1)[..., None] + mins.permute(0, 2, 1)[..., None]  # as minmax_dequantize
-    return w.reshape(n * TILE_ROWS, k)
+    return _affine(g, steps, mins)
 
 
 # GGUF source format -> (weights, bytes) of its blocks, tiling, untiling
