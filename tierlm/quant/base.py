@@ -295,13 +295,18 @@ def minmax_dequantize(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tens
 
 def tiled_matmul(method: QuantMethod, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """x (N, in) @ W^T, W dequantized one band of rows at a time (TILE_BYTES of float32 per band)."""
-    out, k = qw.shape
+    band = max(1, TILE_BYTES // (4 * qw.shape[1]))
+    return banded_matmul(x, qw.shape, qw.format, band, lambda r0, r1: method.dequantize(qw.rows(r0, r1)))
+
+
+def banded_matmul(x: torch.Tensor, shape: tuple[int, int], what: str, band_rows: int, dequantize) -> torch.Tensor:
+    """x (N, in) @ W^T in x's dtype for an (out, in) ``shape`` matrix W, with ``dequantize(r0, r1)``
+    giving its rows [r0, r1) as float (r1 - r0, in), ``band_rows`` rows at a time (r0 a multiple of it)."""
+    out, k = shape
     if x.shape[-1] != k:
-        raise QuantError(f"input has {x.shape[-1]} features, the {qw.format} weight expects {k}")
+        raise QuantError(f"input has {x.shape[-1]} features, the {what} weight expects {k}")
     y = torch.empty(x.shape[0], out, dtype=x.dtype, device=x.device)
-    step = max(1, TILE_BYTES // (4 * k))
-    for r0 in range(0, out, step):
-        r1 = min(out, r0 + step)
-        w = method.dequantize(qw.rows(r0, r1)).to(device=x.device, dtype=x.dtype)  # (r1 - r0, in)
-        y[:, r0:r1] = F.linear(x, w)
+    for r0 in range(0, out, band_rows):
+        r1 = min(out, r0 + band_rows)
+        y[:, r0:r1] = F.linear(x, dequantize(r0, r1).to(device=x.device, dtype=x.dtype))
     return y

@@ -98,11 +98,12 @@ class QuantLinear:
             return self._tile(weight)
         if self.quantizer is None:
             return self.dense.prepare(weight)
-        qw = self.quantizer.quantize(weight)
-        if self.kernel is not None and qw.format in KERNEL_FORMATS:  # kernel reads codes in place
+        qw = self._tile(self.quantizer.quantize(weight))
+        if isinstance(qw, QuantizedWeight) and self.kernel is not None and qw.format in KERNEL_FORMATS:
+            # the kernel reads codes in place (tiles are a copy already)
             qw = QuantizedWeight(qw.format, qw.shape, qw.codes.contiguous(), qw.group,
                                  qw.scales.contiguous(), qw.mins.contiguous())
-        return self._tile(qw)
+        return qw
 
     def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
         on_cpu = qw.codes.device.type == "cpu"

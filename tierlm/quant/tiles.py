@@ -41,9 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from tierlm.quant.base import TILE_BYTES, QuantError, QuantizedWeight
+from tierlm.quant.base import TILE_BYTES, QuantError, QuantizedWeight, banded_matmul
 
 TILE_ROWS = 16
 
@@ -308,14 +307,9 @@ def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
 def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
     """x (N, in) @ W^T in x's dtype with float activations, dequantizing about TILE_BYTES of float32 at a
     time: prompt chunks, unless QuantLinear.int8_prompts sends them to the kernel."""
-    out, k = tw.shape
-    if x.shape[-1] != k:
-        raise QuantError(f"input has {x.shape[-1]} features, the {tw.format} weight expects {k}")
-    y = torch.empty(x.shape[0], out, dtype=x.dtype, device=x.device)
-    step = max(1, TILE_BYTES // (4 * k * TILE_ROWS))  # tiles per band
-    for t0 in range(0, tw.num_tiles, step):
-        t1 = min(tw.num_tiles, t0 + step)
-        r0, r1 = t0 * TILE_ROWS, min(out, t1 * TILE_ROWS)
-        w = dequantize_tiles(tw, t0, t1)[:r1 - r0].to(dtype=x.dtype)
-        y[:, r0:r1] = F.linear(x, w)
-    return y
+    band = TILE_ROWS * max(1, TILE_BYTES // (4 * tw.shape[1] * TILE_ROWS))  # whole tiles per band
+
+    def rows(r0: int, r1: int) -> torch.Tensor:  # r0 is a whole tile's first row; drop the padding
+        return dequantize_tiles(tw, r0 // TILE_ROWS, -(-r1 // TILE_ROWS))[:r1 - r0]
+
+    return banded_matmul(x, tw.shape, tw.format, band, rows)
