@@ -207,6 +207,16 @@ class ChildResult:
 # Results
 
 
+def run_child(script: str | Path, engine: str, *args: str) -> dict[str, Any]:
+    """Run ``script --child engine *args`` in a fresh process (one engine's measurement, so engines
+    never share a process's memory or threads) and return the JSON of its last stdout line."""
+    out = subprocess.run([sys.executable, str(script), "--child", engine, *args], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
                   columns: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write bench/results/<name>.json (rows + meta) and bench/results/<name>.md (table + meta).

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MODELS_DIR, REPO_ROOT, measure_memory_bandwidth, write_results
+from bench.common import MODELS_DIR, REPO_ROOT, measure_memory_bandwidth, run_child, write_results
 
 GGUF_DIR = REPO_ROOT / ".cache" / "gguf"
 HF_MODEL = MODELS_DIR / "llama-1.1b"
@@ -129,11 +128,7 @@ def main() -> None:
     for i in range(args.rounds):
         bandwidth = max(bandwidth, measure_memory_bandwidth())
         for engine in args.engines:
-            out = subprocess.run([sys.executable, __file__, "--child", engine, "--tokens", str(args.tokens)],
-                                 capture_output=True, text=True, cwd=REPO_ROOT, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_child(__file__, engine, "--tokens", str(args.tokens))
             steps[engine].append(statistics.median(r["step_s"][2:]))
             weight_bytes[engine] = r["weight_bytes"]
             print(f"round {i + 1}: {engine}: {1 / steps[engine][-1]:.2f} tok/s", flush=True)

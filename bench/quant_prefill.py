@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO_ROOT, measure_matmul_flops, write_results
+from bench.common import REPO_ROOT, measure_matmul_flops, run_child, write_results
 from bench.quant import HF_MODEL, gguf_file
 
 ENGINES = ("llama.cpp Q4_0", "tierlm gguf Q4_0 int8 prompts", "tierlm gguf Q4_0", "llama.cpp Q8_0",
@@ -94,11 +93,7 @@ def main() -> None:
     weights = 0
     for i in range(args.rounds):
         for engine in args.engines:
-            out = subprocess.run([sys.executable, __file__, "--child", engine, "--prompt", str(args.prompt)],
-                                 capture_output=True, text=True, cwd=REPO_ROOT, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_child(__file__, engine, "--prompt", str(args.prompt))
             best[engine] = min(best.get(engine, float("inf")), r["prefill_s"])
             weights = r["weights"]
             print(f"round {i + 1}: {engine}: {args.prompt / r['prefill_s']:.1f} tok/s", flush=True)
