@@ -40,7 +40,9 @@ from common import REPO_ROOT, RESULTS_DIR, write_results
 
 SLO_POLICY = "splitfuse_slo"
 SHORTEST = "_shortest"  # a policy name ending in it: the server runs `--prompt-order shortest`
-POLICIES = ("splitfuse", "prefill_first", SLO_POLICY, "splitfuse" + SHORTEST, SLO_POLICY + SHORTEST)
+AGED = SHORTEST + "_aged"  # ... and `--prompt-aging` (--aging-fraction x the SLA's R)
+POLICIES = ("splitfuse", "prefill_first", SLO_POLICY, "splitfuse" + SHORTEST, SLO_POLICY + SHORTEST,
+            "splitfuse" + AGED, SLO_POLICY + AGED)
 
 
 @dataclass
@@ -177,10 +179,12 @@ def summarize(results: list[Result], t_warm: float, t_end: float, R: float, g: f
     window = [r for r in results if r.send >= t_warm]  # sent after warm-up
     errors = sum(1 for r in window if r.error is not None)
     ttfts = [r.token_times[0] - r.send for r in window if r.token_times]
+    # starvation: the longest wait for a first token, a request still without one counting its wait so far
+    ttft_max = max([(r.token_times[0] if r.token_times else t_end) - r.send for r in window], default=None)
     gaps = [b - a for r in window for a, b in zip(r.token_times, r.token_times[1:])]
     row = {"queries_per_s": len(completed) / duration, "completed": len(completed), "sent": len(window),
            "errors": errors,
-           "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95),
+           "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95), "ttft_max_s": ttft_max,
            "tok_lat_p50_ms": None, "tok_lat_p90_ms": None, "tok_lat_p95_ms": None, "tok_lat_p99_ms": None,
            "gen_tok_per_s": sum(len([t for t in r.token_times if t_warm <= t <= t_end]) for r in results) / duration}
     for q in (50, 90, 95, 99):
@@ -267,7 +271,12 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--policies", default="splitfuse,prefill_first",
                     help=f"comma-separated, of {', '.join(POLICIES)}: {SLO_POLICY} is splitfuse promised the SLA's "
-                    f"g (`tierlm serve --slo-tokens-per-s g`), {SHORTEST} adds `--prompt-order shortest`")
+                    f"g (`tierlm serve --slo-tokens-per-s g`), {SHORTEST} adds `--prompt-order shortest`, {AGED} "
+                    f"also `--prompt-aging` (see --aging-fraction)")
+    ap.add_argument("--aging-fraction", type=float, default=0.125,
+                    help=f"{AGED}: the aging rate as a fraction of the SLA's R (tokens/s), so that a prompt waits at "
+                    "most about its TTFT deadline over this fraction while shorter ones keep coming (default 1/8; "
+                    "bench/serve_sim.py --agings compares rates)")
     ap.add_argument("--clients", default="1,2,4,8,16,32")
     ap.add_argument("--duration", type=float, default=75, help="measured seconds per level")
     ap.add_argument("--warmup", type=float, default=15, help="excluded seconds at the start of each level, at least")
@@ -304,7 +313,7 @@ def main() -> int:
         # Every policy's server is up for the whole run (an idle one only waits on its queue), and each
         # client count runs the policies back to back: this machine's speed drifts by tens of percent
         # over minutes, and interleaving puts both policies in the same stretch of it.
-        def start(policy: str, slo: float | None = None) -> None:
+        def start(policy: str, slo: float | None = None, aging: float | None = None) -> None:
             # prefill_first never splits a prompt, and the engine rejects prompts longer than the step budget,
             # so its budget must hold the longest prompt: max_model_len.
             splitfuse = policy != "prefill_first"
@@ -313,8 +322,10 @@ def main() -> int:
             extra = [] if prefill_budget is None else ["--max-num-prefill-tokens", str(prefill_budget)]
             if slo is not None:
                 extra += ["--slo-tokens-per-s", f"{slo:.4g}"]
-            if policy.endswith(SHORTEST):
+            if policy.endswith(SHORTEST) or policy.endswith(AGED):
                 extra += ["--prompt-order", "shortest"]
+            if aging is not None:
+                extra += ["--prompt-aging", f"{aging:.4g}"]
             if budget == "auto":
                 extra.append("-v")  # the server logs the budgets it measured
             port = free_port()
@@ -336,7 +347,7 @@ def main() -> int:
                                "max_num_prefill_tokens": prefill_budget, "lone_rates": rates}
 
         for policy in policies:
-            if not policy.startswith(SLO_POLICY):
+            if not policy.startswith(SLO_POLICY) and not policy.endswith(AGED):
                 start(policy)
         # One SLA for every policy, from the fastest lone rates any server showed: a policy that prefills
         # a lone prompt more slowly (in chunks) must not get a looser TTFT deadline for it.
@@ -348,9 +359,12 @@ def main() -> int:
                "g_literal_tok_per_s": 2.0}
         print(f"  SLA: R = {sla['R_tok_per_s']:.0f} tok/s, g = {sla['g_tok_per_s']:.1f} tok/s "
               f"(fastest lone rates / {args.sla_scale}); also g = 2 tok/s", flush=True)
-        for policy in policies:  # an SLO server is promised the SLA's g, so it starts once g is known
-            if policy.startswith(SLO_POLICY):
-                start(policy, sla["g_tok_per_s"])
+        # An SLO server is promised the SLA's g, an aged one ages at a fraction of its R: both start once known.
+        sla["aging_tok_per_s"] = args.aging_fraction * sla["R_tok_per_s"]
+        for policy in policies:
+            if policy.startswith(SLO_POLICY) or policy.endswith(AGED):
+                start(policy, sla["g_tok_per_s"] if policy.startswith(SLO_POLICY) else None,
+                      sla["aging_tok_per_s"] if policy.endswith(AGED) else None)
         for c in clients:
             for policy in policies:
                 res, t_warm, t_end, mem_min = asyncio.run(run_level(procs[policy][1] + "/v1/completions", reqs, c,
@@ -390,8 +404,8 @@ def main() -> int:
                                   f"decode rate / {args.sla_scale} (FastGen: 2 tok/s, reported as *_g2)"},
             "servers": servers, "best_effective_qps": best,
             "total_runtime_s": round(time.time() - t_start, 1)}
-    cols = ["policy", "clients", "queries_per_s", "ttft_p50_s", "ttft_p95_s", "tok_lat_p50_ms", "tok_lat_p90_ms",
-            "tok_lat_p95_ms", "tok_lat_p99_ms", "pass_frac", "eff_qps", "pass_frac_g2", "eff_qps_g2", "completed",
+    cols = ["policy", "clients", "queries_per_s", "ttft_p50_s", "ttft_p95_s", "ttft_max_s", "tok_lat_p50_ms",
+            "tok_lat_p90_ms", "tok_lat_p95_ms", "tok_lat_p99_ms", "pass_frac", "eff_qps", "pass_frac_g2", "eff_qps_g2", "completed",
             "errors", "mem_avail_min_gib"]
     write_results(args.name, rows, meta, columns=cols)
     plot(rows, policies, RESULTS_DIR / args.plot, meta)

@@ -193,3 +193,20 @@ def test_prompt_order_reaches_the_scheduler_and_is_validated():
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", scheduling_policy="prefill_first")
     with pytest.raises(ConfigError, match="prompt_order must be one of"):
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="longest")
+
+
+def test_prompt_aging_reaches_the_scheduler_and_is_validated():
+    from tierlm.cli import cmd_serve
+
+    assert build_parser().parse_args(["serve"]).prompt_aging is None
+    assert build_parser().parse_args(["serve", "--prompt-order", "shortest", "--prompt-aging", "32"]).prompt_aging == 32.0
+    for argv in (["--prompt-aging", "32"], ["--prompt-order", "shortest", "--prompt-aging", "0"]):
+        with pytest.raises(ValueError, match="--prompt-aging must be a finite number > 0 and needs --prompt-order"):
+            cmd_serve(build_parser().parse_args(["serve", *argv]))
+    llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", prompt_aging_tokens_per_s=32.0)
+    assert llm.config.prompt_aging_tokens_per_s == 32.0
+    assert llm.engine.scheduler.config.prompt_aging_tokens_per_s == 32.0
+    with pytest.raises(ConfigError, match="needs prompt_order='shortest'"):
+        LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_aging_tokens_per_s=32.0)
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):
+        LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", prompt_aging_tokens_per_s=-1.0)

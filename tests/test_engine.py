@@ -7,7 +7,7 @@ import pytest
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.budget import StepCost
 from tierlm.engine.engine import EngineCore, RequestError, SampledToken
-from tierlm.engine.request import FinishReason, Request, RequestStatus
+from tierlm.engine.request import FinishReason, Request, RequestMetrics, RequestStatus
 from tierlm.engine.scheduler import SLO_COST_MARGIN, Scheduler, SchedulerConfig
 from tierlm.sampling_params import SamplingParams
 
@@ -295,12 +295,78 @@ def test_shortest_skips_a_prompt_with_no_room_and_admits_the_next():
     assert [r.request_id for r in sched.waiting] == ["c"]
 
 
+def _aged(rid: str, n: int, arrival: float) -> Request:
+    return Request(request_id=rid, prompt_token_ids=list(range(10, 10 + n)), params=SamplingParams(max_tokens=8),
+                   metrics=RequestMetrics(arrival_time=arrival))
+
+
+def test_aging_ranks_by_tokens_left_less_rate_times_wait():
+    now = 10.0
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, prompt_order="shortest",
+                                      prompt_aging_tokens_per_s=1.0), BlockManager(64, 4), clock=lambda: now)
+    sched.add(_aged("a", 20, 0.0))
+    now = 0.0
+    assert _step(sched) == [("a", 0, 8, False)]
+    now = 10.0
+    sched.add(_aged("b", 5, 9.0))
+    sched.add(_aged("c", 3, 10.0))
+    # ranks: a 12 - 10 = 2, c 3 - 0 = 3, b 5 - 1 = 4 (without aging: c, b, then a)
+    assert _step(sched) == [("a", 8, 8, False)]
+    now = 11.0
+    # a 4 - 11, c 3 - 1 = 2, b 5 - 2 = 3
+    assert _step(sched) == [("a", 16, 4, True), ("c", 0, 3, True), ("b", 0, 1, False)]
+
+
+def _long_prompt_among_a_stream_of_short_ones(aging: float | None) -> list:
+    """a (20 tokens) arrives at t = 0 with the first of 8-token prompts that keep coming, one a second;
+    each step takes a second and a short prompt is done (finished) once its prompt is. Returns each
+    step's chunks as (id, start, tokens)."""
+    now = 0.0
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, prompt_order="shortest",
+                                      prompt_aging_tokens_per_s=aging), BlockManager(256, 4), clock=lambda: now)
+    sched.add(_aged("a", 20, 0.0))
+    steps = []
+    for t in range(16):
+        now = float(t)
+        sched.add(_aged(f"s{t}", 8, now))
+        out = sched.schedule()
+        steps.append([(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks])
+        done = [c.request for c in out.chunks if c.samples and c.request.request_id != "a"]
+        _finish_step(sched, out)
+        for r in done:
+            sched.finish(r, FinishReason.LENGTH)
+    return steps
+
+
+def test_without_aging_a_long_prompt_waits_while_short_ones_keep_coming():
+    steps = _long_prompt_among_a_stream_of_short_ones(None)
+    assert steps == [[(f"s{t}", 0, 8)] for t in range(16)]  # a never gets a token
+
+
+def test_aging_serves_a_long_prompt_within_its_tokens_over_the_rate():
+    steps = _long_prompt_among_a_stream_of_short_ones(2.0)
+    # a ranks 20 - 2t against a fresh short prompt's 8: it ties at t = 6 and, earlier in the queue, goes
+    # first; from then on the waiting short ones age too (s6 ranks 8 - 2 at t = 7)
+    assert steps[:6] == [[(f"s{t}", 0, 8)] for t in range(6)]
+    assert steps[6:10] == [
+        [("a", 0, 8)],
+        [("a", 8, 8)],
+        [("a", 16, 4), ("s6", 0, 4)],
+        [("a", 20, 1), ("s6", 4, 4), ("s7", 0, 3)],
+    ]
+
+
 def test_prompt_order_is_validated():
     assert SchedulerConfig(prompt_order="shortest").prompt_order == "shortest"
     with pytest.raises(ValueError, match="prompt_order must be one of"):
         SchedulerConfig(prompt_order="longest")
     with pytest.raises(ValueError, match="splitfuse policy only"):
         SchedulerConfig(prompt_order="shortest", policy="prefill_first")
+    with pytest.raises(ValueError, match="prompt_aging_tokens_per_s applies to prompt_order='shortest' only"):
+        SchedulerConfig(prompt_aging_tokens_per_s=1.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            SchedulerConfig(prompt_order="shortest", prompt_aging_tokens_per_s=bad)
 
 
 def test_unknown_policy_is_refused():

@@ -63,7 +63,8 @@ class LLM:
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 2048, max_num_prefill_tokens: int | None = None,
                  max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_tokens: int | None = None, enable_chunked_prefill: bool = True,
-                 scheduling_policy: str = "splitfuse", prompt_order: str = "fcfs", spec_dirs: Sequence[str | Path] = (),
+                 scheduling_policy: str = "splitfuse", prompt_order: str = "fcfs",
+                 prompt_aging_tokens_per_s: float | None = None, spec_dirs: Sequence[str | Path] = (),
                  weight_memory: str | int | None = None, prefetch_window: int = 3, tier_locking: str = "balanced",
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
                  quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
@@ -135,6 +136,7 @@ class LLM:
                                    max_num_prefill_tokens=max_num_prefill_tokens,
                                    enable_chunked_prefill=enable_chunked_prefill,
                                    scheduling_policy=scheduling_policy, prompt_order=prompt_order,
+                                   prompt_aging_tokens_per_s=prompt_aging_tokens_per_s,
                                    weight_memory_bytes=None if tiers is None else tiers.plan.budget_bytes,
                                    prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
                                    quant=quant, quant_group=quant_group, kv_quant=kv_quant,
@@ -162,7 +164,7 @@ class LLM:
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_num_prefill_tokens=max_num_prefill_tokens,
                             enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy,
-                            prompt_order=prompt_order),
+                            prompt_order=prompt_order, prompt_aging_tokens_per_s=prompt_aging_tokens_per_s),
             BlockManager(num_blocks, block_size), self.runner, max_model_len=max_len,
             eos_token_ids=eos, detokenizer_factory=detok)
         if quant_method == "gptq" and tiers is None:

@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="splitfuse: which prompts get the step's tokens left after the decodes: fcfs, in arrival "
                      "order (default), or shortest, fewest prompt tokens left first (meets more time-to-first-token "
                      "deadlines that grow with the prompt; a long prompt waits while shorter ones keep coming)")
+    srv.add_argument("--prompt-aging", type=float, default=None, metavar="A",
+                     help="with --prompt-order shortest: a waiting prompt counts A fewer tokens left for every second "
+                     "since it arrived, so a long one is served within (its tokens)/A s of any newer prompt; A = the "
+                     "prefill rate a prompt is promised (tokens/s) makes the order earliest-deadline-first "
+                     "(default: no aging)")
     srv.add_argument("--served-model-name", metavar="NAME", help="name in /v1/models and responses "
                      "(default: the model's file or folder name); requests may name any model")
     srv.set_defaults(run=cmd_serve)
@@ -406,10 +411,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.prompt_order != "fcfs" and args.scheduling_policy != "splitfuse":
         raise ValueError("--prompt-order applies to --scheduling-policy splitfuse only (prefill_first never splits "
                          "a prompt and runs the queue in arrival order)")
+    if args.prompt_aging is not None and not (args.prompt_order == "shortest" and 0 < args.prompt_aging < float("inf")):
+        raise ValueError("--prompt-aging must be a finite number > 0 and needs --prompt-order shortest")
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=AUTO_LOAD_BUDGET if auto else args.max_num_batched_tokens,
                     max_num_prefill_tokens=args.max_num_prefill_tokens,
-                    scheduling_policy=args.scheduling_policy, prompt_order=args.prompt_order)
+                    scheduling_policy=args.scheduling_policy, prompt_order=args.prompt_order,
+                    prompt_aging_tokens_per_s=args.prompt_aging)
     if auto and args.scheduling_policy == "splitfuse":
         llm.tune_token_budget(args.slo_tokens_per_s)
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,

@@ -36,6 +36,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "splitfuse"  # or "prefill_first" (see tierlm.engine.scheduler)
     prompt_order: str = "fcfs"  # splitfuse: or "shortest", fewest prompt tokens left first (tierlm.engine.scheduler)
+    prompt_aging_tokens_per_s: float | None = None  # "shortest": tokens left lowered per second waited; None: none
     weight_memory_bytes: int | None = None  # None: every weight resident; else see tierlm.memory.plan
     prefetch_window: int = 3
     tier_locking: str = "balanced"
@@ -54,6 +55,10 @@ class EngineConfig:
             raise ConfigError(f"prompt_order must be one of {PROMPT_ORDERS}, got {self.prompt_order!r}")
         if self.prompt_order != "fcfs" and self.scheduling_policy != "splitfuse":
             raise ConfigError("prompt_order applies to the splitfuse policy only")
+        if self.prompt_aging_tokens_per_s is not None and not (
+                self.prompt_order == "shortest" and 0 < self.prompt_aging_tokens_per_s < float("inf")):
+            raise ConfigError(f"prompt_aging_tokens_per_s must be a finite number > 0 and needs prompt_order="
+                              f"'shortest', got {self.prompt_aging_tokens_per_s} with {self.prompt_order!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.prefetch_window < 0:

@@ -33,9 +33,26 @@ computed over many steps, and in arrival order every prompt that comes in behind
 them; FastGen's SLA gives a prompt of L tokens L / R seconds to its first token, so the short prompt
 misses its deadline while the long one had time to spare. Shortest-first follows those deadlines
 without knowing R (the same order when all arrive together). In bench/serve_sim.py on the 1.1B at 4
-clients it lifts the fixed budget's pass fraction from 0.70 to 0.93 at the same P95 per-token latency
+clients it lifts the fixed budget's pass fraction from 0.69 to 0.93 at the same P95 per-token latency
 (serve_sim_*.md). The price is the usual one of shortest-job-first: a long prompt waits as long as
-shorter ones keep arriving, which only the queue limit bounds; hence not the default.
+shorter ones keep arriving. Aging (``prompt_aging_tokens_per_s`` = a) bounds that wait: a prompt with
+n tokens left that arrived at t ranks by n - a * (now - t), so it outranks a newly arrived prompt of
+m tokens once it has waited (n - m) / a seconds, at most n / a. Ranking by that key is ranking by
+t + n / a: with a = R it is earliest deadline first under FastGen's SLA (a prompt of L tokens is due
+L / R s after it arrives), counting for a partly computed prompt only what it has left.
+Simulated (bench/serve_sim.py --agings, results/serve_sim_aging_*.md; 1.1B, R = 32 tokens/s), effective
+throughput over prefill-first's and the longest wait for a first token:
+
+    clients   no aging            a = 1                a = 4                a = R
+    4         1.62x, 38 s         1.64x, 38 s          1.53x, 38 s          1.48x, 31 s
+    8         6.7x, 464 s         6.0x, 269 s          4.5x, 136 s          0.64x, 55 s
+    16        80x, 523 s          56x, 363 s           16x, 204 s           0x, 103 s
+
+Past saturation every order misses deadlines, and shortest-first "passes" more requests by leaving
+the long ones waiting for the whole run (a 600 s run: 464 s is starvation); the stuck request fails
+once, while the short ones behind it keep passing. Aging trades that back for bounded waits, and at
+a = R it is as bad as arrival order under overload (the deadline-first domino effect). Below
+saturation (4 clients) a small rate costs little. Shortest-first, aged or not, is not the default.
 
 "prefill_first" (the classic scheduler, kept for comparison): while a waiting prompt fits, a step
 runs whole prompts only (first come first served, within the budget) and every decode waits;
@@ -44,6 +61,7 @@ otherwise it runs one token for every running request. Prompts are never split.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,8 +77,8 @@ PROMPT_ORDERS = ("fcfs", "shortest")
 # past the deadline it was sized for fails every decode in it, and steps here vary by 10-30%. In a
 # simulation of bench/serve.py's workloads with the real scheduler and 15% log-normal noise on each step
 # (bench/serve_sim.py, results/serve_sim_*.md), 1.5 and 2 did about equally well and 1.2 worse: on the
-# 1.1B at 4 clients 1.47x / 1.69x / 1.71x prefill-first's effective throughput at 1.2 / 1.5 / 2, at 8
-# clients 2.4x / 3.6x / 3.2x; SmolLM2 at 8 clients 1.46x / 1.84x / 1.80x.
+# 1.1B at 4 clients 1.50x / 1.72x / 1.74x prefill-first's effective throughput at 1.2 / 1.5 / 2, at 8
+# clients 2.4x / 3.7x / 3.2x; SmolLM2 at 8 clients 1.47x / 1.85x / 1.82x.
 SLO_COST_MARGIN = 1.5
 
 
@@ -82,6 +100,10 @@ class SchedulerConfig:
     # then the queue in arrival order; "shortest": running and waiting prompts together, fewest tokens
     # left to compute first (see the module docstring)
     prompt_order: str = "fcfs"
+    # "shortest": a prompt's count of tokens left is lowered by this many per second it has waited since
+    # arrival, so a long prompt outranks any newer one in bounded time (see the module docstring). None:
+    # no aging (pure shortest-first)
+    prompt_aging_tokens_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -104,6 +126,12 @@ class SchedulerConfig:
             raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {self.prompt_order!r}")
         if self.prompt_order != "fcfs" and self.policy != "splitfuse":
             raise ValueError("prompt_order applies to the splitfuse policy only")
+        if self.prompt_aging_tokens_per_s is not None:
+            if not (self.prompt_aging_tokens_per_s > 0 and math.isfinite(self.prompt_aging_tokens_per_s)):
+                raise ValueError(f"prompt_aging_tokens_per_s must be a finite number > 0 or None, got "
+                                 f"{self.prompt_aging_tokens_per_s}")
+            if self.prompt_order != "shortest":
+                raise ValueError("prompt_aging_tokens_per_s applies to prompt_order='shortest' only")
 
     @property
     def prefill_budget(self) -> int:
@@ -219,7 +247,7 @@ class Scheduler:
         merged = admit and self.config.prompt_order == "shortest"
         if merged:  # running and waiting prompts compete for the budget, fewest tokens left first (stable:
             # running before waiting, then arrival order, among equals)
-            prompts = sorted(prompts + list(self.waiting), key=lambda r: r.num_uncomputed_tokens)
+            prompts = sorted(prompts + list(self.waiting), key=self._prompt_rank())
         granted: set[str] = set()
         for req in decodes + prompts:
             if not budget.has_room:
@@ -240,6 +268,14 @@ class Scheduler:
         if admit and not merged and not out.preempted:
             self._admit_waiting(out, budget)
         return out
+
+    def _prompt_rank(self) -> Callable[[Request], float]:
+        """Sort key of "shortest": tokens left to compute, less the aging rate times the seconds waited."""
+        rate = self.config.prompt_aging_tokens_per_s
+        if rate is None:
+            return lambda r: r.num_uncomputed_tokens
+        now = self.clock()
+        return lambda r: r.num_uncomputed_tokens - rate * (now - r.metrics.arrival_time)
 
     def _step_budget(self, admit: bool, decodes: list[Request]) -> StepBudget:
         """The budget of a step whose running decodes are ``decodes``."""
