@@ -58,6 +58,12 @@ Tried and dropped with act-order (q4 g64; SmolLM2 +3.3% and Gemma-3 +7.0% as abo
   GPTQ again with those ranges (two rounds): 8% less output error on synthetic data, but SmolLM2
   +4.3%. The normalised H is a worse guide to the ranges than the mean x^2 the search uses.
 
+* The BOS row of each calibration sequence (the attention sink; position 0 of every window), SmolLM2:
+  dropped from H and the mean x^2, +16.1% (unnormalised as well: +22.7%); counted k times in the
+  normalised H, k = 16 / 64 / 256: +3.6 / +2.7 / +4.1%, against +3.4% for k = 1 in the same session
+  (Gemma-3 at k = 64: +6.6% against +7.0%). The sink matters, but the sweep is not monotonic: these
+  differences are the method's noise (about a point), so k stays 1 rather than picking the lucky draw.
+
 For scale, llama.cpp's own formats requantized from the same files (bench/results/
 llamacpp_q4_quality.md): Q4_0 (4.5 bits a weight, as q4 g64) +17.4% on SmolLM2 and +48% on
 Gemma-3; Q4_1 (5 bits) 0% on SmolLM2, whose file is Q4_1, and +21% on Gemma-3.
