@@ -405,7 +405,8 @@ def main() -> int:
             "servers": servers, "best_effective_qps": best,
             "total_runtime_s": round(time.time() - t_start, 1)}
     cols = ["policy", "clients", "queries_per_s", "ttft_p50_s", "ttft_p95_s", "ttft_max_s", "tok_lat_p50_ms",
-            "tok_lat_p90_ms", "tok_lat_p95_ms", "tok_lat_p99_ms", "pass_frac", "eff_qps", "pass_frac_g2", "eff_qps_g2", "completed",
+            "tok_lat_p90_ms", "tok_lat_p95_ms", "tok_lat_p99_ms", "pass_frac", "eff_qps", "pass_frac_g2", "eff_qps_g2",
+            "completed",
             "errors", "mem_avail_min_gib"]
     write_results(args.name, rows, meta, columns=cols)
     plot(rows, policies, RESULTS_DIR / args.plot, meta)

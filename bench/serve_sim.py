@@ -169,8 +169,9 @@ def main() -> int:
         for a in agings:
             runs.append(("splitfuse_shortest_aged", None, simulate(model, "splitfuse", c, args.duration, args.warmup,
                                                                    args.noise, prompt_order="shortest", aging=a), a))
-            runs += [("splitfuse_slo_shortest_aged", m, simulate(model, "splitfuse", c, args.duration, args.warmup,
-                                                                args.noise, True, m, prompt_order="shortest", aging=a), a)
+            runs += [("splitfuse_slo_shortest_aged", m,
+                      simulate(model, "splitfuse", c, args.duration, args.warmup, args.noise, True, m,
+                               prompt_order="shortest", aging=a), a)
                      for m in (float(x) for x in args.margins.split(","))]
         for policy, margin, res, *aged in runs:
             ratio = res["eff_qps"] / base["eff_qps"] if base["eff_qps"] else None
@@ -179,7 +180,8 @@ def main() -> int:
                          "eff_vs_prefill_first": round(ratio, 2) if ratio is not None else None})
             print(f"C={c} {policy:>14} margin {rows[-1]['margin']!s:>4} aging {rows[-1]['aging']!s:>5}: eff "
                   f"{res['eff_qps']:.3f} ({rows[-1]['eff_vs_prefill_first']}x), pass {res['pass_frac']}, P95 "
-                  f"{res['tok_lat_p95_ms']} ms, max TTFT {res['ttft_max_s']} s ({res['ttft_max_over_deadline']}x its deadline)")
+                  f"{res['tok_lat_p95_ms']} ms, max TTFT {res['ttft_max_s']} s "
+                  f"({res['ttft_max_over_deadline']}x its deadline)")
     meta = {"model": f"{args.model} (simulated: step cost {model['cost']})", "noise_sd": args.noise,
             "sla": {"R_tok_per_s": model["R"], "g_tok_per_s": model["g"]}, "budget": model["budget"],
             "duration_s": args.duration, "warmup_s": args.warmup}

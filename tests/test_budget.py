@@ -199,7 +199,8 @@ def test_prompt_aging_reaches_the_scheduler_and_is_validated():
     from tierlm.cli import cmd_serve
 
     assert build_parser().parse_args(["serve"]).prompt_aging is None
-    assert build_parser().parse_args(["serve", "--prompt-order", "shortest", "--prompt-aging", "32"]).prompt_aging == 32.0
+    args = build_parser().parse_args(["serve", "--prompt-order", "shortest", "--prompt-aging", "32"])
+    assert args.prompt_aging == 32.0
     for argv in (["--prompt-aging", "32"], ["--prompt-order", "shortest", "--prompt-aging", "0"]):
         with pytest.raises(ValueError, match="--prompt-aging must be a finite number > 0 and needs --prompt-order"):
             cmd_serve(build_parser().parse_args(["serve", *argv]))
