@@ -264,6 +264,9 @@ def test_metrics_count_tokens_and_latencies(server):
     assert after["tierlm_prompt_tokens_total"] > before["tierlm_prompt_tokens_total"]
     assert after["tierlm_time_to_first_token_seconds_count"] == before["tierlm_time_to_first_token_seconds_count"] + 1
     assert after["tierlm_inter_token_latency_seconds_count"] == before["tierlm_inter_token_latency_seconds_count"] + 4
+    # the prompt in one step that samples the first token, then one decode step per token
+    assert after["tierlm_engine_step_seconds_count"] == before["tierlm_engine_step_seconds_count"] + 5
+    assert after["tierlm_engine_step_seconds_sum"] > before["tierlm_engine_step_seconds_sum"]
     assert after['tierlm_requests_finished_total{finish_reason="length"}'] >= 1
     assert after["tierlm_kv_blocks_free"] > 0
 

@@ -210,6 +210,7 @@ class AsyncEngine:
         return True
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as err:
@@ -225,6 +226,7 @@ class AsyncEngine:
                 self.metrics.record_finished("error")
                 self._fail(rid, EngineStepError(f"the engine failed while running this request: {err}"))
             return
+        self.metrics.record_step(time.perf_counter() - t0)
         for out in outputs:
             entry = self._streams.get(out.request_id)
             if entry is None:

@@ -31,6 +31,10 @@ class ServerMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("tierlm_inter_token_latency_seconds", "Between consecutive generated tokens",
                              buckets=_ITL_BUCKETS, registry=r)
+        # The engine's own time per step, forward pass and bookkeeping: against the inter-token latency the
+        # clients see, it separates the model's cost from the server's (event loop, streaming) and the queue's.
+        self.step_time = Histogram("tierlm_engine_step_seconds", "Wall time of one engine step (schedule, "
+                                   "forward pass, sampling), in the engine thread", buckets=_ITL_BUCKETS, registry=r)
         # Counters get the _total suffix; rate() of them is tokens/s.
         self.prompt_tokens = Counter("tierlm_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("tierlm_generation_tokens", "Generated tokens", registry=r)
@@ -46,6 +50,9 @@ class ServerMetrics:
         self.num_running.set(num_running)
         self.kv_blocks_used.set(num_used_blocks)
         self.kv_blocks_free.set(num_free_blocks)
+
+    def record_step(self, seconds: float) -> None:
+        self.step_time.observe(seconds)
 
     def record_added(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
