@@ -60,6 +60,8 @@ typedef struct {
     float *xd;    /* (K/32,) block scales */
     float *xs;    /* (K/32,) xd * sum(q): the block's sum of int8-rounded x */
     float *xs16;  /* (K/16,) the same per half block (Q6_K's scales are per 16 weights) */
+    int32_t *x3h; /* (K/32 * 16,) q3h tiles only (else NULL): per block and 4-weight field f, two int16
+                   * pairs, [x0 - 11 x1, x2 - 11 x3] then [x1, x3] (tq3h_x16_tile) */
 } XBlocks;
 
 static inline float fp16(const uint8_t *p) { return _cvtsh_ss(*(const uint16_t *)p); }
@@ -81,6 +83,17 @@ static void quantize_x(const float *x, int K, XBlocks *xb) {
         xb->xs[b] = d * (float)(s0 + s1);
         xb->xs16[2 * b] = d * (float)s0;
         xb->xs16[2 * b + 1] = d * (float)s1;
+    }
+}
+
+/* The q3h tiles' x: for pair code p = 11 a + b of weights (w0, w1) = (a, b), a x0 + b x1 is
+ * a (x0 - 11 x1) + p x1, so the kernel needs a = p / 11 but not b; |x0 - 11 x1| <= 1524 fits int16. */
+static void q3h_x(const int8_t *q, int K, int32_t *out) {
+    for (int i = 0; i < K / 4; i++) {
+        const int x0 = q[4 * i], x1 = q[4 * i + 1], x2 = q[4 * i + 2], x3 = q[4 * i + 3];
+        const uint32_t lo = (uint16_t)(int16_t)(x0 - 11 * x1), hi = (uint16_t)(int16_t)(x2 - 11 * x3);
+        out[2 * i] = (int32_t)(lo | hi << 16);  /* i = 8 b + f: block b's field f at 16 b + 2 f */
+        out[2 * i + 1] = (int32_t)((uint32_t)(uint16_t)(int16_t)x1 | (uint32_t)(uint16_t)(int16_t)x3 << 16);
     }
 }
 
@@ -448,8 +461,12 @@ static inline __attribute__((always_inline)) void tq_x16_tile(int bits, const ui
  *   bits 0..3  2 chunks of 64 B, chunk h: lane (i, k), nibble l
  *   bits 4..5  1 chunk: lane (i, k), bits 2f..2f+1, f = 4h + l
  *   bit 6      32 B: row i's 16 bits at bytes 2i, 2i+1, bit 8k + f
- * so each (h, l) gathers p into 16-bit lanes with shifts and bit selects, then splits it into
- * lane = a | b << 8 (a = p / 11, b = p - 11 a). Same bytes as q3h's rows. */
+ * so each (h, l) gathers p into 16-bit lanes with shifts and bit selects. The pair's a x0 + b x1 is
+ * then a (x0 - 11 x1) + p x1 (q3h_x), two vpdpwssd on a = p / 11 and p, instead of splitting p into
+ * bytes a | b << 8 for one vpdpbusd (a shift, a multiply and a subtract more). The sums are the
+ * same integers; in an A/B of the two builds in one process (q3h tiles of 5632 x 2048, 2048 x 5632
+ * and 512 x 2048, L3-resident, 2 threads, AMD EPYC) batch 1 ran 1.07-1.17x faster, batches 3 and
+ * 8 0.93-1.14x. Same bytes as q3h's rows. */
 static inline __attribute__((always_inline)) __m512i shift16(__m512i v, int from, int to) {
     return to >= from ? _mm512_slli_epi16(v, to - from) : _mm512_srli_epi16(v, from - to);
 }
@@ -458,13 +475,13 @@ static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *t
                                                                 const XBlocks *xb, float *out) {
     const int bpg = group / 32;
     const __m512i m4 = _mm512_set1_epi16(0x000F), m6 = _mm512_set1_epi16(0x003F), m7 = _mm512_set1_epi16(0x007F);
-    const __m512i k5968 = _mm512_set1_epi16((short)5968), k2815 = _mm512_set1_epi16(2815);
+    const __m512i k5968 = _mm512_set1_epi16((short)5968);
     __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
     const uint8_t *p = tile;
     for (int b = 0; b < nb; b++) {
         if (b % bpg == 0) p += 64;
         const uint8_t *head = p - 64 - (int64_t)(b % bpg) * 224;
-        const int32_t *xw = (const int32_t *)(xb->q + 32 * b);
+        const int32_t *xw = xb->x3h + 16 * b;
         prefetch_ahead(p, 224);
         const __m512i n0 = _mm512_loadu_si512((const void *)p), n1 = _mm512_loadu_si512((const void *)(p + 64));
         const __m512i t = _mm512_loadu_si512((const void *)(p + 128));
@@ -478,12 +495,12 @@ static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *t
                 __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi16(h ? n1 : n0, 4 * l), shift16(t, 2 * f, 4), m4, 0xE4);
                 v = _mm512_ternarylogic_epi32(v, shift16(o2, f, 6), m6, 0xE4);
                 v = _mm512_and_si512(v, m7);
-                /* a = p / 11 = (p * 373) >> 12 = the high half of p * 5968; lane a | b << 8 with
-                 * b = p - 11 a is 256 p - 2815 a (no carries: a <= 10, b <= 10) */
+                /* a = p / 11 = (p * 373) >> 12 = the high half of p * 5968 (p <= 120); then
+                 * a (x0 - 11 x1) + p x1 per 16-bit lane, two lanes per row (q3h_x) */
                 const __m512i a = _mm512_mulhi_epu16(v, k5968);
-                const __m512i c = _mm512_sub_epi16(_mm512_slli_epi16(v, 8), _mm512_mullo_epi16(a, k2815));
-                if (h) s1 = _mm512_dpbusd_epi32(s1, c, _mm512_set1_epi32(xw[f]));
-                else s0 = _mm512_dpbusd_epi32(s0, c, _mm512_set1_epi32(xw[f]));
+                const __m512i xa = _mm512_set1_epi32(xw[2 * f]), xp = _mm512_set1_epi32(xw[2 * f + 1]);
+                if (h) s1 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(s1, a, xa), v, xp);
+                else s0 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(s0, a, xa), v, xp);
             }
         const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));
         const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));
@@ -554,9 +571,12 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     XBlocks *xbs = malloc(sizeof(XBlocks) * M);
     int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float *f = malloc(sizeof(float) * 4 * (size_t)M * nb);
+    int32_t *x3h = fmt == TQ3HX16 ? malloc(sizeof(int32_t) * 16 * (size_t)M * nb) : NULL;
     for (int m = 0; m < M; m++) {
-        xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb};
+        xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb,
+                           x3h ? x3h + (int64_t)16 * m * nb : NULL};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
+        if (x3h) q3h_x(xbs[m].q, K, xbs[m].x3h);
     }
     /* Tiles: codes is the tiles; steps, mins and scale_stride unused; for TQX16, row_bytes is the bits
      * per code and group the weights per group. */
@@ -575,6 +595,6 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     }
     else
         RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
-    free(f); free(q); free(xbs);
+    free(x3h); free(f); free(q); free(xbs);
     return 0;
 }
