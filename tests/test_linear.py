@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kernel_check import built_or_none
 from tierlm.model.kernels import bf16_gemm, cpu_has_avx512_bf16, cpu_has_avx512f, f32_gemm
 from tierlm.model.linear import CPULinear, DenseLinear, StreamingLinear, default_linear_method
 
@@ -40,11 +41,9 @@ def test_every_method_computes_the_same_product(dtype, m):
 
 def test_bf16_kernel_accumulates_in_float32_exactly_like_a_float_product():
     """Before its final rounding to bf16 the kernel's sum equals the fp32 product of bf16 inputs."""
-    kernel = bf16_gemm()
-    if not cpu_has_avx512_bf16():
-        assert kernel is None
+    kernel = built_or_none(bf16_gemm(), cpu_has_avx512_bf16(), "bf16 kernel")
+    if kernel is None:
         return
-    assert kernel is not None, "the bf16 kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
     g = torch.Generator().manual_seed(0)
     w = torch.randn(19, 2048, generator=g).to(torch.bfloat16)
     x = torch.randn(5, 2048, generator=g).to(torch.bfloat16)
@@ -55,11 +54,9 @@ def test_bf16_kernel_accumulates_in_float32_exactly_like_a_float_product():
 
 
 def test_f32_kernel_equals_a_float_product_at_every_decode_batch():
-    kernel = f32_gemm()
-    if not cpu_has_avx512f():
-        assert kernel is None
+    kernel = built_or_none(f32_gemm(), cpu_has_avx512f(), "float32 kernel")
+    if kernel is None:
         return
-    assert kernel is not None, "the float32 kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
     g = torch.Generator().manual_seed(0)
     w = torch.randn(21, 2048, generator=g)  # 21 rows: two whole slabs of 8 and a short one
     for m in (1, 3, 4, 9, 64):  # x rows in blocks of 4, the last one short

@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tests.kernel_check import built_or_none
 from tierlm.model.kernels import cpu_has_avx2, rms_norm_kernel
 
 
 def test_compiled_rms_norm_equals_torch_within_float_rounding():
-    kernel = rms_norm_kernel()
-    if not cpu_has_avx2():
-        assert kernel is None
+    kernel = built_or_none(rms_norm_kernel(), cpu_has_avx2(), "RMSNorm kernel")
+    if kernel is None:
         return
-    assert kernel is not None, "the RMSNorm kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
     g = torch.Generator().manual_seed(0)
     # one decode row, a prompt chunk (threads split its rows), and a width that is no multiple of the vector
     for n, d in ((1, 2048), (37, 576), (20, 100)):

@@ -10,6 +10,7 @@ import torch
 
 import tierlm.quant.base as qbase
 import tierlm.quant.tiles as qtiles
+from tests.kernel_check import built_or_none
 from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
 from tierlm.model.linear import DenseLinear
 from tierlm.quant import (
@@ -240,12 +241,7 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel():
-    kernel = quant_gemv()
-    if not cpu_has_avx512_vnni():
-        assert kernel is None
-        return None
-    assert kernel is not None, "the quantized kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
-    return kernel
+    return built_or_none(quant_gemv(), cpu_has_avx512_vnni(), "quantized kernel")
 
 
 @pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))

@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.kernel_check import built_or_none
 from tierlm.model.kernels import cpu_has_avx2, rope_kernel
 from tierlm.model.rope import RotaryTable, apply_rope
 
 
 def _kernel():
-    kernel = rope_kernel()
-    if not cpu_has_avx2():
-        assert kernel is None
-        return None
-    assert kernel is not None, "the RoPE kernel was not built: run `make setup` (python -m tierlm.model.kernels)"
-    return kernel
+    return built_or_none(rope_kernel(), cpu_has_avx2(), "RoPE kernel")
 
 
 @pytest.mark.parametrize("layout", ["interleaved", "half"])
