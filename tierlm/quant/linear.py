@@ -13,9 +13,9 @@ size), so its products differ from the float product by that rounding; the tiled
 throughout. That rounding is why prompts stay float by default: through the kernel, SmolLM2's q8
 perplexity on the Brown excerpt is +0.87% instead of +0.40% against float (the 8-bit target is
 0.5%). What it buys (256 rows of x against a 5632 x 2048 matrix, 2 threads, AMD EPYC, G
-multiply-adds/s): row tiles q4 170, q8 200, q3h 54 against the float path's 53, 56, 42; file-layout
-rows 43, 74, 28; at 16 rows the float path manages 5-10 (bench/results/quant_prefill.md has the
-whole-model prefill).
+multiply-adds/s): row tiles q4 170, q8 200, q3h 124 (54 before its byte-lookup tiles) against the float
+path's 53, 56, 42; file-layout rows 43, 74, 28; at 16 rows the float path manages 5-10
+(bench/results/quant_prefill.md has the whole-model prefill).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import logging
 
 import torch
 
+from tierlm.model.kernels import cpu_has_avx512_vbmi
 from tierlm.quant import (
     AnyQuantized,
     FusedWeight,
@@ -41,6 +42,12 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1":
                   "q6": 11, "q5": 12, "q3": 13, "q2": 14}
 # source format -> format id of its row-tile kernel (tierlm.quant.tiles)
 TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}, "q3h": 18}
+
+
+def tiles_run_here(fmt: str) -> bool:
+    """Whether this CPU runs the row-tile kernel of ``fmt``: every format in TILE_FORMATS, but q3h's
+    needs AVX512-VBMI (without it q3h stays in rows, run by the row kernel)."""
+    return fmt in TILE_FORMATS and (fmt != "q3h" or cpu_has_avx512_vbmi())
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
@@ -107,7 +114,7 @@ class QuantLinear:
 
     def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
         on_cpu = qw.codes.device.type == "cpu"
-        return tile_rows(qw) if self.kernel is not None and on_cpu and qw.format in TILE_FORMATS else qw
+        return tile_rows(qw) if self.kernel is not None and on_cpu and tiles_run_here(qw.format) else qw
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):

@@ -10,9 +10,9 @@ Repacked in tiles of ``TILE_ROWS`` = 16 rows, block by block, with the 16 rows' 
 and each 64-byte chunk holding 4 bytes of every row, int32 lane i is row i: a block of all 16 rows
 is 8 vpdpbusd against x's bytes broadcast, one conversion and two FMAs with the 16 scales as one
 vector. Measured (5632 x 2048, batch 1, 2 threads, AMD EPYC; G weights/s from DRAM, rows -> tiles):
-Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 18 -> 34, q4 32 -> 46,
-q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 42. llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for
-the same reason.
+Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 18 -> 34, q4 32 ->
+46, q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 34, then 39-47 with its byte-lookup tiles.
+llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix; rows streamed from
 disk keep the file's layout (a tile is not a band of rows a store can split) and run through the
@@ -32,8 +32,9 @@ padded with zero rows; the same bytes per row as the file's blocks):
 - tierlm's q8, q6, q5, q4, q3, q2: per group, the 16 rows' float16 steps and mins (64 bytes), then per
   32 weights the codes in bit planes (byte / nibble / 2-bit / 1-bit chunks, ``PLANES``; quant_gemv.c
   tq_x16_tile); weight = min + step * code.
-- q3h: per group steps and mins as above, then per 32 weights 224 bytes of the 7-bit pair values in
-  a 4-, a 2- and a 1-bit plane arranged by 16-bit lane (quant_gemv.c tq3h_x16_tile).
+- q3h: per group steps and mins as above, then per 32 weights 224 bytes of the 7-bit pair values:
+  their low nibbles in two 64-byte chunks, bits 4..5 in one, bit 6 in 32 bytes, arranged by byte so
+  that int32 lane i holds 4 pairs of row i (quant_gemv.c tq3h_x16_tile).
 """
 
 from __future__ import annotations
@@ -184,27 +185,19 @@ def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.T
     return _affine(g, steps, mins)
 
 
-def _le16(v: torch.Tensor) -> torch.Tensor:
-    """int64 values < 2^16 (..., n) -> their little-endian bytes uint8 (..., 2 n)."""
-    return torch.stack([v & 255, v >> 8], dim=-1).flatten(-2).to(torch.uint8)
-
-
 def _tile_q3h(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
     """q3h codes uint8 (T * 16, K) (11 levels), steps/mins (T * 16, K / group) -> tiles: per group 16 steps,
-    16 mins, then per block the pair values' planes (quant_gemv.c tq3h_x16_tile)."""
+    16 mins, then per block the pair values' nibble, 2-bit and 1-bit chunks (quant_gemv.c tq3h_x16_tile)."""
     num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
     ng, bpg = k // group, group // 32
-    c = codes.to(torch.int64).reshape(num_tiles, TILE_ROWS, ng, bpg, 2, 4, 2, 2)  # (T, row, group, block, h, l, k, e)
-    p = c[..., 0] * 11 + c[..., 1]  # (T, row, group, block, h, l, k): pair 8h + 2l + k
-    nib = sum((p[:, :, :, :, :, l] & 15) << (4 * l) for l in range(4))  # (T, row, group, block, h, k)
-    nib = _le16(nib.permute(0, 2, 3, 4, 1, 5)).reshape(num_tiles, ng, bpg, 128)  # chunk h: lane (row, k)
-    two = sum(((p[:, :, :, :, h, l] >> 4) & 3) << (2 * (4 * h + l)) for h in range(2) for l in range(4))
-    two = _le16(two.permute(0, 2, 3, 1, 4)).reshape(num_tiles, ng, bpg, 64)  # (T, group, block, row, k)
-    one = sum(((p[:, :, :, :, h, l, kk] >> 6) & 1) << (8 * kk + 4 * h + l)
-              for h in range(2) for l in range(4) for kk in range(2))  # (T, row, group, block)
-    one = _le16(one.permute(0, 2, 3, 1)).reshape(num_tiles, ng, bpg, 32)
-    body = torch.cat([nib, two, one], dim=3).reshape(num_tiles, ng, bpg * 224)
-    return _join_groups(steps, mins, body)
+    c = codes.to(torch.int64).reshape(num_tiles, TILE_ROWS, ng, bpg, 4, 4, 2)  # (T, row, group, block, f, k, e)
+    p = (c[..., 0] * 11 + c[..., 1]).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, f, row, k): pass f's pair 4f + k
+    nib = (p[:, :, :, 0::2] & 15) | ((p[:, :, :, 1::2] & 15) << 4)  # (T, group, block, c, row, k): passes 2c, 2c + 1
+    two = sum(((p[:, :, :, f] >> 4) & 3) << (2 * f) for f in range(4))  # (T, group, block, row, k)
+    one = sum(((p[:, :, :, f] >> 6) & 1) << f for f in range(4)).reshape(num_tiles, ng, bpg, 64)  # per position
+    one = one[..., :32] | (one[..., 32:] << 4)
+    body = torch.cat([nib.reshape(num_tiles, ng, bpg, 128), two.reshape(num_tiles, ng, bpg, 64), one], dim=3)
+    return _join_groups(steps, mins, body.to(torch.uint8).reshape(num_tiles, ng, bpg * 224))
 
 
 def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
@@ -212,18 +205,14 @@ def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     n, ng, bpg = t.shape[0], k // group, group // 32
     steps, mins, body = _split_groups(t, ng)
     body = body.reshape(n, ng, bpg, 224).to(torch.int64)
-    u16 = (lambda b: b[..., 0::2] | (b[..., 1::2] << 8))  # little-endian 16-bit words
-    nib = u16(body[..., :128]).reshape(n, ng, bpg, 2, TILE_ROWS, 2)  # (T, group, block, h, row, k)
-    two = u16(body[..., 128:192]).reshape(n, ng, bpg, TILE_ROWS, 2)  # (T, group, block, row, k)
-    one = u16(body[..., 192:]).reshape(n, ng, bpg, TILE_ROWS)  # (T, group, block, row)
-    p = torch.zeros(n, ng, bpg, 2, 4, TILE_ROWS, 2, dtype=torch.int64)  # (T, group, block, h, l, row, k)
-    for h in range(2):
-        for l in range(4):
-            f = 4 * h + l
-            ones = torch.stack([(one >> (8 * kk + f)) & 1 for kk in range(2)], dim=-1)  # (T, group, block, row, k)
-            p[:, :, :, h, l] = ((nib[:, :, :, h] >> (4 * l)) & 15) | (((two >> (2 * f)) & 3) << 4) | (ones << 6)
-    codes = torch.stack([p // 11, p % 11], dim=-1)  # (T, group, block, h, l, row, k, e)
-    g = codes.permute(0, 5, 1, 2, 3, 4, 6, 7).reshape(n, TILE_ROWS, ng, group).float()
+    nib = body[..., :128].reshape(n, ng, bpg, 2, 1, TILE_ROWS * 4)  # (T, group, block, c, half, position)
+    p = torch.cat([nib & 15, nib >> 4], dim=4).reshape(n, ng, bpg, 4, TILE_ROWS * 4)  # (T, group, block, f, position)
+    two, one = body[..., None, 128:192], body[..., 192:]
+    one = torch.cat([one & 15, one >> 4], dim=3)[..., None, :]  # (T, group, block, 1, position)
+    f = torch.arange(4)[:, None]
+    p = p | (((two >> (2 * f)) & 3) << 4) | (((one >> f) & 1) << 6)
+    codes = torch.stack([p // 11, p % 11], dim=-1).reshape(n, ng, bpg, 4, TILE_ROWS, 4, 2)  # (T, group, block, f, row, k, e)
+    g = codes.permute(0, 4, 1, 2, 3, 5, 6).reshape(n, TILE_ROWS, ng, group).float()
     return _affine(g, steps, mins)
 
 

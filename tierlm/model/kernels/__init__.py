@@ -39,6 +39,11 @@ def cpu_has_avx512_vnni() -> bool:
     return _cpu_has("avx512_vnni") and _cpu_has("avx512bw") and _cpu_has("avx512vl") and _cpu_has("f16c")
 
 
+def cpu_has_avx512_vbmi() -> bool:
+    """The byte permutes of quant_gemv.c's q3h row tiles (Ice Lake, Zen 4 and later)."""
+    return _cpu_has("avx512vbmi")
+
+
 def cpu_has_avx512f() -> bool:
     return _cpu_has("avx512f")
 

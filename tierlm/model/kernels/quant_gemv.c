@@ -60,8 +60,8 @@ typedef struct {
     float *xd;    /* (K/32,) block scales */
     float *xs;    /* (K/32,) xd * sum(q): the block's sum of int8-rounded x */
     float *xs16;  /* (K/16,) the same per half block (Q6_K's scales are per 16 weights) */
-    int32_t *x3h; /* (K/32 * 16,) q3h tiles only (else NULL): per block and 4-weight field f, two int16
-                   * pairs, [x0 - 11 x1, x2 - 11 x3] then [x1, x3] (tq3h_x16_tile) */
+    int32_t *x3h; /* (K/32 * 8,) q3h tiles only (else NULL): per block, x's even then odd bytes per
+                   * pass (q3h_x, tq3h_x16_tile) */
 } XBlocks;
 
 static inline float fp16(const uint8_t *p) { return _cvtsh_ss(*(const uint16_t *)p); }
@@ -86,14 +86,14 @@ static void quantize_x(const float *x, int K, XBlocks *xb) {
     }
 }
 
-/* The q3h tiles' x: for pair code p = 11 a + b of weights (w0, w1) = (a, b), a x0 + b x1 is
- * a (x0 - 11 x1) + p x1, so the kernel needs a = p / 11 but not b; |x0 - 11 x1| <= 1524 fits int16. */
+/* The q3h tiles' x: per block of 32 int8 values, pass f's even weights x[8f + 2k] (k = 0..3) as
+ * one int32 word, then the odd ones x[8f + 2k + 1]: words f and 4 + f (tq3h_x16_tile). */
 static void q3h_x(const int8_t *q, int K, int32_t *out) {
-    for (int i = 0; i < K / 4; i++) {
-        const int x0 = q[4 * i], x1 = q[4 * i + 1], x2 = q[4 * i + 2], x3 = q[4 * i + 3];
-        const uint32_t lo = (uint16_t)(int16_t)(x0 - 11 * x1), hi = (uint16_t)(int16_t)(x2 - 11 * x3);
-        out[2 * i] = (int32_t)(lo | hi << 16);  /* i = 8 b + f: block b's field f at 16 b + 2 f */
-        out[2 * i + 1] = (int32_t)((uint32_t)(uint16_t)(int16_t)x1 | (uint32_t)(uint16_t)(int16_t)x3 << 16);
+    for (int i = 0; i < K / 8; i++) {  /* i = 4 b + f */
+        int8_t e[4], o[4];
+        for (int k = 0; k < 4; k++) { e[k] = q[8 * i + 2 * k]; o[k] = q[8 * i + 2 * k + 1]; }
+        memcpy(out + 8 * (i / 4) + i % 4, e, 4);
+        memcpy(out + 8 * (i / 4) + 4 + i % 4, o, 4);
     }
 }
 
@@ -454,19 +454,40 @@ static inline __attribute__((always_inline)) void tq_x16_tile(int bits, const ui
     _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
 }
 
+/* p -> p / 11 and p % 11 for the 121 pair values (0 past them): vpermi2b's two 64-byte tables */
+static const uint8_t Q3H_DIV[128] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+    3, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6,
+    6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9,
+    9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 0, 0, 0, 0, 0, 0, 0};
+static const uint8_t Q3H_MOD[128] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0,
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1,
+    2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2,
+    3, 4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0, 0, 0, 0, 0};
+
 /* q3h in tiles of 16 rows: per group the 16 steps and mins (64 B) as for TQX16, then per block of 32
- * weights 224 bytes of the 7-bit pair values p = a * 11 + b (a, b: the codes of weights 2j, 2j+1) in
- * planes laid out so that the 16-bit lane k of row i's 32-bit word is pair 8h + 2l + k, i.e. weights
- * 16h + 4l + 2k and + 1 (h = 0, 1; l = 0..3):
- *   bits 0..3  2 chunks of 64 B, chunk h: lane (i, k), nibble l
- *   bits 4..5  1 chunk: lane (i, k), bits 2f..2f+1, f = 4h + l
- *   bit 6      32 B: row i's 16 bits at bytes 2i, 2i+1, bit 8k + f
- * so each (h, l) gathers p into 16-bit lanes with shifts and bit selects. The pair's a x0 + b x1 is
- * then a (x0 - 11 x1) + p x1 (q3h_x), two vpdpwssd on a = p / 11 and p, instead of splitting p into
- * bytes a | b << 8 for one vpdpbusd (a shift, a multiply and a subtract more). The sums are the
- * same integers; in an A/B of the two builds in one process (q3h tiles of 5632 x 2048, 2048 x 5632
- * and 512 x 2048, L3-resident, 2 threads, AMD EPYC) batch 1 ran 1.07-1.17x faster, batches 3 and
- * 8 0.93-1.14x. Same bytes as q3h's rows. */
+ * weights 224 bytes of the 7-bit pair values p = a * 11 + b (a, b: the codes of weights 2j, 2j+1).
+ * Pass f = 0..3 of a block fills byte k of row i's 32-bit lane (byte 4i + k, "position" 4i + k) with
+ * pair 4f + k (weights 8f + 2k and + 1), from:
+ *   bits 0..3  2 chunks of 64 B, chunk c, byte 4i + k: pair 8c + k's nibble | pair 8c + 4 + k's << 4
+ *              (pass 2c the low nibbles, pass 2c + 1 the high ones)
+ *   bits 4..5  1 chunk of 64 B, byte 4i + k: pass f's bits at 2f..2f+1
+ *   bit 6      32 B, byte j: pass f's bit at bit f for position j, at bit 4 + f for position 32 + j
+ * A pass merges its fields into bytes with two shifts and two bit selects (vpternlog; bit 7 is left
+ * as garbage, which vpermi2b ignores), looks up a = p / 11 and b = p % 11 in two 128-entry byte
+ * tables (vpermi2b) and runs two vpdpbusd, a against x's even weights and b against its odd ones
+ * (q3h_x): 64 pairs in 8 to 9 instructions. The tiles before assembled p in 16-bit lanes and ran two
+ * vpdpwssd on a and p (as a (x0 - 11 x1) + p x1): 32 pairs in 9 instructions. Measured (5632 x 2048,
+ * batch 1, 2 threads, AMD EPYC Zen 4; G weights/s, before -> now): 52 -> 100-110 in L3 (q4's tiles
+ * 134-177), 34 -> 39-47 from DRAM (q4 44-52). Reading the high bits as 64-bit masks instead (kmov,
+ * then a masked add per bit) ran at 75-88 in L3. Same bytes as q3h's rows.
+ *
+ * vpermi2b is AVX512-VBMI (Ice Lake, Zen 4 and later; not Skylake or Cascade Lake): only this kernel
+ * is built for it, and tierlm_quant_gemv refuses q3h tiles on a CPU without it (Python then keeps q3h
+ * in rows: tierlm.quant.linear). */
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
 static inline __attribute__((always_inline)) __m512i shift16(__m512i v, int from, int to) {
     return to >= from ? _mm512_slli_epi16(v, to - from) : _mm512_srli_epi16(v, from - to);
 }
@@ -474,51 +495,74 @@ static inline __attribute__((always_inline)) __m512i shift16(__m512i v, int from
 static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *tile, int nb, int group,
                                                                 const XBlocks *xb, float *out) {
     const int bpg = group / 32;
-    const __m512i m4 = _mm512_set1_epi16(0x000F), m6 = _mm512_set1_epi16(0x003F), m7 = _mm512_set1_epi16(0x007F);
-    const __m512i k5968 = _mm512_set1_epi16((short)5968);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi8(0x3F);
+    const __m512i div_lo = _mm512_loadu_si512((const void *)Q3H_DIV);
+    const __m512i div_hi = _mm512_loadu_si512((const void *)(Q3H_DIV + 64));
+    const __m512i mod_lo = _mm512_loadu_si512((const void *)Q3H_MOD);
+    const __m512i mod_hi = _mm512_loadu_si512((const void *)(Q3H_MOD + 64));
     __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
     const uint8_t *p = tile;
-    for (int b = 0; b < nb; b++) {
-        if (b % bpg == 0) p += 64;
-        const uint8_t *head = p - 64 - (int64_t)(b % bpg) * 224;
-        const int32_t *xw = xb->x3h + 16 * b;
-        prefetch_ahead(p, 224);
-        const __m512i n0 = _mm512_loadu_si512((const void *)p), n1 = _mm512_loadu_si512((const void *)(p + 64));
-        const __m512i t = _mm512_loadu_si512((const void *)(p + 128));
-        const __m512i o = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 192)));
-        const __m512i o2 = _mm512_or_si512(o, _mm512_slli_epi32(o, 8));  /* lane k = 1 gets bits 8..15 */
-        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++)
-            for (int l = 0; l < 4; l++) {
-                const int f = 4 * h + l;
-                /* bit selects (vpternlog: (x & m) | (y & ~m)) merge the planes' fields, then one AND */
-                __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi16(h ? n1 : n0, 4 * l), shift16(t, 2 * f, 4), m4, 0xE4);
-                v = _mm512_ternarylogic_epi32(v, shift16(o2, f, 6), m6, 0xE4);
-                v = _mm512_and_si512(v, m7);
-                /* a = p / 11 = (p * 373) >> 12 = the high half of p * 5968 (p <= 120); then
-                 * a (x0 - 11 x1) + p x1 per 16-bit lane, two lanes per row (q3h_x) */
-                const __m512i a = _mm512_mulhi_epu16(v, k5968);
-                const __m512i xa = _mm512_set1_epi32(xw[2 * f]), xp = _mm512_set1_epi32(xw[2 * f + 1]);
-                if (h) s1 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(s1, a, xa), v, xp);
-                else s0 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(s0, a, xa), v, xp);
-            }
+    /* group by group: its steps and mins converted once */
+    for (int b0 = 0; b0 < nb; b0 += bpg) {
+        const uint8_t *head = p;
         const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));
         const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);
-        accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);
-        p += 224;
+        p += 64;
+        for (int b = b0; b < b0 + bpg; b++) {
+            const int32_t *xw = xb->x3h + 8 * b;
+            prefetch_ahead(p, 224);
+            const __m512i n0 = _mm512_loadu_si512((const void *)p), n1 = _mm512_loadu_si512((const void *)(p + 64));
+            const __m512i t = _mm512_loadu_si512((const void *)(p + 128));
+            const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));
+            /* positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are garbage) */
+            const __m512i e = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int f = 0; f < 4; f++) {
+                const __m512i n = f < 2 ? n0 : n1;
+                /* bit selects (vpternlog 0xE4: m ? x : y): bits 0..3 from the nibble, 4..5 from the 2-bit
+                 * chunk, 6 (and garbage 7) from the 1-bit one; 16-bit shifts: what crosses into the next
+                 * byte lands in bits the select drops */
+                const __m512i lo = f % 2 ? _mm512_srli_epi16(n, 4) : n;
+                __m512i v = _mm512_ternarylogic_epi32(lo, shift16(t, 2 * f, 4), m4, 0xE4);
+                v = _mm512_ternarylogic_epi32(v, shift16(e, f, 6), m6, 0xE4);
+                const __m512i a = _mm512_permutex2var_epi8(div_lo, v, div_hi);
+                const __m512i c = _mm512_permutex2var_epi8(mod_lo, v, mod_hi);
+                const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);
+                if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);
+                else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);
+            }
+            const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);
+            accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);
+            p += 224;
+        }
     }
     _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
 }
 
+static void tiles_tq3h(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,
+                       int num_threads) {
+    const int num_tiles = (N + 15) / 16;
+    const int64_t tile_bytes = (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224);
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int t = 0; t < num_tiles; t++) {
+        float out[16];
+        const int nr = N - 16 * t < 16 ? N - 16 * t : 16;
+        for (int m = 0; m < M; m++) {
+            tq3h_x16_tile(tiles + t * tile_bytes, K / 32, group, &xbs[m], out);
+            memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);
+        }
+    }
+}
+#pragma GCC pop_options
+
 /* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
- * each one sequential stream. One function per (format, bits), so that both are literals inside
+ * each one sequential stream (tiles_tq3h likewise). One function per (format, bits), so that both are literals inside
  * OpenMP's outlined loop body (as DEFINE_RUN). */
 static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, const uint8_t *tile, int K, int group,
                                                            const XBlocks *xb, float *out) {
     if (fmt == Q4_0X16) q4_0x16_tile(tile, K / 32, xb, out);
     else if (fmt == Q6_KX16) q6_kx16_tile(tile, K / 256, xb, out);
-    else if (fmt == TQ3HX16) tq3h_x16_tile(tile, K / 32, group, xb, out);
     else tq_x16_tile(bits, tile, K / 32, group, xb, out);
 }
 
@@ -528,7 +572,6 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
         const int num_tiles = (N + 15) / 16;                                                              \
         const int64_t tile_bytes = FMT == Q4_0X16 ? 288 * (int64_t)(K / 32)                               \
                                  : FMT == Q6_KX16 ? 3360 * (int64_t)(K / 256)                             \
-                                 : FMT == TQ3HX16 ? (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224) \
                                  : (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 64 * BITS);       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                             \
         for (int t = 0; t < num_tiles; t++) {                                                             \
@@ -542,7 +585,6 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
     }
 DEFINE_TILES(tiles_q4_0, Q4_0X16, 0)
 DEFINE_TILES(tiles_q6_k, Q6_KX16, 0)
-DEFINE_TILES(tiles_tq3h, TQ3HX16, 0)
 DEFINE_TILES(tiles_tq8, TQX16, 8)
 DEFINE_TILES(tiles_tq6, TQX16, 6)
 DEFINE_TILES(tiles_tq5, TQX16, 5)
@@ -562,7 +604,8 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
                       int num_threads) {
     if (fmt < 0 || fmt > TQ3HX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
         || ((is_tq(fmt) || fmt == TQX16 || fmt == TQ3HX16) && (group < 32 || group % 32 || K % group))
-        || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
+        || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7))
+        || (fmt == TQ3HX16 && !__builtin_cpu_supports("avx512vbmi")))
         return -1;
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
@@ -571,10 +614,10 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     XBlocks *xbs = malloc(sizeof(XBlocks) * M);
     int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float *f = malloc(sizeof(float) * 4 * (size_t)M * nb);
-    int32_t *x3h = fmt == TQ3HX16 ? malloc(sizeof(int32_t) * 16 * (size_t)M * nb) : NULL;
+    int32_t *x3h = fmt == TQ3HX16 ? malloc(sizeof(int32_t) * 8 * (size_t)M * nb) : NULL;
     for (int m = 0; m < M; m++) {
         xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb,
-                           x3h ? x3h + (int64_t)16 * m * nb : NULL};
+                           x3h ? x3h + (int64_t)8 * m * nb : NULL};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
         if (x3h) q3h_x(xbs[m].q, K, xbs[m].x3h);
     }
