@@ -33,8 +33,8 @@ padded with zero rows; the same bytes per row as the file's blocks):
   32 weights the codes in bit planes (byte / nibble / 2-bit / 1-bit chunks, ``PLANES``; quant_gemv.c
   tq_x16_tile); weight = min + step * code.
 - q3h: per group steps and mins as above, then per 32 weights 224 bytes of the 7-bit pair values:
-  their low nibbles in two 64-byte chunks, bits 4..5 in one, bit 6 in 32 bytes, arranged by byte so
-  that int32 lane i holds 4 pairs of row i (quant_gemv.c tq3h_x16_tile).
+  three 64-byte chunks of whole values (one byte each, int32 lane i holding 4 pairs of row i), whose
+  spare top bits and 32 bytes of nibbles hold the fourth chunk's (quant_gemv.c tq3h_x16_tile).
 """
 
 from __future__ import annotations
@@ -187,16 +187,16 @@ def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.T
 
 def _tile_q3h(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, group: int) -> torch.Tensor:
     """q3h codes uint8 (T * 16, K) (11 levels), steps/mins (T * 16, K / group) -> tiles: per group 16 steps,
-    16 mins, then per block the pair values' nibble, 2-bit and 1-bit chunks (quant_gemv.c tq3h_x16_tile)."""
+    16 mins, then per block three chunks of whole pair values and pass 3's nibbles (quant_gemv.c tq3h_x16_tile)."""
     num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
     ng, bpg = k // group, group // 32
     c = codes.to(torch.int64).reshape(num_tiles, TILE_ROWS, ng, bpg, 4, 4, 2)  # (T, row, group, block, f, k, e)
-    p = (c[..., 0] * 11 + c[..., 1]).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, f, row, k): pass f's pair 4f + k
-    nib = (p[:, :, :, 0::2] & 15) | ((p[:, :, :, 1::2] & 15) << 4)  # (T, group, block, c, row, k): passes 2c, 2c + 1
-    two = sum(((p[:, :, :, f] >> 4) & 3) << (2 * f) for f in range(4))  # (T, group, block, row, k)
-    one = sum(((p[:, :, :, f] >> 6) & 1) << f for f in range(4)).reshape(num_tiles, ng, bpg, 64)  # per position
-    one = one[..., :32] | (one[..., 32:] << 4)
-    body = torch.cat([nib.reshape(num_tiles, ng, bpg, 128), two.reshape(num_tiles, ng, bpg, 64), one], dim=3)
+    p = (c[..., 0] * 11 + c[..., 1]).permute(0, 2, 3, 4, 1, 5).reshape(num_tiles, ng, bpg, 4, 64)  # (.., f, position)
+    high = torch.stack([(p[:, :, :, 3] >> (4 + f)) & 1 for f in range(3)], dim=3)  # pass 3's bits 4..6
+    whole = p[:, :, :, :3] | (high << 7)  # (T, group, block, f < 3, position)
+    nib = p[:, :, :, 3] & 15
+    nib = nib[..., :32] | (nib[..., 32:] << 4)
+    body = torch.cat([whole.reshape(num_tiles, ng, bpg, 192), nib], dim=3)
     return _join_groups(steps, mins, body.to(torch.uint8).reshape(num_tiles, ng, bpg * 224))
 
 
@@ -205,12 +205,10 @@ def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     n, ng, bpg = t.shape[0], k // group, group // 32
     steps, mins, body = _split_groups(t, ng)
     body = body.reshape(n, ng, bpg, 224).to(torch.int64)
-    nib = body[..., :128].reshape(n, ng, bpg, 2, 1, TILE_ROWS * 4)  # (T, group, block, c, half, position)
-    p = torch.cat([nib & 15, nib >> 4], dim=4).reshape(n, ng, bpg, 4, TILE_ROWS * 4)  # (T, group, block, f, position)
-    two, one = body[..., None, 128:192], body[..., 192:]
-    one = torch.cat([one & 15, one >> 4], dim=3)[..., None, :]  # (T, group, block, 1, position)
-    f = torch.arange(4)[:, None]
-    p = p | (((two >> (2 * f)) & 3) << 4) | (((one >> f) & 1) << 6)
+    whole = body[..., :192].reshape(n, ng, bpg, 3, 64)  # (T, group, block, f < 3, position)
+    nib = torch.cat([body[..., 192:] & 15, body[..., 192:] >> 4], dim=3)  # (T, group, block, position)
+    p3 = nib | sum(((whole[:, :, :, f] >> 7) & 1) << (4 + f) for f in range(3))
+    p = torch.cat([whole & 127, p3[:, :, :, None]], dim=3)  # (T, group, block, f, position)
     codes = torch.stack([p // 11, p % 11], dim=-1).reshape(n, ng, bpg, 4, TILE_ROWS, 4, 2)  # (T, group, block, f, row, k, e)
     g = codes.permute(0, 4, 1, 2, 3, 5, 6).reshape(n, TILE_ROWS, ng, group).float()
     return _affine(g, steps, mins)

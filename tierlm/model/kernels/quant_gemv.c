@@ -309,18 +309,11 @@ DEFINE_RUN(TQ5)
 DEFINE_RUN(TQ3)
 DEFINE_RUN(TQ2)
 
-/* Tiles are read as one sequential stream each, which the hardware prefetcher follows by itself,
- * except behind q3h's heavier unpacking: its tiles ran at 22-23 G weights/s from DRAM against 52 in
- * cache, and software prefetches 4 KiB ahead (into L2, as rows_dot) bring them to 42-43. The same
- * prefetches made the bit-plane tiles (q8..q2) 0.45-0.87x as fast, left Q4_0's unchanged and
- * Q6_K's 0.9x (A/B in one process, 5632 x 2048 and 32000 x 2048, 2 threads,
- * AMD EPYC), so only q3h uses them. */
-#ifndef PF_AHEAD
-#define PF_AHEAD 4096
-#endif
-static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, int num_bytes) {
-    for (int c = 0; c < num_bytes; c += 64) _mm_prefetch((const char *)(p + PF_AHEAD + c), _MM_HINT_T1);
-}
+/* Tiles are read as one sequential stream each, which the hardware prefetcher follows by itself.
+ * q3h's first tiles (p in 16-bit lanes) ran at 22-23 G weights/s from DRAM against 52 in cache, and
+ * software prefetches 4 KiB ahead brought them to 42-43 (the same prefetches made the bit-plane
+ * tiles 0.45-0.87x as fast). Its byte-lookup tiles run faster without them: 58-67 against 42 with
+ * (A/B in one process, 5632 x 2048, 2 threads, AMD EPYC), so no tile kernel prefetches. */
 
 /* Q4_0 repacked into tiles of 16 rows (tierlm.quant.gguf.interleave_q4_0): tile t holds rows
  * 16t..16t+15 (zero rows pad the last tile), block by block, 288 bytes a block: the 16 rows' fp16 d,
@@ -468,34 +461,34 @@ static const uint8_t Q3H_MOD[128] = {
 
 /* q3h in tiles of 16 rows: per group the 16 steps and mins (64 B) as for TQX16, then per block of 32
  * weights 224 bytes of the 7-bit pair values p = a * 11 + b (a, b: the codes of weights 2j, 2j+1).
- * Pass f = 0..3 of a block fills byte k of row i's 32-bit lane (byte 4i + k, "position" 4i + k) with
- * pair 4f + k (weights 8f + 2k and + 1), from:
- *   bits 0..3  2 chunks of 64 B, chunk c, byte 4i + k: pair 8c + k's nibble | pair 8c + 4 + k's << 4
- *              (pass 2c the low nibbles, pass 2c + 1 the high ones)
- *   bits 4..5  1 chunk of 64 B, byte 4i + k: pass f's bits at 2f..2f+1
- *   bit 6      32 B, byte j: pass f's bit at bit f for position j, at bit 4 + f for position 32 + j
- * A pass merges its fields into bytes with two shifts and two bit selects (vpternlog; bit 7 is left
- * as garbage, which vpermi2b ignores), looks up a = p / 11 and b = p % 11 in two 128-entry byte
- * tables (vpermi2b) and runs two vpdpbusd, a against x's even weights and b against its odd ones
- * (q3h_x): 64 pairs in 8 to 9 instructions. The tiles before assembled p in 16-bit lanes and ran two
- * vpdpwssd on a and p (as a (x0 - 11 x1) + p x1): 32 pairs in 9 instructions. Measured (5632 x 2048,
- * batch 1, 2 threads, AMD EPYC Zen 4; G weights/s, before -> now): 52 -> 100-110 in L3 (q4's tiles
- * 134-177), 34 -> 39-47 from DRAM (q4 44-52). Reading the high bits as 64-bit masks instead (kmov,
- * then a masked add per bit) ran at 75-88 in L3. Same bytes as q3h's rows.
+ * Pass f = 0..3 of a block fills byte k of row i's 32-bit lane (byte 4i + k: "position" 4i + k) with
+ * pair 4f + k (weights 8f + 2k and + 1):
+ *   passes 0..2  3 chunks of 64 B, chunk f, byte 4i + k: the pair's p in bits 0..6, and in bit 7
+ *                bit 4 + f of pass 3's p at that position
+ *   pass 3       32 B of low nibbles, byte j: position j in the low nibble, 32 + j in the high one
+ * So passes 0..2 need no unpacking at all, and pass 3 gathers its p with three shifts and three bit
+ * selects (vpternlog). Each pass looks up a = p / 11 and b = p % 11 in two 128-entry byte tables
+ * (vpermi2b, which reads only bits 0..6 of an index: bit 7 may be anything) and runs two vpdpbusd, a
+ * against x's even weights and b against its odd ones (q3h_x): a block of 256 pairs in 24
+ * instructions. Measured against the layouts tried before (2 threads, AMD EPYC Zen 4, G weights/s):
+ *   p in 16-bit lanes from 4-, 2- and 1-bit planes, two vpdpwssd on a and p as a (x0 - 11 x1) + p x1:
+ *     52 in L3 (5632 x 2048, batch 1); 34 from DRAM
+ *   p in bytes, its 3 high bits read as 64-bit masks (kmov, a masked add per bit): 75-88 in L3
+ *   p in bytes from nibble, 2-bit and 1-bit planes (two shifts and two selects a pass): in L3, A/B
+ *     in one process, 89 and 76 at 5632 x 2048 and 2048 x 5632; this layout 104 and 86 (batch 8:
+ *     1.10-1.24x). From DRAM, without software prefetch (see before the Q4_0 tiles), this layout
+ *     runs 58-67, q4's tiles 55 in the same minutes: batch-1 decode is memory-bound again.
+ * Same bytes as q3h's rows.
  *
  * vpermi2b is AVX512-VBMI (Ice Lake, Zen 4 and later; not Skylake or Cascade Lake): only this kernel
  * is built for it, and tierlm_quant_gemv refuses q3h tiles on a CPU without it (Python then keeps q3h
  * in rows: tierlm.quant.linear). */
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
-static inline __attribute__((always_inline)) __m512i shift16(__m512i v, int from, int to) {
-    return to >= from ? _mm512_slli_epi16(v, to - from) : _mm512_srli_epi16(v, from - to);
-}
-
 static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *tile, int nb, int group,
                                                                 const XBlocks *xb, float *out) {
     const int bpg = group / 32;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m6 = _mm512_set1_epi8(0x3F);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m5 = _mm512_set1_epi8(0x1F), m6 = _mm512_set1_epi8(0x3F);
     const __m512i div_lo = _mm512_loadu_si512((const void *)Q3H_DIV);
     const __m512i div_hi = _mm512_loadu_si512((const void *)(Q3H_DIV + 64));
     const __m512i mod_lo = _mm512_loadu_si512((const void *)Q3H_MOD);
@@ -510,23 +503,21 @@ static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *t
         p += 64;
         for (int b = b0; b < b0 + bpg; b++) {
             const int32_t *xw = xb->x3h + 8 * b;
-            prefetch_ahead(p, 224);
-            const __m512i n0 = _mm512_loadu_si512((const void *)p), n1 = _mm512_loadu_si512((const void *)(p + 64));
-            const __m512i t = _mm512_loadu_si512((const void *)(p + 128));
+            const __m512i c0 = _mm512_loadu_si512((const void *)p), c1 = _mm512_loadu_si512((const void *)(p + 64));
+            const __m512i c2 = _mm512_loadu_si512((const void *)(p + 128));
             const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));
-            /* positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are garbage) */
-            const __m512i e = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);
+            /* pass 3: positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are
+             * garbage), then bit 7 of chunk f into bit 4 + f; 16-bit shifts: what crosses from the
+             * next byte lands in bits the selects drop */
+            __m512i v3 = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c0, 3), m4, 0xE4);  /* m ? x : y */
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c1, 2), m5, 0xE4);
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c2, 1), m6, 0xE4);
+            const __m512i v[4] = {c0, c1, c2, v3};
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
             for (int f = 0; f < 4; f++) {
-                const __m512i n = f < 2 ? n0 : n1;
-                /* bit selects (vpternlog 0xE4: m ? x : y): bits 0..3 from the nibble, 4..5 from the 2-bit
-                 * chunk, 6 (and garbage 7) from the 1-bit one; 16-bit shifts: what crosses into the next
-                 * byte lands in bits the select drops */
-                const __m512i lo = f % 2 ? _mm512_srli_epi16(n, 4) : n;
-                __m512i v = _mm512_ternarylogic_epi32(lo, shift16(t, 2 * f, 4), m4, 0xE4);
-                v = _mm512_ternarylogic_epi32(v, shift16(e, f, 6), m6, 0xE4);
-                const __m512i a = _mm512_permutex2var_epi8(div_lo, v, div_hi);
-                const __m512i c = _mm512_permutex2var_epi8(mod_lo, v, mod_hi);
+                const __m512i a = _mm512_permutex2var_epi8(div_lo, v[f], div_hi);
+                const __m512i c = _mm512_permutex2var_epi8(mod_lo, v[f], mod_hi);
                 const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);
                 if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);
                 else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);
