@@ -12,8 +12,13 @@ Each engine: a 16-token prompt, then ``--tokens`` greedy decode steps; the media
 2 warm-up steps. Every engine runs ``--rounds`` times, the engines taking turns (round 1 runs them
 all, then round 2, ...), and each keeps its fastest round: this machine's speed drifts by tens of
 percent over minutes (other tenants), and taking turns gives every engine the same chances at its
-quiet stretches. Achieved GB/s = bytes of weight matrices read per step / step time, held against
-RAM read bandwidth measured in the same run (before every round; the fastest).
+quiet stretches. Even rounds run the engines in reverse order, so that a drift across a round does
+not always favour the same end of the list; ``round_speedup_vs_bf16`` (``round_vs_llama_cpp``) is
+the median over rounds of each round's own ratio to bf16 (to llama.cpp on the same file), which a
+fast or slow spell during one engine's best round does not move the way it moves the ratio of
+fastest rounds (``speedup_vs_bf16``, ``vs_llama_cpp``). Achieved GB/s = bytes of weight matrices
+read per step / step time, held against RAM read bandwidth measured in the same run (before every
+round; the fastest).
 
     .venv/bin/python bench/quant.py [--tokens 24] [--rounds 3] [--engines ...] [--name quant]
 """
@@ -127,7 +132,7 @@ def main() -> None:
     weight_bytes: dict[str, int] = {}
     for i in range(args.rounds):
         bandwidth = max(bandwidth, measure_memory_bandwidth())
-        for engine in args.engines:
+        for engine in (args.engines if i % 2 == 0 else args.engines[::-1]):
             r = run_child(__file__, engine, "--tokens", str(args.tokens))
             steps[engine].append(statistics.median(r["step_s"][2:]))
             weight_bytes[engine] = r["weight_bytes"]
@@ -145,15 +150,22 @@ def main() -> None:
         for kind in ("Q8_0", "Q4_0"):
             if r["engine"] == f"tierlm gguf {kind}" and f"llama.cpp {kind}" in by:
                 r["vs_llama_cpp"] = round(r["decode_tok_s"] / by[f"llama.cpp {kind}"]["decode_tok_s"], 2)
+                r["round_vs_llama_cpp"] = round(statistics.median(
+                    b / s for s, b in zip(steps[r["engine"]], steps[f"llama.cpp {kind}"], strict=True)), 2)
         if r["engine"].startswith("tierlm") and "tierlm bf16" in by:
             bf = by["tierlm bf16"]
             r["speedup_vs_bf16"] = round(r["decode_tok_s"] / bf["decode_tok_s"], 2)
+            r["round_speedup_vs_bf16"] = round(statistics.median(
+                b / s for s, b in zip(steps[r["engine"]], steps["tierlm bf16"], strict=True)), 2)
             r["bytes_ratio_vs_bf16"] = round(bf["weight_mb"] / r["weight_mb"], 2)
+    rounds = (f"{args.rounds}, engines taking turns (even rounds in reverse order); decode_tok_s is the "
+              "fastest; round_* are medians of per-round ratios")
     write_results(args.name, rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
                                   "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2,
-                                  "rounds": f"{args.rounds}, engines taking turns; decode_tok_s is the fastest"},
+                                  "rounds": rounds},
                   columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",
-                           "vs_llama_cpp", "speedup_vs_bf16", "bytes_ratio_vs_bf16", "rounds_tok_s"])
+                           "vs_llama_cpp", "round_vs_llama_cpp", "speedup_vs_bf16", "round_speedup_vs_bf16",
+                           "bytes_ratio_vs_bf16", "rounds_tok_s"])
 
 
 if __name__ == "__main__":
