@@ -13,7 +13,7 @@ size), so its products differ from the float product by that rounding; the tiled
 throughout. That rounding is why prompts stay float by default: through the kernel, SmolLM2's q8
 perplexity on the Brown excerpt is +0.87% instead of +0.40% against float (the 8-bit target is
 0.5%). What it buys (256 rows of x against a 5632 x 2048 matrix, 2 threads, AMD EPYC, G
-multiply-adds/s): row tiles q4 170, q8 200, q3h 124 (54 before its byte-lookup tiles) against the float
+multiply-adds/s): row tiles q4 170, q8 200, q3h 130 (54 before its byte-lookup tiles) against the float
 path's 53, 56, 42; file-layout rows 43, 74, 28; at 16 rows the float path manages 5-10
 (bench/results/quant_prefill.md has the whole-model prefill).
 """

@@ -11,8 +11,8 @@ and each 64-byte chunk holding 4 bytes of every row, int32 lane i is row i: a bl
 is 8 vpdpbusd against x's bytes broadcast, one conversion and two FMAs with the 16 scales as one
 vector. Measured (5632 x 2048, batch 1, 2 threads, AMD EPYC; G weights/s from DRAM, rows -> tiles):
 Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 18 -> 34, q4 32 ->
-46, q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 34, then 39-47 with its byte-lookup tiles.
-llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
+46, q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 42 (with software prefetch), 58-67 with its
+byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix; rows streamed from
 disk keep the file's layout (a tile is not a band of rows a store can split) and run through the

@@ -531,6 +531,8 @@ static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *t
     _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
 }
 
+/* DEFINE_TILES's loop, written out: a function built for VBMI cannot be inlined into tile_dot, which
+ * every other tile kernel goes through and which must run on CPUs without it. */
 static void tiles_tq3h(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,
                        int num_threads) {
     const int num_tiles = (N + 15) / 16;
@@ -548,8 +550,8 @@ static void tiles_tq3h(const XBlocks *xbs, int M, const uint8_t *tiles, int grou
 #pragma GCC pop_options
 
 /* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
- * each one sequential stream (tiles_tq3h likewise). One function per (format, bits), so that both are literals inside
- * OpenMP's outlined loop body (as DEFINE_RUN). */
+ * each one sequential stream (tiles_tq3h likewise). One function per (format, bits), so that both are
+ * literals inside OpenMP's outlined loop body (as DEFINE_RUN). */
 static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, const uint8_t *tile, int K, int group,
                                                            const XBlocks *xb, float *out) {
     if (fmt == Q4_0X16) q4_0x16_tile(tile, K / 32, xb, out);
