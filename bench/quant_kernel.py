@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,7 +30,7 @@ from bench.common import measure_memory_bandwidth, write_results  # noqa: E402
 from tierlm.model.kernels import quant_gemv  # noqa: E402
 from tierlm.quant import get_quantizer  # noqa: E402
 from tierlm.quant.linear import kernel_matmul, tiles_run_here  # noqa: E402
-from tierlm.quant.tiles import tile_rows  # noqa: E402
+from tierlm.quant.tiles import RowTiles, tile_rows  # noqa: E402
 
 FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")
 N, K = 5632, 2048
@@ -92,10 +93,6 @@ def main() -> None:
 
 def _clone(one):
     """A copy of a QuantizedWeight or RowTiles in its own memory."""
-    from dataclasses import replace
-
-    from tierlm.quant.tiles import RowTiles
-
     if isinstance(one, RowTiles):
         return replace(one, tiles=one.tiles.clone())
     return replace(one, codes=one.codes.clone(), scales=one.scales.clone(), mins=one.mins.clone())
