@@ -22,7 +22,7 @@ from tierlm.quant import (
     method_for,
 )
 from tierlm.quant.gguf import SUPPORTED, GGUFFormat
-from tierlm.quant.linear import KERNEL_FORMATS, TILE_KERNEL_FORMATS, QuantLinear, kernel_matmul, tiles_run_here
+from tierlm.quant.linear import KERNEL_FORMATS, TILE_KERNEL_FORMATS, QuantLinear, kernel_matmul
 from tierlm.quant.tiles import TILE_FORMATS, TILE_ROWS, RowTiles, dequantize_tiles, tile_rows, tiled_tiles_matmul
 
 LEVELS = {"q8": 256, "q6": 64, "q5": 32, "q4": 16, "q3h": 11, "q3": 8, "q2": 4}
@@ -398,10 +398,6 @@ def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(name
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block of x: scale 0
     deq = method_for(qw.format, qw.group).dequantize(qw).double()
-    if not tiles_run_here(qw.format):  # q3h's tiles without AVX512-VBMI: the kernel refuses them
-        with pytest.raises(ValueError, match="does not take q3h row tiles"):
-            kernel_matmul(kernel, x, tile_rows(qw), num_threads=2)
-        return
     y = kernel_matmul(kernel, x, tile_rows(qw), num_threads=2)
     ref = _int8_blocks(x) @ deq.T
     assert y.shape == (m, rows)
@@ -442,21 +438,28 @@ def test_quant_linear_tiles_resident_q4_0_only_with_the_kernel():
     assert QuantLinear(None, DenseLinear(), None).prepare(a) is a  # no kernel: the file's layout
 
 
-def test_quant_linear_keeps_q3h_in_rows_without_avx512_vbmi(monkeypatch):
-    from tierlm.model.kernels import cpu_has_avx512_vbmi
-
-    assert tiles_run_here("q3h") is cpu_has_avx512_vbmi() and tiles_run_here("q4") and not tiles_run_here("gguf:Q8_0")
+@pytest.mark.parametrize("m", [1, 3])
+def test_q3h_tiles_split_pairs_the_same_without_avx512_vbmi(m):
+    """The q3h tile kernel CPUs without VBMI run (a = p / 11 by multiplies) gives the same sums as the
+    vpermi2b one, and both equal the dequantized weight times the int8-rounded input."""
     kernel = _kernel()
     if kernel is None:
         return
-    monkeypatch.setattr("tierlm.quant.linear.cpu_has_avx512_vbmi", lambda: False)
-    w = _weights(40, 512)
-    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(4))
-    lin = QuantLinear(get_quantizer("q3h", 64), DenseLinear(), kernel)
-    prepared = lin.prepare(w)
-    assert isinstance(prepared, QuantizedWeight) and prepared.format == "q3h"  # rows, for the row kernel
-    deq = method_for("q3h", 64).dequantize(prepared).double()
-    assert torch.allclose(lin.apply(x, prepared, None), (_int8_blocks(x) @ deq.T).float(), atol=1e-4)
+    from tierlm.model.kernels import quant_q3h_split
+
+    split = quant_q3h_split()
+    qw = _tile_source("q3h", 41, group=64)
+    tw = tile_rows(qw)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(5))
+    ref = _int8_blocks(x) @ method_for("q3h", 64).dequantize(qw).double().T
+    default = kernel_matmul(kernel, x, tw, num_threads=2)
+    try:
+        split(0)
+        without = kernel_matmul(kernel, x, tw, num_threads=2)
+    finally:
+        split(-1)
+    assert torch.equal(without, default)  # the same integer sums, scaled alike
+    assert torch.allclose(without.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q3h", "gguf:Q4_0"])

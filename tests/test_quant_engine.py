@@ -71,12 +71,10 @@ def test_llm_quantizes_on_load_and_computes_with_exactly_those_weights(hf_model,
     llm = LLM(folder, quant=quant, quant_group=32)
     assert llm.config.quant == quant and llm.config.quant_group == 32 and "quant=" + quant in llm.config.describe()
     from tierlm.model.kernels import quant_gemv
-    from tierlm.quant.linear import tiles_run_here
-    from tierlm.quant.tiles import RowTiles
+    from tierlm.quant.tiles import TILE_FORMATS, RowTiles
 
     lw = llm.model.w.layers[0]
-    # row tiles where this CPU runs their kernel (q3h's needs AVX512-VBMI), else the quantized rows
-    kind = RowTiles if quant_gemv() is not None and tiles_run_here(quant) else QuantizedWeight
+    kind = RowTiles if quant_gemv() is not None and quant in TILE_FORMATS else QuantizedWeight
     assert all(isinstance(getattr(lw, n), kind) and getattr(lw, n).format == quant
                for n in ("qkv", "o", "up", "down"))
     assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # prompt chunks: the tiled float path

@@ -201,11 +201,10 @@ def test_quantized_weights_stream_as_packed_rows_with_the_resident_outputs(mid_m
     kept = [p.resident for w in split for p in w.parts if p.resident is not None]
     kept += [w for w in (lw.qkv, lw.o, lw.up, lw.down) if not isinstance(w, SplitMatrix)]
     from tierlm.model.kernels import quant_gemv
-    from tierlm.quant.linear import tiles_run_here
-    from tierlm.quant.tiles import RowTiles
+    from tierlm.quant.tiles import TILE_FORMATS, RowTiles
 
-    # resident rows are repacked into row tiles where this CPU runs their kernel (q3h's needs VBMI)
-    kind = RowTiles if quant_gemv() is not None and tiles_run_here(quant) else QuantizedWeight
+    # resident rows are repacked into row tiles where the kernel has them
+    kind = RowTiles if quant_gemv() is not None and quant in TILE_FORMATS else QuantizedWeight
     assert kept and all(isinstance(k, kind) and k.format == quant for k in kept)
     assert llm.tiers.plan.streamed_bytes_per_pass > 0
 

@@ -24,7 +24,6 @@ import logging
 
 import torch
 
-from tierlm.model.kernels import cpu_has_avx512_vbmi
 from tierlm.quant import (
     AnyQuantized,
     FusedWeight,
@@ -42,12 +41,6 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1":
                   "q6": 11, "q5": 12, "q3": 13, "q2": 14}
 # source format -> format id of its row-tile kernel (tierlm.quant.tiles)
 TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}, "q3h": 18}
-
-
-def tiles_run_here(fmt: str) -> bool:
-    """Whether this CPU runs the row-tile kernel of ``fmt``: every format in TILE_FORMATS, but q3h's
-    needs AVX512-VBMI (without it q3h stays in rows, run by the row kernel)."""
-    return fmt in TILE_FORMATS and (fmt != "q3h" or cpu_has_avx512_vbmi())
 
 
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
@@ -114,7 +107,7 @@ class QuantLinear:
 
     def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
         on_cpu = qw.codes.device.type == "cpu"
-        return tile_rows(qw) if self.kernel is not None and on_cpu and tiles_run_here(qw.format) else qw
+        return tile_rows(qw) if self.kernel is not None and on_cpu and qw.format in TILE_FORMATS else qw
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):

@@ -39,11 +39,6 @@ def cpu_has_avx512_vnni() -> bool:
     return _cpu_has("avx512_vnni") and _cpu_has("avx512bw") and _cpu_has("avx512vl") and _cpu_has("f16c")
 
 
-def cpu_has_avx512_vbmi() -> bool:
-    """The byte permutes of quant_gemv.c's q3h row tiles (Ice Lake, Zen 4 and later)."""
-    return _cpu_has("avx512vbmi")
-
-
 def cpu_has_avx512f() -> bool:
     return _cpu_has("avx512f")
 
@@ -162,6 +157,12 @@ def bf16_gemm():
 
 
 @functools.cache
+def quant_q3h_split():
+    """``f(choice)`` from quant_gemv.c: which q3h tile kernel runs, -1 the VBMI one where the CPU has
+    it (the default), 0 the one CPUs without VBMI run; or None when the kernel is unavailable."""
+    return _load(cpu_has_avx512_vnni(), QUANT_LIBRARY, QUANT_SOURCE, "tierlm_quant_q3h_split", [ctypes.c_int], None)
+
+
 def quant_gemv():
     """``f(fmt, x_ptr, M, K, codes_ptr, steps_ptr, mins_ptr, group, row_bytes, scale_stride, y_ptr, N,
     num_threads) -> int``

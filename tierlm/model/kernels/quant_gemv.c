@@ -480,77 +480,104 @@ static const uint8_t Q3H_MOD[128] = {
  *     runs 58-67, q4's tiles 55 in the same minutes: batch-1 decode is memory-bound again.
  * Same bytes as q3h's rows.
  *
- * vpermi2b is AVX512-VBMI (Ice Lake, Zen 4 and later; not Skylake or Cascade Lake): only this kernel
- * is built for it, and tierlm_quant_gemv refuses q3h tiles on a CPU without it (Python then keeps q3h
- * in rows: tierlm.quant.linear). */
+ * vpermi2b is AVX512-VBMI (Ice Lake, Zen 4 and later; not Skylake or Cascade Lake): CPUs without it
+ * run the same tiles with the split computed by multiplies (q3h_split_bw, below). Forced here, that
+ * kernel ran 74 G weights/s in L3 and 66 from DRAM against the VBMI one's 121 and 79 (medians of 5,
+ * one process, a fast spell of this machine). */
+/* One q3h tile kernel (TILE) and its loop over tiles (NAME, as DEFINE_TILES), for a way to split pair
+ * values into a = p / 11 and b = p % 11 (SPLIT(v, tables, &a, &b), bit 7 of v ignored): instantiated
+ * twice, once with vpermi2b inside a VBMI target region and once without (q3h_split_bw), since a
+ * function built for VBMI cannot be inlined into code that must run on CPUs without it. */
+#define DEFINE_Q3H_TILES(NAME, TILE, SPLIT)                                                              \
+static inline __attribute__((always_inline)) void TILE(const uint8_t *tile, int nb, int group,           \
+                                                      const XBlocks *xb, float *out) {                   \
+    const int bpg = group / 32;                                                                          \
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m5 = _mm512_set1_epi8(0x1F), m6 = _mm512_set1_epi8(0x3F); \
+    const __m512i tables[4] = {_mm512_loadu_si512((const void *)Q3H_DIV),                                \
+                               _mm512_loadu_si512((const void *)(Q3H_DIV + 64)),                         \
+                               _mm512_loadu_si512((const void *)Q3H_MOD),                                \
+                               _mm512_loadu_si512((const void *)(Q3H_MOD + 64))};                        \
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();                                        \
+    const uint8_t *p = tile;                                                                             \
+    /* group by group: its steps and mins converted once */                                              \
+    for (int b0 = 0; b0 < nb; b0 += bpg) {                                                               \
+        const uint8_t *head = p;                                                                         \
+        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));                  \
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));             \
+        p += 64;                                                                                         \
+        for (int b = b0; b < b0 + bpg; b++) {                                                            \
+            const int32_t *xw = xb->x3h + 8 * b;                                                         \
+            const __m512i c0 = _mm512_loadu_si512((const void *)p);                                      \
+            const __m512i c1 = _mm512_loadu_si512((const void *)(p + 64));                               \
+            const __m512i c2 = _mm512_loadu_si512((const void *)(p + 128));                              \
+            const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));                          \
+            /* pass 3: positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are    \
+             * garbage), then bit 7 of chunk f into bit 4 + f; 16-bit shifts: what crosses from the      \
+             * next byte lands in bits the selects drop */                                               \
+            __m512i v3 = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);  \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c0, 3), m4, 0xE4);  /* m ? x : y */     \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c1, 2), m5, 0xE4);                      \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c2, 1), m6, 0xE4);                      \
+            const __m512i v[4] = {c0, c1, c2, v3};                                                       \
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();                            \
+            for (int f = 0; f < 4; f++) {                                                                \
+                __m512i a, c;                                                                            \
+                SPLIT(v[f], tables, &a, &c);                                                             \
+                const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);          \
+                if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);              \
+                else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);                    \
+            }                                                                                            \
+            const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));                             \
+            acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);             \
+            accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);                                 \
+            p += 224;                                                                                    \
+        }                                                                                                \
+    }                                                                                                    \
+    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));                                                     \
+}                                                                                                        \
+static void NAME(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,     \
+                 int num_threads) {                                                                      \
+    const int num_tiles = (N + 15) / 16;                                                                 \
+    const int64_t tile_bytes = (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224);                \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                \
+    for (int t = 0; t < num_tiles; t++) {                                                                \
+        float out[16];                                                                                   \
+        const int nr = N - 16 * t < 16 ? N - 16 * t : 16;                                                \
+        for (int m = 0; m < M; m++) {                                                                    \
+            TILE(tiles + t * tile_bytes, K / 32, group, &xbs[m], out);                                   \
+            memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);                                \
+        }                                                                                                \
+    }                                                                                                    \
+}
+
+/* a = p / 11 and b = p % 11 per byte in vpermi2b's two 128-entry tables (bits 0..6 of v index them) */
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
-static inline __attribute__((always_inline)) void tq3h_x16_tile(const uint8_t *tile, int nb, int group,
-                                                                const XBlocks *xb, float *out) {
-    const int bpg = group / 32;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m5 = _mm512_set1_epi8(0x1F), m6 = _mm512_set1_epi8(0x3F);
-    const __m512i div_lo = _mm512_loadu_si512((const void *)Q3H_DIV);
-    const __m512i div_hi = _mm512_loadu_si512((const void *)(Q3H_DIV + 64));
-    const __m512i mod_lo = _mm512_loadu_si512((const void *)Q3H_MOD);
-    const __m512i mod_hi = _mm512_loadu_si512((const void *)(Q3H_MOD + 64));
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
-    const uint8_t *p = tile;
-    /* group by group: its steps and mins converted once */
-    for (int b0 = 0; b0 < nb; b0 += bpg) {
-        const uint8_t *head = p;
-        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));
-        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));
-        p += 64;
-        for (int b = b0; b < b0 + bpg; b++) {
-            const int32_t *xw = xb->x3h + 8 * b;
-            const __m512i c0 = _mm512_loadu_si512((const void *)p), c1 = _mm512_loadu_si512((const void *)(p + 64));
-            const __m512i c2 = _mm512_loadu_si512((const void *)(p + 128));
-            const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));
-            /* pass 3: positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are
-             * garbage), then bit 7 of chunk f into bit 4 + f; 16-bit shifts: what crosses from the
-             * next byte lands in bits the selects drop */
-            __m512i v3 = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c0, 3), m4, 0xE4);  /* m ? x : y */
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c1, 2), m5, 0xE4);
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c2, 1), m6, 0xE4);
-            const __m512i v[4] = {c0, c1, c2, v3};
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            for (int f = 0; f < 4; f++) {
-                const __m512i a = _mm512_permutex2var_epi8(div_lo, v[f], div_hi);
-                const __m512i c = _mm512_permutex2var_epi8(mod_lo, v[f], mod_hi);
-                const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);
-                if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);
-                else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);
-            }
-            const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-            acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);
-            accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);
-            p += 224;
-        }
-    }
-    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));
+static inline __attribute__((always_inline)) void q3h_split_vbmi(__m512i v, const __m512i *t, __m512i *a,
+                                                                  __m512i *b) {
+    *a = _mm512_permutex2var_epi8(t[0], v, t[1]);
+    *b = _mm512_permutex2var_epi8(t[2], v, t[3]);
 }
-
-/* DEFINE_TILES's loop, written out: a function built for VBMI cannot be inlined into tile_dot, which
- * every other tile kernel goes through and which must run on CPUs without it. */
-static void tiles_tq3h(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,
-                       int num_threads) {
-    const int num_tiles = (N + 15) / 16;
-    const int64_t tile_bytes = (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224);
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int t = 0; t < num_tiles; t++) {
-        float out[16];
-        const int nr = N - 16 * t < 16 ? N - 16 * t : 16;
-        for (int m = 0; m < M; m++) {
-            tq3h_x16_tile(tiles + t * tile_bytes, K / 32, group, &xbs[m], out);
-            memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);
-        }
-    }
-}
+DEFINE_Q3H_TILES(tiles_tq3h_vbmi, tq3h_x16_tile_vbmi, q3h_split_vbmi)
 #pragma GCC pop_options
 
+/* The same without VBMI (Skylake-SP, Cascade Lake): a = (p * 373) >> 12 (exact for p <= 127) as the
+ * high half of p * 5968 in 16-bit lanes, even and odd bytes apart, then b = p - 11 a bytewise (11 a
+ * <= 110: no carry between the bytes of a 16-bit product). Nine instructions where vpermi2b takes
+ * two. */
+static inline __attribute__((always_inline)) void q3h_split_bw(__m512i v, const __m512i *t, __m512i *a,
+                                                                __m512i *b) {
+    (void)t;
+    const __m512i p = _mm512_and_si512(v, _mm512_set1_epi8(0x7F)), k = _mm512_set1_epi16(5968);
+    const __m512i even = _mm512_mulhi_epu16(_mm512_and_si512(p, _mm512_set1_epi16(0x00FF)), k);
+    const __m512i odd = _mm512_mulhi_epu16(_mm512_srli_epi16(p, 8), k);
+    *a = _mm512_or_si512(even, _mm512_slli_epi16(odd, 8));
+    *b = _mm512_sub_epi8(p, _mm512_mullo_epi16(*a, _mm512_set1_epi16(11)));
+}
+DEFINE_Q3H_TILES(tiles_tq3h_bw, tq3h_x16_tile_bw, q3h_split_bw)
+
 /* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
- * each one sequential stream (tiles_tq3h likewise). One function per (format, bits), so that both are
+ * each one sequential stream (DEFINE_Q3H_TILES likewise). One function per (format, bits), so that both are
  * literals inside OpenMP's outlined loop body (as DEFINE_RUN). */
 static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, const uint8_t *tile, int K, int group,
                                                            const XBlocks *xb, float *out) {
@@ -591,14 +618,21 @@ typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, 
 static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, run_Q5_0, run_Q5_1, run_Q4_K,
                               run_Q5_K, run_Q6_K, run_TQ3H, run_TQ6, run_TQ5, run_TQ3, run_TQ2};
 
+/* Which q3h tile kernel runs: -1 (the default) the VBMI one where the CPU has it, 0 the other one
+ * (what CPUs without VBMI run; the tests call this to check it here too). */
+static int q3h_split_choice = -1;
+
+void tierlm_quant_q3h_split(int choice) { q3h_split_choice = choice; }
+
+static int q3h_vbmi(void) { return q3h_split_choice != 0 && __builtin_cpu_supports("avx512vbmi"); }
+
 /* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
     if (fmt < 0 || fmt > TQ3HX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
         || ((is_tq(fmt) || fmt == TQX16 || fmt == TQ3HX16) && (group < 32 || group % 32 || K % group))
-        || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7))
-        || (fmt == TQ3HX16 && !__builtin_cpu_supports("avx512vbmi")))
+        || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
         return -1;
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
@@ -618,7 +652,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
      * per code and group the weights per group. */
     if (fmt == Q4_0X16) tiles_q4_0(xbs, M, codes, group, y, N, K, num_threads);
     else if (fmt == Q6_KX16) tiles_q6_k(xbs, M, codes, group, y, N, K, num_threads);
-    else if (fmt == TQ3HX16) tiles_tq3h(xbs, M, codes, group, y, N, K, num_threads);
+    else if (fmt == TQ3HX16) (q3h_vbmi() ? tiles_tq3h_vbmi : tiles_tq3h_bw)(xbs, M, codes, group, y, N, K, num_threads);
     else if (fmt == TQX16) {
         switch (row_bytes) {
         case 8: tiles_tq8(xbs, M, codes, group, y, N, K, num_threads); break;
