@@ -561,7 +561,7 @@ static inline __attribute__((always_inline)) void q3h_split_vbmi(__m512i v, cons
 DEFINE_Q3H_TILES(tiles_tq3h_vbmi, tq3h_x16_tile_vbmi, q3h_split_vbmi)
 #pragma GCC pop_options
 
-/* The same without VBMI (Skylake-SP, Cascade Lake): a = (p * 373) >> 12 (exact for p <= 127) as the
+/* The same without VBMI (Cascade Lake, Cooper Lake): a = (p * 373) >> 12 (exact for p <= 127) as the
  * high half of p * 5968 in 16-bit lanes, even and odd bytes apart, then b = p - 11 a bytewise (11 a
  * <= 110: no carry between the bytes of a 16-bit product). Nine instructions where vpermi2b takes
  * two. */
