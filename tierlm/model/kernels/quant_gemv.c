@@ -484,71 +484,79 @@ static const uint8_t Q3H_MOD[128] = {
  * run the same tiles with the split computed by multiplies (q3h_split_bw, below). Forced here, that
  * kernel ran 74 G weights/s in L3 and 66 from DRAM against the VBMI one's 121 and 79 (medians of 5,
  * one process, a fast spell of this machine). */
-/* One q3h tile kernel (TILE) and its loop over tiles (NAME, as DEFINE_TILES), for a way to split pair
+/* A tile kernel's loop over the tiles of a matrix: NAME(xbs, M, tiles, group, y, N, K, num_threads),
+ * tiles of TILE_BYTES (an expression of K and group) each, tiles split over the threads; DOT computes
+ * the 16 rows of `tile` against `xb` into `out`. Each tile is one sequential stream. */
+#define DEFINE_TILE_LOOP(NAME, TILE_BYTES, DOT)                                                           \
+    static void NAME(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,  \
+                     int num_threads) {                                                                   \
+        const int num_tiles = (N + 15) / 16;                                                              \
+        const int64_t tile_bytes = TILE_BYTES;                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                             \
+        for (int t = 0; t < num_tiles; t++) {                                                             \
+            float out[16];                                                                                \
+            const int nr = N - 16 * t < 16 ? N - 16 * t : 16;                                             \
+            const uint8_t *tile = tiles + t * tile_bytes;                                                 \
+            for (int m = 0; m < M; m++) {                                                                 \
+                const XBlocks *xb = &xbs[m];                                                              \
+                DOT;                                                                                      \
+                memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);                             \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+/* One q3h tile kernel (TILE) and its loop over tiles (NAME, DEFINE_TILE_LOOP), for a way to split pair
  * values into a = p / 11 and b = p % 11 (SPLIT(v, tables, &a, &b), bit 7 of v ignored): instantiated
  * twice, once with vpermi2b inside a VBMI target region and once without (q3h_split_bw), since a
  * function built for VBMI cannot be inlined into code that must run on CPUs without it. */
-#define DEFINE_Q3H_TILES(NAME, TILE, SPLIT)                                                              \
-static inline __attribute__((always_inline)) void TILE(const uint8_t *tile, int nb, int group,           \
-                                                      const XBlocks *xb, float *out) {                   \
-    const int bpg = group / 32;                                                                          \
-    const __m512i m4 = _mm512_set1_epi8(0x0F), m5 = _mm512_set1_epi8(0x1F), m6 = _mm512_set1_epi8(0x3F); \
-    const __m512i tables[4] = {_mm512_loadu_si512((const void *)Q3H_DIV),                                \
-                               _mm512_loadu_si512((const void *)(Q3H_DIV + 64)),                         \
-                               _mm512_loadu_si512((const void *)Q3H_MOD),                                \
-                               _mm512_loadu_si512((const void *)(Q3H_MOD + 64))};                        \
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();                                        \
-    const uint8_t *p = tile;                                                                             \
-    /* group by group: its steps and mins converted once */                                              \
-    for (int b0 = 0; b0 < nb; b0 += bpg) {                                                               \
-        const uint8_t *head = p;                                                                         \
-        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));                  \
-        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));             \
-        p += 64;                                                                                         \
-        for (int b = b0; b < b0 + bpg; b++) {                                                            \
-            const int32_t *xw = xb->x3h + 8 * b;                                                         \
-            const __m512i c0 = _mm512_loadu_si512((const void *)p);                                      \
-            const __m512i c1 = _mm512_loadu_si512((const void *)(p + 64));                               \
-            const __m512i c2 = _mm512_loadu_si512((const void *)(p + 128));                              \
-            const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));                          \
-            /* pass 3: positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are    \
-             * garbage), then bit 7 of chunk f into bit 4 + f; 16-bit shifts: what crosses from the      \
-             * next byte lands in bits the selects drop */                                               \
-            __m512i v3 = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);  \
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c0, 3), m4, 0xE4);  /* m ? x : y */     \
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c1, 2), m5, 0xE4);                      \
-            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c2, 1), m6, 0xE4);                      \
-            const __m512i v[4] = {c0, c1, c2, v3};                                                       \
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();                            \
-            for (int f = 0; f < 4; f++) {                                                                \
-                __m512i a, c;                                                                            \
-                SPLIT(v[f], tables, &a, &c);                                                             \
-                const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);          \
-                if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);              \
-                else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);                    \
-            }                                                                                            \
-            const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));                             \
-            acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);             \
-            accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);                                 \
-            p += 224;                                                                                    \
-        }                                                                                                \
-    }                                                                                                    \
-    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));                                                     \
-}                                                                                                        \
-static void NAME(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,     \
-                 int num_threads) {                                                                      \
-    const int num_tiles = (N + 15) / 16;                                                                 \
-    const int64_t tile_bytes = (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224);                \
-    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                \
-    for (int t = 0; t < num_tiles; t++) {                                                                \
-        float out[16];                                                                                   \
-        const int nr = N - 16 * t < 16 ? N - 16 * t : 16;                                                \
-        for (int m = 0; m < M; m++) {                                                                    \
-            TILE(tiles + t * tile_bytes, K / 32, group, &xbs[m], out);                                   \
-            memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);                                \
-        }                                                                                                \
-    }                                                                                                    \
-}
+#define DEFINE_Q3H_TILES(NAME, TILE, SPLIT)                                                                           \
+static inline __attribute__((always_inline)) void TILE(const uint8_t *tile, int nb, int group,                        \
+                                                      const XBlocks *xb, float *out) {                                \
+    const int bpg = group / 32;                                                                                       \
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m5 = _mm512_set1_epi8(0x1F), m6 = _mm512_set1_epi8(0x3F);              \
+    const __m512i tables[4] = {_mm512_loadu_si512((const void *)Q3H_DIV),                                             \
+                               _mm512_loadu_si512((const void *)(Q3H_DIV + 64)),                                      \
+                               _mm512_loadu_si512((const void *)Q3H_MOD),                                             \
+                               _mm512_loadu_si512((const void *)(Q3H_MOD + 64))};                                     \
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();                                                     \
+    const uint8_t *p = tile;                                                                                          \
+    /* group by group: its steps and mins converted once */                                                           \
+    for (int b0 = 0; b0 < nb; b0 += bpg) {                                                                            \
+        const uint8_t *head = p;                                                                                      \
+        const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)head));                               \
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(head + 32)));                          \
+        p += 64;                                                                                                      \
+        for (int b = b0; b < b0 + bpg; b++) {                                                                         \
+            const int32_t *xw = xb->x3h + 8 * b;                                                                      \
+            const __m512i c0 = _mm512_loadu_si512((const void *)p);                                                   \
+            const __m512i c1 = _mm512_loadu_si512((const void *)(p + 64));                                            \
+            const __m512i c2 = _mm512_loadu_si512((const void *)(p + 128));                                           \
+            const __m256i e32 = _mm256_loadu_si256((const __m256i *)(p + 192));                                       \
+            /* pass 3: positions 0..31 from the low nibbles, 32..63 from the high ones (bits 4..7 are                 \
+             * garbage), then bit 7 of chunk f into bit 4 + f; 16-bit shifts: what crosses from the                   \
+             * next byte lands in bits the selects drop */                                                            \
+            __m512i v3 = _mm512_inserti64x4(_mm512_castsi256_si512(e32), _mm256_srli_epi16(e32, 4), 1);               \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c0, 3), m4, 0xE4);  /* m ? x : y */                  \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c1, 2), m5, 0xE4);                                   \
+            v3 = _mm512_ternarylogic_epi32(v3, _mm512_srli_epi16(c2, 1), m6, 0xE4);                                   \
+            const __m512i v[4] = {c0, c1, c2, v3};                                                                    \
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();                                         \
+            for (int f = 0; f < 4; f++) {                                                                             \
+                __m512i a, c;                                                                                         \
+                SPLIT(v[f], tables, &a, &c);                                                                          \
+                const __m512i xe = _mm512_set1_epi32(xw[f]), xo = _mm512_set1_epi32(xw[4 + f]);                       \
+                if (f % 2) s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1, a, xe), c, xo);                           \
+                else s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s0, a, xe), c, xo);                                 \
+            }                                                                                                         \
+            const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));                                          \
+            acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(step, _mm512_set1_ps(xb->xd[b])), acc);                          \
+            accm = _mm512_fmadd_ps(mn, _mm512_set1_ps(xb->xs[b]), accm);                                              \
+            p += 224;                                                                                                 \
+        }                                                                                                             \
+    }                                                                                                                 \
+    _mm512_storeu_ps(out, _mm512_add_ps(acc, accm));                                                                  \
+}                                                                                                                     \
+DEFINE_TILE_LOOP(NAME, (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 224), TILE(tile, K / 32, group, xb, out))
 
 /* a = p / 11 and b = p % 11 per byte in vpermi2b's two 128-entry tables (bits 0..6 of v index them) */
 #pragma GCC push_options
@@ -577,8 +585,8 @@ static inline __attribute__((always_inline)) void q3h_split_bw(__m512i v, const 
 DEFINE_Q3H_TILES(tiles_tq3h_bw, tq3h_x16_tile_bw, q3h_split_bw)
 
 /* fmt Q4_0X16, Q6_KX16 or TQX16 (then `bits` 2..8 and `group`): tiles of 16 rows (the last padded),
- * each one sequential stream (DEFINE_Q3H_TILES likewise). One function per (format, bits), so that both are
- * literals inside OpenMP's outlined loop body (as DEFINE_RUN). */
+ * through DEFINE_TILE_LOOP. One function per (format, bits), so that both are literals inside OpenMP's
+ * outlined loop body (as DEFINE_RUN). */
 static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, const uint8_t *tile, int K, int group,
                                                            const XBlocks *xb, float *out) {
     if (fmt == Q4_0X16) q4_0x16_tile(tile, K / 32, xb, out);
@@ -587,22 +595,10 @@ static inline __attribute__((always_inline)) void tile_dot(int fmt, int bits, co
 }
 
 #define DEFINE_TILES(NAME, FMT, BITS)                                                                     \
-    static void NAME(const XBlocks *xbs, int M, const uint8_t *tiles, int group, float *y, int N, int K,  \
-                     int num_threads) {                                                                   \
-        const int num_tiles = (N + 15) / 16;                                                              \
-        const int64_t tile_bytes = FMT == Q4_0X16 ? 288 * (int64_t)(K / 32)                               \
-                                 : FMT == Q6_KX16 ? 3360 * (int64_t)(K / 256)                             \
-                                 : (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 64 * BITS);       \
-        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                             \
-        for (int t = 0; t < num_tiles; t++) {                                                             \
-            float out[16];                                                                                \
-            const int nr = N - 16 * t < 16 ? N - 16 * t : 16;                                             \
-            for (int m = 0; m < M; m++) {                                                                 \
-                tile_dot(FMT, BITS, tiles + t * tile_bytes, K, group, &xbs[m], out);                      \
-                memcpy(y + (int64_t)m * N + 16 * t, out, sizeof(float) * nr);                             \
-            }                                                                                             \
-        }                                                                                                 \
-    }
+    DEFINE_TILE_LOOP(NAME, FMT == Q4_0X16 ? 288 * (int64_t)(K / 32)                                       \
+                           : FMT == Q6_KX16 ? 3360 * (int64_t)(K / 256)                                   \
+                           : (int64_t)(K / group) * (64 + (int64_t)(group / 32) * 64 * BITS),             \
+                     tile_dot(FMT, BITS, tile, K, group, xb, out))
 DEFINE_TILES(tiles_q4_0, Q4_0X16, 0)
 DEFINE_TILES(tiles_q6_k, Q6_KX16, 0)
 DEFINE_TILES(tiles_tq8, TQX16, 8)
