@@ -6,7 +6,10 @@ its own process, one after another in the same run:
 
 * llama.cpp on the F16, Q8_0 and Q4_0 files (2 threads, mmap, the weights in the page cache);
 * tierlm on the Q8_0 and Q4_0 files with ``quant="gguf"`` (the file's blocks, the VNNI kernel);
-* tierlm bf16 and tierlm q8 / q6 / q5 / q4 / q3h / q3 / q2 quantized on load from the HF folder.
+* tierlm bf16 and tierlm q8 / q6 / q5 / q4 / q3h / q3 / q2 quantized on load from the HF folder;
+* named with ``--engines`` only: "<tierlm engine> layered", the same with ``fused_decode=False``
+  (every decode step layer by layer in Python, what the fused step of tierlm.model.fused_decode
+  replaces; bf16 always runs that way), reported as ``fused_vs_layered`` on the fused engine's row.
 
 Each engine: a 16-token prompt, then ``--tokens`` greedy decode steps; the median step time after
 2 warm-up steps. Every engine runs ``--rounds`` times, the engines taking turns (round 1 runs them
@@ -40,6 +43,9 @@ GGUF_DIR = REPO_ROOT / ".cache" / "gguf"
 HF_MODEL = MODELS_DIR / "llama-1.1b"
 ENGINES = ("llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_0", "tierlm gguf Q8_0", "tierlm gguf Q4_0",
            "tierlm bf16", "tierlm q8", "tierlm q6", "tierlm q5", "tierlm q4", "tierlm q3h", "tierlm q3", "tierlm q2")
+# The same engines with fused_decode=False (every decode step layer by layer in Python): the fused
+# decode step's baseline (tierlm.model.fused_decode); not run unless named.
+LAYERED = tuple(f"{e} layered" for e in ENGINES if e.startswith("tierlm") and e != "tierlm bf16")
 PROMPT = list(range(100, 116))
 
 
@@ -90,12 +96,13 @@ def _child(engine: str, num_tokens: int) -> dict:
     from tierlm import LLM, SamplingParams
 
     kind = engine.split()[1]
+    opts = dict(max_model_len=256, max_num_seqs=1, fused_decode=not engine.endswith(" layered"))
     if kind == "gguf":
-        llm = LLM(gguf_file(engine.split()[2]), quant="gguf", max_model_len=256, max_num_seqs=1)
+        llm = LLM(gguf_file(engine.split()[2]), quant="gguf", **opts)
     elif kind == "bf16":
-        llm = LLM(HF_MODEL, dtype="bfloat16", max_model_len=256, max_num_seqs=1)
+        llm = LLM(HF_MODEL, dtype="bfloat16", **opts)
     else:
-        llm = LLM(HF_MODEL, quant=kind, max_model_len=256, max_num_seqs=1)
+        llm = LLM(HF_MODEL, quant=kind, **opts)
     w = llm.model.w
 
     def nbytes(t) -> int:
@@ -118,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="runs per engine, taking turns; the fastest is kept")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES + LAYERED, default=list(ENGINES))
     parser.add_argument("--name", default="quant", help="results file name under bench/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,6 +159,11 @@ def main() -> None:
                 r["vs_llama_cpp"] = round(r["decode_tok_s"] / by[f"llama.cpp {kind}"]["decode_tok_s"], 2)
                 r["round_vs_llama_cpp"] = round(statistics.median(
                     b / s for s, b in zip(steps[r["engine"]], steps[f"llama.cpp {kind}"], strict=True)), 2)
+        layered = f"{r['engine']} layered"
+        if layered in by:
+            r["fused_vs_layered"] = round(r["decode_tok_s"] / by[layered]["decode_tok_s"], 2)
+            r["round_fused_vs_layered"] = round(statistics.median(
+                b / s for s, b in zip(steps[r["engine"]], steps[layered], strict=True)), 2)
         if r["engine"].startswith("tierlm") and "tierlm bf16" in by:
             bf = by["tierlm bf16"]
             r["speedup_vs_bf16"] = round(r["decode_tok_s"] / bf["decode_tok_s"], 2)
@@ -164,7 +176,8 @@ def main() -> None:
                                   "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2,
                                   "rounds": rounds},
                   columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",
-                           "vs_llama_cpp", "round_vs_llama_cpp", "speedup_vs_bf16", "round_speedup_vs_bf16",
+                           "vs_llama_cpp", "round_vs_llama_cpp", "fused_vs_layered", "round_fused_vs_layered",
+                           "speedup_vs_bf16", "round_speedup_vs_bf16",
                            "bytes_ratio_vs_bf16", "rounds_tok_s"])
 
 

@@ -69,7 +69,7 @@ class LLM:
                  tier_order: str = "auto", num_io_threads: int = 4, store_dir: str | Path | None = None,
                  quant: str | None = None, quant_group: int = 64, kv_quant: str | None = None,
                  device_memory: str | int | None = None, quant_importance: str | Path | None = None,
-                 quant_method: str = "rtn", quant_int8_prompts: bool = False):
+                 quant_method: str = "rtn", quant_int8_prompts: bool = False, fused_decode: bool = True):
         if dtype not in _TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(_TORCH_DTYPES)}, got {dtype!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -140,14 +140,14 @@ class LLM:
                                    weight_memory_bytes=None if tiers is None else tiers.plan.budget_bytes,
                                    prefetch_window=prefetch_window, tier_locking=tier_locking, tier_order=tier_order,
                                    quant=quant, quant_group=quant_group, kv_quant=kv_quant,
-                                   quant_int8_prompts=quant_int8_prompts)
+                                   quant_int8_prompts=quant_int8_prompts, fused_decode=fused_decode)
         linear = default_linear_method(device, _TORCH_DTYPES[dtype])
         # Matrices are quantized as the model takes them, or come quantized from a store (GPTQ ones too);
         # a resident model's GPTQ runs below, once the float model is built.
         if quant is not None and (quant_method == "rtn" or tiers is not None):
             linear = quant_linear(quant, quant_group, linear, device, quant_int8_prompts)
         self.model = Transformer(loaded.config, loaded.weights if tiers is None else tiers, _TORCH_DTYPES[dtype],
-                                 linear, device)
+                                 linear, device, fused_decode=fused_decode)
         if kv_quant is None:
             cache = self.model.new_kv_cache(num_blocks, block_size, device)
         else:
@@ -173,6 +173,7 @@ class LLM:
                                            loaded.config.head_dim, _TORCH_DTYPES[dtype])
         log.info("model: %s", loaded.config.summary())
         log.info("%s", self.config.describe())
+        log.info("decode steps: %s", self.model.decode_plan().reason)
         log.info("loaded %s in %.2f s; KV cache %.1f MiB max (%d bytes/token)", loaded.path,
                  time.perf_counter() - t0, kv_bytes * self.config.kv_capacity_tokens / 2**20, kv_bytes)
 

@@ -47,6 +47,9 @@ class EngineConfig:
     # quantized products of prompt chunks (> 8 rows) by the int8 kernel too, as llama.cpp does: 3-4x the
     # prefill speed, activations rounded to int8 per 32 values (tierlm.quant.linear); else float
     quant_int8_prompts: bool = False
+    # decode steps in one C call where the model and step allow it (tierlm.model.fused_decode); False:
+    # layer by layer in Python, the path prompts take (for comparison)
+    fused_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in POLICIES:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tierlm.loader.weights import LayerWeights, ModelWeights
 from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import AttentionBatch, DecodeAttention, KVCache, alibi_slopes, paged_attention
+from tierlm.model.fused_decode import FusedDecodePlan, plan_fused_decode
 from tierlm.model.kernels import rms_norm_kernel, rope_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
@@ -36,7 +37,7 @@ class Transformer:
     """Weights + config -> logits. Stateless apart from the rotary tables; the KV cache is passed in."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights | TieredWeights, dtype: torch.dtype,
-                 linear: LinearMethod | None = None, device: torch.device | str = "cpu"):
+                 linear: LinearMethod | None = None, device: torch.device | str = "cpu", fused_decode: bool = True):
         """Takes ownership of ``weights``: each tensor is moved to ``device`` and matrices are
         replaced by ``linear.prepare``'d versions one at a time, so two copies of the whole model
         never coexist.
@@ -92,6 +93,18 @@ class Transformer:
                 # Gemma 3's local layers use their own base and no scaling.
                 self.rope["sliding"] = RotaryTable(cfg.effective_rotary_dim, cfg.rope_local_theta, None,
                                                    cfg.max_position, self.device)
+        self.fused_decode = fused_decode
+        self._decode_plan: FusedDecodePlan | None = None
+
+    def decode_plan(self) -> FusedDecodePlan:
+        """Whether decode steps run in one C call (tierlm.model.fused_decode) and why not; made again
+        when the linear method or the layers' weights changed since (GPTQ replaces them in place)."""
+        p = self._decode_plan
+        if p is None or not p.current(self.w.layers, self.linear):
+            p = plan_fused_decode(self.cfg, self.w, self.linear, self.dtype, self.device, self.tiers is not None,
+                                  self.layer_windows, self.fused_decode)
+            self._decode_plan = p
+        return p
 
     @property
     def layer_windows(self) -> dict[str, int | None]:
@@ -107,6 +120,12 @@ class Transformer:
         """input_ids (N,) -> final hidden states (N, hidden), before the final norm."""
         x = self.embed(input_ids, batch.positions)
         rope = self.rope_for(batch.positions)
+        if self.fused_decode and self.tiers is None and len(batch.groups) == 1 and batch.groups[0].max_q == 1:
+            fused = self.decode_plan().fused
+            if fused is not None and fused.takes(batch, cache):
+                x = x.contiguous()
+                fused(x, batch, cache, rope)
+                return x
         for i in range(len(self.w.layers)):
             if self.tiers is None:
                 x = self.block(i, x, batch, cache.k[i], cache.v[i], rope)

@@ -21,6 +21,7 @@ path's 53, 56, 42; file-layout rows 43, 74, 28; at 16 rows the float path manage
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +44,35 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1":
 TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}, "q3h": 18}
 
 
+@dataclass(frozen=True)
+class KernelOperand:
+    """A quantized matrix as quant_gemv.c takes it: ``tierlm_quant_gemv(fmt, x, M, K, codes, steps, mins,
+    group, row_bytes, scale_stride, y, N, threads)``. Holds the tensors whose memory the call reads."""
+
+    fmt: int
+    codes: torch.Tensor  # row tiles, or the codes (rows may be strided: views into a store's packed rows)
+    steps: torch.Tensor | None
+    mins: torch.Tensor | None
+    group: int
+    row_bytes: int  # row tiles of tierlm's formats: the bits per code
+    scale_stride: int  # 0: steps and mins stored on their own
+
+
+def kernel_operand(qw: QuantizedWeight | RowTiles) -> KernelOperand:
+    """The kernel's arguments for ``qw``; the caller checks KERNEL_FORMATS (or, for row tiles,
+    TILE_KERNEL_FORMATS)."""
+    if isinstance(qw, RowTiles):
+        return KernelOperand(TILE_KERNEL_FORMATS[qw.format], qw.tiles, None, None, qw.group,
+                             GROUPWISE_BITS.get(qw.format, 0), 0)
+    # The kernel takes the row stride of the codes and of the steps/mins, which must share one stride.
+    codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
+    scales, mins = qw.scales, qw.mins
+    if scales is not None and not (scales.stride(-1) == 1 and mins.stride() == scales.stride()):
+        scales, mins = scales.contiguous(), mins.contiguous()
+    return KernelOperand(KERNEL_FORMATS[qw.format], codes, scales, mins, qw.group, codes.stride(0),
+                         0 if scales is None else scales.stride(0))
+
+
 def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
     """x (M, in) @ W^T with the compiled kernel; float32 (M, out). The caller checks KERNEL_FORMATS
     (or, for row tiles, TILE_KERNEL_FORMATS)."""
@@ -51,26 +81,13 @@ def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_t
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     if x.shape[0] == 0:
         return y
-    if isinstance(qw, RowTiles):
-        # (for tierlm's formats the kernel takes the bits per code where row_bytes goes)
-        status = kernel(TILE_KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, qw.tiles.data_ptr(), None,
-                        None, qw.group, GROUPWISE_BITS.get(qw.format, 0), 0, y.data_ptr(), out,
-                        num_threads or torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"the quantized kernel does not take {qw.format} row tiles of shape {qw.shape}")
-        return y
-    # Rows may be strided (views into a store's packed rows, QuantizedWeight.from_packed_rows): the
-    # kernel takes the row stride of the codes and of the steps/mins, which must share one stride.
-    codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
-    scales, mins = qw.scales, qw.mins
-    if scales is not None and not (scales.stride(-1) == 1 and mins.stride() == scales.stride()):
-        scales, mins = scales.contiguous(), mins.contiguous()
+    op = kernel_operand(qw)
     ptr = (lambda t: None if t is None else t.data_ptr())
-    status = kernel(KERNEL_FORMATS[qw.format], xf.data_ptr(), x.shape[0], k, codes.data_ptr(), ptr(scales),
-                    ptr(mins), qw.group, codes.stride(0), 0 if scales is None else scales.stride(0), y.data_ptr(),
-                    out, num_threads or torch.get_num_threads())
+    status = kernel(op.fmt, xf.data_ptr(), x.shape[0], k, op.codes.data_ptr(), ptr(op.steps), ptr(op.mins), op.group,
+                    op.row_bytes, op.scale_stride, y.data_ptr(), out, num_threads or torch.get_num_threads())
     if status != 0:
-        raise ValueError(f"the quantized kernel does not take a {qw.format} matrix of shape {qw.shape}")
+        layout = "row tiles" if isinstance(qw, RowTiles) else "matrix"
+        raise ValueError(f"the quantized kernel does not take a {qw.format} {layout} of shape {qw.shape}")
     return y
 
 

@@ -24,6 +24,8 @@ ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
 ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_attention.so")
 ROPE_SOURCE = Path(__file__).with_name("rope.c")
 ROPE_LIBRARY = Path(__file__).with_name("libtierlm_rope.so")
+DECODE_SOURCE = Path(__file__).with_name("decode_layers.c")
+DECODE_LIBRARY = Path(__file__).with_name("libtierlm_decode.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _F32_FLAGS = ["-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
@@ -118,6 +120,26 @@ def build_attention(force: bool = False) -> Path | None:
 def build_rope(force: bool = False) -> Path | None:
     """Compile the in-place float32 RoPE if this CPU runs it (AVX2); returns the library path, or None."""
     return _compile(cpu_has_avx2(), ROPE_SOURCE, ROPE_LIBRARY, _NORM_FLAGS, force)
+
+
+def build_decode_layers(force: bool = False) -> Path | None:
+    """Compile the fused decode step (AVX2, like the kernels it calls); returns the library path, or None."""
+    return _compile(cpu_has_avx2(), DECODE_SOURCE, DECODE_LIBRARY, _NORM_FLAGS, force)
+
+
+@functools.cache
+def decode_layers_kernel():
+    """``f(model_ptr, x_ptr, N, slot_mapping_ptr, kv_slots_ptr, q_pos_ptr, max_kv, cos_ptrs, sin_ptrs,
+    num_threads) -> int`` from decode_layers.c (0 = done, -1 = a kernel refused its arguments, -2 = out
+    of memory), or None when unavailable. The model struct is tierlm.model.fused_decode's."""
+    return _load(cpu_has_avx2(), DECODE_LIBRARY, DECODE_SOURCE, "tierlm_decode_layers",
+                 [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int)
+
+
+def address(fn) -> int:
+    """The C entry point behind a ctypes function (to hand one kernel to another)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 @functools.cache

@@ -1,0 +1,162 @@
+"""The fused decode step (tierlm.model.fused_decode, kernels/decode_layers.c) against the layer-by-layer path."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import functools
+
+import pytest
+import torch
+
+from tierlm import LLM
+from tierlm.model.attention import KVCache, SeqSlice, build_attention_batch
+from tierlm.model.kernels import decode_layers_kernel, quant_gemv
+from tierlm.quant import FusedWeight, get_quantizer
+from tierlm.sampling_params import SamplingParams
+
+needs_kernels = pytest.mark.skipif(decode_layers_kernel() is None or quant_gemv() is None,
+                                   reason="needs the compiled kernels (make setup) on an AVX512-VNNI CPU")
+
+BLOCK = 16
+LENGTHS = (5, 17, 9)  # cached tokens per sequence before the decode step (17 > mistral's window of 7)
+TABLES = ([1, 2], [3, 4], [5, 6])
+
+
+@functools.cache
+def _libm_expf():
+    f = ctypes.CDLL(ctypes.util.find_library("m")).expf
+    f.argtypes, f.restype = [ctypes.c_float], ctypes.c_float
+    return f
+
+
+def _silu_as_c(g: torch.Tensor) -> torch.Tensor:
+    """SiLU as decode_layers.c computes it, g / (1 + expf(-g)) with the C library's expf (not correctly
+    rounded for about 1 value in 1500, so torch's exp will not do), so that the layer path's values can
+    be compared with the fused step bit for bit."""
+    expf = _libm_expf()
+    e = torch.tensor([expf(-v) for v in g.flatten().tolist()], dtype=torch.float32).view(g.shape)
+    return g / (1 + e)
+
+
+def _prefilled(model, num_seqs: int):
+    """A KV cache holding LENGTHS[:num_seqs] random tokens (through the layer path), and the decode
+    step that follows: (cache, batch, next token ids)."""
+    cache = model.new_kv_cache(32, BLOCK)
+    gen = torch.Generator().manual_seed(0)
+    seqs, ids, start = [], [], 0
+    for n, table in zip(LENGTHS[:num_seqs], TABLES):
+        seqs.append(SeqSlice(start, n, n, table))
+        ids += torch.randint(0, 300, (n,), generator=gen).tolist()
+        start += n
+    model.forward(torch.tensor(ids), build_attention_batch(seqs, BLOCK, model.layer_windows), cache)
+    step = [SeqSlice(i, 1, n + 1, t) for i, (n, t) in enumerate(zip(LENGTHS[:num_seqs], TABLES))]
+    return cache, build_attention_batch(step, BLOCK, model.layer_windows), torch.randint(0, 300, (num_seqs,),
+                                                                                         generator=gen)
+
+
+def _both_paths(model, num_seqs: int):
+    """(hidden, cache) from one decode step fused, and the same from the layer path."""
+    cache, batch, ids = _prefilled(model, num_seqs)
+    fused_cache, layer_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    assert model.decode_plan().fused is not None and model.decode_plan().fused.takes(batch, fused_cache)
+    fused = model.forward(ids, batch, fused_cache)
+    model.fused_decode, act = False, model.act
+    model.act = _silu_as_c
+    try:
+        layer = model.forward(ids, batch, layer_cache)
+    finally:
+        model.fused_decode, model.act = True, act
+    return (fused, fused_cache), (layer, layer_cache)
+
+
+def _assert_same(a, b):
+    (ha, ca), (hb, cb) = a, b
+    assert torch.equal(ha, hb)
+    for x, y in zip(ca.k + ca.v, cb.k + cb.v):  # every slot, written or not (unwritten ones: the same garbage)
+        assert torch.equal(x.nan_to_num(), y.nan_to_num())
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # llama3 RoPE, sliding window, q/k/v biases
+@pytest.mark.parametrize("quant", [None, "q4", "q3h", "q2"])
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_fused_decode_step_equals_the_layer_path_bit_for_bit(hf_model, family, quant, num_seqs):
+    _, folder = hf_model(family)
+    llm = LLM(folder, quant=quant, quant_group=32)
+    assert llm.model.decode_plan().reason == "fused"
+    fused, layer = _both_paths(llm.model, num_seqs)
+    _assert_same(fused, layer)
+    # the step wrote each row's K/V to its slot (position n of table t: slot t[n // 16] * 16 + n % 16)
+    for (h, cache) in (fused,):
+        for n, table in zip(LENGTHS[:num_seqs], TABLES):
+            slot = table[n // BLOCK] * BLOCK + n % BLOCK
+            assert cache.k[0][slot].abs().sum() > 0 and torch.isfinite(cache.v[-1][slot]).all()
+
+
+@needs_kernels
+def test_fused_decode_takes_stacked_parts_of_different_formats(hf_model):
+    """A GGUF file's q, k, v may be stored in different types (tierlm.quant.FusedWeight): part by part."""
+    _, folder = hf_model("llama")
+    llm = LLM(folder, quant="q4", quant_group=32)
+    floats = LLM(folder).model.w.layers
+    method = llm.model.linear
+    q_rows = llm.model.q_size
+    for lw, fw in zip(llm.model.w.layers, floats):
+        q8 = get_quantizer("q8", 32).quantize(fw.qkv[q_rows:])
+        lw.qkv = FusedWeight((method.prepare(fw.qkv[:q_rows].contiguous()), method.prepare(q8)))
+    plan = llm.model.decode_plan()  # made again: the weights changed
+    assert plan.reason == "fused" and plan.current(llm.model.w.layers, llm.model.linear)
+    _assert_same(*_both_paths(llm.model, 3))
+
+
+@needs_kernels
+def test_fused_decode_is_planned_again_when_weights_change(hf_model):
+    _, folder = hf_model("llama")
+    llm = LLM(folder, quant="q4", quant_group=32)
+    model = llm.model
+    first = model.decode_plan()
+    assert model.decode_plan() is first  # nothing changed: the same plan
+    lw = model.w.layers[1]
+    lw.o = model.linear.prepare(torch.randn(lw.o.shape, generator=torch.Generator().manual_seed(3)))
+    second = model.decode_plan()
+    assert second is not first and not first.current(model.w.layers, model.linear)
+    _assert_same(*_both_paths(model, 3))  # and it reads the new matrix
+
+
+@needs_kernels
+def test_fused_decode_declines_what_it_does_not_implement(hf_model):
+    _, folder = hf_model("gemma3")  # GELU, q/k norms, post-norms
+    assert LLM(folder).model.decode_plan().reason.startswith("not a Llama-shaped block")
+    _, folder = hf_model("gpt2")  # LayerNorm, learned positions
+    assert LLM(folder).model.decode_plan().fused is None
+    _, folder = hf_model("llama")
+    assert LLM(folder, dtype="bfloat16").model.decode_plan().reason == "float32 on CPU only"
+    assert LLM(folder, weight_memory="50%").model.decode_plan().reason == "weights are tiered (streamed per layer)"
+    off = LLM(folder, fused_decode=False)
+    assert off.model.decode_plan().fused is None and "fused_decode=False" in off.config.describe()
+    llm = LLM(folder, quant="q4", quant_group=32)
+    fused = llm.model.decode_plan().fused
+    cache, batch, _ = _prefilled(llm.model, 3)
+    assert fused.takes(batch, cache)
+    # a prompt chunk next to the decodes, or more decode rows than the quantized kernel's batch
+    mixed = build_attention_batch([SeqSlice(0, 1, 6, [1]), SeqSlice(1, 4, 4, [2])], BLOCK, llm.model.layer_windows)
+    assert not fused.takes(mixed, cache)
+    nine = build_attention_batch([SeqSlice(i, 1, 3, [i + 1]) for i in range(9)], BLOCK, llm.model.layer_windows)
+    assert not fused.takes(nine, cache)
+    # a quantized KV cache (not a plain tensor; head_dim 32 for its groups), or one in another dtype
+    assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 32, torch.float32, quant="q8"))
+    assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 16, torch.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_generation_gives_the_same_tokens_with_fused_decode_on_and_off(hf_model, quant):
+    _, folder = hf_model("mistral")
+    prompts = [[5, 6, 7, 8], list(range(20, 41)), [100, 3]]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    on = LLM(folder, quant=quant, quant_group=32, max_num_seqs=4)
+    off = LLM(folder, quant=quant, quant_group=32, max_num_seqs=4, fused_decode=False)
+    on.model.act = off.model.act = _silu_as_c  # prompts run the layer path in both
+    assert [o.token_ids for o in on.generate(prompts, greedy)] == [o.token_ids for o in off.generate(prompts, greedy)]
