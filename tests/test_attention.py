@@ -150,3 +150,34 @@ def test_decode_kernel_declines_what_it_cannot_do():
     slots = QuantizedSlots("q8", kc.shape[0], 2, 64, torch.float32)
     assert not decode.takes(batch.groups[0], q, slots)  # quantized KV: dequantized by the gather
     assert not decode.takes(batch.groups[0], q.to(torch.bfloat16), kc)  # dtypes differ
+
+
+def test_attention_batch_exact_indices_and_masks():
+    """Two decode rows and two prompt chunks (one padded to the other's 3 tokens), block size 4."""
+    seqs = [SeqSlice(query_start=0, query_len=1, context_len=6, block_table=[7, 2]),
+            SeqSlice(query_start=1, query_len=1, context_len=3, block_table=[5]),
+            SeqSlice(query_start=2, query_len=3, context_len=5, block_table=[1, 4]),
+            SeqSlice(query_start=5, query_len=2, context_len=2, block_table=[3])]
+    b = build_attention_batch(seqs, 4, {"full": None, "sliding": 2})
+    assert b.positions.tolist() == [5, 2, 2, 3, 4, 0, 1]
+    assert b.slot_mapping.tolist() == [9, 22, 6, 7, 16, 12, 13]  # table[p // 4] * 4 + p % 4
+    dec, multi = b.groups
+    assert (dec.num_rows, dec.max_q, dec.max_kv, dec.rows, dec.fresh) == (2, 1, 6, slice(0, 2), False)
+    assert dec.kv_slots.tolist() == [28, 29, 30, 31, 8, 9, 20, 21, 22, 0, 0, 0]  # past a row's context: slot 0
+    assert dec.q_pos.tolist() == [[5], [2]] and dec.q_index.tolist() == [0, 1] and dec.out_index.tolist() == [0, 1]
+    assert dec.mask("full").tolist() == [[[[True] * 6]], [[[True] * 3 + [False] * 3]]]
+    assert dec.mask("sliding").tolist() == [[[[False] * 4 + [True] * 2]], [[[False, True, True] + [False] * 3]]]
+    assert (multi.num_rows, multi.max_q, multi.max_kv, multi.rows, multi.fresh) == (2, 3, 5, None, False)
+    assert multi.q_index.tolist() == [2, 3, 4, 5, 6, 0] and multi.valid.tolist() == [True] * 5 + [False]
+    assert multi.out_index.tolist() == [2, 3, 4, 5, 6] and multi.q_pos.tolist() == [[2, 3, 4], [0, 1, 0]]
+    assert multi.kv_slots.tolist() == [4, 5, 6, 7, 16, 12, 13, 0, 0, 0]
+    T, F = True, False
+    assert multi.mask("full").tolist() == [[[[T, T, T, F, F], [T, T, T, T, F], [T, T, T, T, T]]],
+                                           [[[T, F, F, F, F], [T, T, F, F, F], [T, F, F, F, F]]]]  # padding: key 0
+    assert multi.mask("sliding").tolist() == [[[[F, T, T, F, F], [F, F, T, T, F], [F, F, F, T, T]]],
+                                              [[[T, F, F, F, F], [T, T, F, F, F], [T, F, F, F, F]]]]
+    assert multi.mask("full") is multi.mask("full")  # made once, kept for the step's other layers
+    # one prompt with nothing cached: plain causal attention (no mask) unless a window cuts it
+    fresh = build_attention_batch([SeqSlice(0, 3, 3, [1])], 4, {"full": None, "sliding": 2}).groups[0]
+    assert fresh.fresh and fresh.mask("full") is None
+    assert fresh.mask("sliding").tolist() == [[[[T, F, F], [T, T, F], [F, T, T]]]]

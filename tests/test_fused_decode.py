@@ -10,14 +10,22 @@ import functools
 import pytest
 import torch
 
+from tests.kernel_check import built_or_none
 from tierlm import LLM
 from tierlm.model.attention import KVCache, SeqSlice, build_attention_batch
-from tierlm.model.kernels import decode_layers_kernel, quant_gemv
+from tierlm.model.kernels import cpu_has_avx2, cpu_has_avx512_vnni, decode_layers_kernel, quant_gemv
 from tierlm.quant import FusedWeight, get_quantizer
 from tierlm.sampling_params import SamplingParams
 
-needs_kernels = pytest.mark.skipif(decode_layers_kernel() is None or quant_gemv() is None,
-                                   reason="needs the compiled kernels (make setup) on an AVX512-VNNI CPU")
+# Where the CPU runs the kernels they must have been built (a missing build step fails loudly); a CPU
+# without AVX512-VNNI has no fused step for quantized weights, and these tests do not apply there.
+needs_kernels = pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the quantized kernel needs AVX512-VNNI")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_built():
+    built_or_none(decode_layers_kernel(), cpu_has_avx2(), "fused decode step")
+    built_or_none(quant_gemv(), cpu_has_avx512_vnni(), "quantized kernel")
 
 BLOCK = 16
 LENGTHS = (5, 17, 9)  # cached tokens per sequence before the decode step (17 > mistral's window of 7)

@@ -75,13 +75,39 @@ class AttentionGroup:
     valid: torch.Tensor  # (Bg * maxQ,) bool
     out_index: torch.Tensor  # (num_valid,) int64 = q_index[valid]
     kv_slots: torch.Tensor  # (Bg * maxL,) int64 slots to gather (padding -> null block slot 0)
-    q_pos: torch.Tensor  # (Bg, maxQ) int64 absolute positions (for ALiBi)
-    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # layer type -> (Bg, 1, maxQ, maxL) bool
+    q_pos: torch.Tensor  # (Bg, maxQ) int64 absolute positions (padding -> 0)
     fresh: bool = False  # one row, no cached prefix: attend over this step's own k/v, causal
     # The group's queries as one run of the step's tokens, in order and unpadded (every decode group
     # of a step whose decodes come first, and any single row); None otherwise. Attention then reads q
     # and writes its output as views, saving a gather and a scatter per layer.
     rows: slice | None = None
+    windows: dict[str, int | None] = field(default_factory=dict)  # layer type -> sliding window (None: none)
+    _masks: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def mask(self, layer_type: str) -> torch.Tensor | None:
+        """(Bg, 1, maxQ, maxL) bool, query i of row b may see key j: j <= its position and, with a
+        window, position - j < window; padded query rows see key 0 only (an all-masked softmax is NaN).
+        None: plain causal attention over the step's own tokens (``fresh``, no window in the way).
+
+        Made on first use and kept for the step's other layers: steps whose attention runs in the
+        decode kernel (or the fused decode step) never need one."""
+        if layer_type not in self._masks:
+            self._masks[layer_type] = self._make_mask(self.windows[layer_type])
+        return self._masks[layer_type]
+
+    def _make_mask(self, window: int | None) -> torch.Tensor | None:
+        if self.fresh and (window is None or window >= self.max_kv):
+            return None
+        bg, max_q = self.num_rows, self.max_q
+        q_pos = self.q_pos.view(bg, max_q, 1)
+        kv_pos = torch.arange(self.max_kv, device=q_pos.device).view(1, 1, self.max_kv)
+        m = kv_pos <= q_pos  # (Bg, maxQ, maxL)
+        if window is not None:
+            m &= (q_pos - kv_pos) < window
+        padded = ~self.valid.view(bg, max_q)
+        m[padded] = False
+        m[..., 0] |= padded
+        return m.unsqueeze(1)
 
 
 @dataclass
@@ -122,38 +148,29 @@ def _group(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int |
     bg = len(seqs)
     max_q = max(s.query_len for s in seqs)
     max_kv = max(s.context_len for s in seqs)
-    q_index = torch.zeros(bg, max_q, dtype=torch.int64)
-    valid = torch.zeros(bg, max_q, dtype=torch.bool)
-    q_pos = torch.zeros(bg, max_q, dtype=torch.int64)
-    kv_slots = torch.zeros(bg, max_kv, dtype=torch.int64)
-    for r, s in enumerate(seqs):
-        q_index[r, :s.query_len] = torch.arange(s.query_start, s.query_start + s.query_len)
-        valid[r, :s.query_len] = True
-        q_pos[r, :s.query_len] = torch.arange(s.context_len - s.query_len, s.context_len)
-        pos = torch.arange(s.context_len)
-        table = torch.tensor(s.block_table, dtype=torch.int64)
-        kv_slots[r, :s.context_len] = table[pos // block_size] * block_size + pos % block_size
+    # A few whole-group ops rather than a handful per sequence: this runs every step, for every row.
+    q_len = torch.tensor([s.query_len for s in seqs]).view(bg, 1)
+    ctx_len = torch.tensor([s.context_len for s in seqs]).view(bg, 1)
+    q_off = torch.arange(max_q).view(1, max_q)
+    valid = q_off < q_len  # (Bg, maxQ)
+    q_index = torch.where(valid, torch.tensor([s.query_start for s in seqs]).view(bg, 1) + q_off, 0)
+    q_pos = torch.where(valid, ctx_len - q_len + q_off, 0)
+    # slot of position p: table[p // block_size] * block_size + p % block_size; tables padded with
+    # block 0, which only positions past a row's context (set to slot 0 below) would read
+    num_table = -(-max_kv // block_size)
+    tables = torch.tensor([s.block_table[:num_table] + [0] * (num_table - len(s.block_table[:num_table]))
+                           for s in seqs], dtype=torch.int64)  # (Bg, blocks)
+    slots = (tables.view(bg, num_table, 1) * block_size + torch.arange(block_size)).view(bg, -1)[:, :max_kv]
+    kv_slots = torch.where(torch.arange(max_kv).view(1, max_kv) < ctx_len, slots, 0)  # (Bg, maxL)
     fresh = bg == 1 and seqs[0].context_len == seqs[0].query_len
     start = seqs[0].query_start
     dense = all(s.query_len == max_q and s.query_start == start + r * max_q for r, s in enumerate(seqs))
-    kv_pos = torch.arange(max_kv)
-    masks: dict[str, torch.Tensor | None] = {}
-    for layer_type, window in layer_windows.items():
-        if fresh and (window is None or window >= max_kv):
-            masks[layer_type] = None  # plain causal attention over the step's own tokens
-            continue
-        m = kv_pos.view(1, 1, max_kv) <= q_pos.view(bg, max_q, 1)  # (Bg, maxQ, maxL)
-        if window is not None:
-            m &= (q_pos.view(bg, max_q, 1) - kv_pos.view(1, 1, max_kv)) < window
-        m[~valid] = False
-        m[..., 0] |= ~valid  # padded query rows see one (null) key: avoids an all-masked softmax
-        masks[layer_type] = m.unsqueeze(1).to(device)
     valid_flat = valid.view(-1)
     q_flat = q_index.view(-1)
     return AttentionGroup(num_rows=bg, max_q=max_q, max_kv=max_kv, q_index=q_flat.to(device),
                           valid=valid_flat.to(device), out_index=q_flat[valid_flat].to(device),
-                          kv_slots=kv_slots.view(-1).to(device), q_pos=q_pos.to(device), masks=masks, fresh=fresh,
-                          rows=slice(start, start + bg * max_q) if dense else None)
+                          kv_slots=kv_slots.reshape(-1).to(device), q_pos=q_pos.to(device), fresh=fresh,
+                          rows=slice(start, start + bg * max_q) if dense else None, windows=dict(layer_windows))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -228,7 +245,7 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
             if g.rows is None:
                 out.index_copy_(0, g.out_index, o_rows)
             continue
-        mask = g.masks[layer_type]
+        mask = g.mask(layer_type)
         q_rows = q[g.rows] if g.rows is not None else q.index_select(0, g.q_index)  # (Bg * maxQ, H, D)
         qg = q_rows.view(g.num_rows, g.max_q, h, d).transpose(1, 2)  # (Bg, H, maxQ, D)
         if g.fresh:  # one row (so g.rows is set): its own k/v are all there is

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
 import torch
 
@@ -70,10 +72,14 @@ class FusedDecodePlan:
     linear: object
     sources: tuple  # the layers' weights, held so that no other object can take their ids
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ids", tuple(map(id, self.sources)))
+
     def current(self, layers: list, linear) -> bool:
         """Whether the model still has that linear method and those weights (GPTQ and calibration
-        swap them after start-up)."""
-        return linear is self.linear and all(a is b for a, b in zip(_sources(layers), self.sources, strict=True))
+        swap them after start-up). Compared by id, which no other object can take while ``sources``
+        holds them: once a step, so a few microseconds (not a loop of ``is`` in Python)."""
+        return linear is self.linear and tuple(map(id, _sources(layers))) == self._ids
 
 
 class FusedDecode:
@@ -148,10 +154,13 @@ class FusedDecode:
 
 
 def _sources(layers: list) -> tuple:
-    return tuple(getattr(lw, n, None) for lw in layers for n in _SOURCE_FIELDS)
+    """Every weight the fused step reads, layer by layer (None for a layer not loaded)."""
+    return tuple(chain.from_iterable((None,) * len(_SOURCE_FIELDS) if lw is None else _source_fields(lw)
+                                     for lw in layers))
 
 
 _SOURCE_FIELDS = ("attn_norm", "mlp_norm", "qkv", "o", "up", "down", "qkv_bias", "o_bias", "up_bias", "down_bias")
+_source_fields = attrgetter(*_SOURCE_FIELDS)
 
 
 def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, device: torch.device, tiered: bool,
