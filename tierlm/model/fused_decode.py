@@ -6,19 +6,24 @@ keeps the small formats' steps from shrinking with their bytes. This path hands 
 which calls the same kernels (quantized GEMV, float32 GEMM, RMSNorm, RoPE, decode attention) with
 the glue between them (residual adds, SiLU * up, the cache writes) in plain loops.
 
-It takes what that C loop implements and nothing else, decided once per model (``plan_fused_decode``, whose
-reason for a refusal is logged at start-up) and once per step (``takes``):
+It takes what that C loop implements and nothing else, decided once per model (``plan_fused_decode``, whose reason
+for a refusal is logged at start-up) and once per step (``takes``):
 
-* model: CPU, float32 activations, resident weights (not tiered), RMSNorm, RoPE, gated SiLU MLP,
-  sequential residual without post-norms or q/k norms, no norm biases, no soft-capping or ALiBi;
+* model: CPU, float32 activations, resident weights (not tiered), RMSNorm, RoPE, a gated SiLU or
+  tanh-GELU MLP, sequential residual (with or without Gemma's q/k norms and post-norms), no norm
+  biases, no soft-capping or ALiBi;
   every matrix quantized in a format of the quantized kernel, or plain float32 for the float32 GEMM
   (what StreamingLinear runs);
 * step: decode rows only (one new token each, one attention group stored in order), at most
   ``MAX_ROWS`` of them (the quantized kernel's decode batch), a plain float32 KV cache.
 
-Everything else (prompt chunks, mixed steps, a quantized KV cache, Gemma's norms) runs layer by
-layer as before. Results equal that path's except for SiLU: expf here, torch's vectorised exp there,
-an ulp or so (tests/test_fused_decode.py compares logits and greedy tokens).
+Everything else (prompt chunks, mixed steps, a quantized KV cache, GPT-2 and OPT's LayerNorm) runs
+layer by layer as before. Results equal that path's bit for bit except for the activation, which uses
+the C library's expf / tanhf here and torch's vectorised exp / tanh there: they differ by an ulp in
+about 1 value in 1500 (tests/test_fused_decode.py gives the layer path the C library's activation and
+compares the hidden states and every cache slot exactly). Through the kernel's int8 rounding of activations such an ulp can move
+a logit of the random 1.1B Llama by a few hundredths, as much as an ulp of noise in the layer path's
+own SiLU moves it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ class _Matrix(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _Matrix), ("o", _Matrix),
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p),
+                ("qkv", _Matrix), ("o", _Matrix),
                 ("up", _Matrix), ("down", _Matrix), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("window", ctypes.c_int32), ("rope_table", ctypes.c_int32)]
 
@@ -58,8 +65,26 @@ class _Model(ctypes.Structure):
                 ("rope", ctypes.c_void_p), ("attn", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer)),
                 ("num_layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("num_heads", ctypes.c_int32),
                 ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("rotary_dim", ctypes.c_int32),
-                ("intermediate", ctypes.c_int32), ("interleaved", ctypes.c_int32), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float)]
+                ("intermediate", ctypes.c_int32), ("interleaved", ctypes.c_int32), ("activation", ctypes.c_int32),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # decode_layers.c's ACT_*
+
+
+@dataclass(frozen=True)
+class _PartSpec:
+    """One matrix, or one part of a stacked one (tierlm.quant.FusedWeight), as decode_layers.c's Part."""
+
+    fmt: int  # a quant_gemv.c format id (tierlm.quant.linear.KernelOperand); -1: plain float32 for f32_gemm.c
+    codes: torch.Tensor  # row tiles, codes, or the float32 (rows, cols) matrix
+    steps: torch.Tensor | None
+    mins: torch.Tensor | None
+    group: int
+    row_bytes: int
+    scale_stride: int
+    rows: int
+    cols: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +111,7 @@ class FusedDecode:
     """The C structs describing one model's layers, built once; ``__call__`` runs a step."""
 
     def __init__(self, cfg: ModelConfig, layers: list, layer_types: list[str], rope_keys: list[str],
-                 windows: dict[str, int | None], parts: list[list[list]], kernels: dict):
+                 windows: dict[str, int | None], parts: list[list[list[_PartSpec]]], kernels: dict):
         self.cfg = cfg
         self.rope_keys = rope_keys
         self._run = kernels["step"]
@@ -94,8 +119,9 @@ class FusedDecode:
         self._layers = (_Layer * len(layers))()
         for i, (lw, layer_parts) in enumerate(zip(layers, parts)):
             L = self._layers[i]
-            L.attn_norm, L.mlp_norm = self._ptr(lw.attn_norm.float().contiguous()), self._ptr(
-                lw.mlp_norm.float().contiguous())
+            for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"):
+                w = getattr(lw, name)
+                setattr(L, name, None if w is None else self._ptr(w.float().contiguous()))
             for name, matrix_parts in zip(("qkv", "o", "up", "down"), layer_parts):
                 setattr(L, name, self._matrix(matrix_parts, getattr(lw, f"{name}_bias")))
             L.window = windows.get(layer_types[i]) or 0
@@ -105,7 +131,8 @@ class FusedDecode:
                              num_layers=len(layers), hidden=cfg.hidden_size, num_heads=cfg.num_heads,
                              num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                              rotary_dim=cfg.effective_rotary_dim, intermediate=cfg.intermediate_size,
-                             interleaved=int(cfg.rope_layout == "interleaved"), eps=cfg.norm_eps,
+                             interleaved=int(cfg.rope_layout == "interleaved"),
+                             activation=_ACTIVATIONS[cfg.activation], eps=cfg.norm_eps,
                              scale=cfg.effective_attn_scale)
         self._cache: KVCache | None = None
 
@@ -115,15 +142,15 @@ class FusedDecode:
         self._keep.append(t)
         return t.data_ptr()
 
-    def _matrix(self, parts: list, bias: torch.Tensor | None) -> _Matrix:
-        """parts: (kernel format id or -1 for float32, tensors..., group, row_bytes, scale_stride, rows, cols)."""
+    def _matrix(self, parts: list[_PartSpec], bias: torch.Tensor | None) -> _Matrix:
         arr = (_Part * len(parts))()
-        for p, (fmt, codes, steps, mins, group, row_bytes, scale_stride, rows, cols) in zip(arr, parts):
-            p.codes, p.steps, p.mins = self._ptr(codes), self._ptr(steps), self._ptr(mins)
-            p.fmt, p.group, p.row_bytes, p.scale_stride, p.rows, p.cols = fmt, group, row_bytes, scale_stride, rows, cols
+        for p, spec in zip(arr, parts):
+            p.codes, p.steps, p.mins = self._ptr(spec.codes), self._ptr(spec.steps), self._ptr(spec.mins)
+            p.fmt, p.group, p.row_bytes, p.scale_stride = spec.fmt, spec.group, spec.row_bytes, spec.scale_stride
+            p.rows, p.cols = spec.rows, spec.cols
         self._keep.append(arr)
         b = None if bias is None else self._ptr(bias.float().contiguous())
-        return _Matrix(parts=arr, bias=b, num_parts=len(parts), rows=sum(p[7] for p in parts))
+        return _Matrix(parts=arr, bias=b, num_parts=len(parts), rows=sum(spec.rows for spec in parts))
 
     def takes(self, batch: AttentionBatch, cache: KVCache) -> bool:
         """Decode rows only, in order, at most MAX_ROWS, over a plain float32 cache."""
@@ -159,7 +186,8 @@ def _sources(layers: list) -> tuple:
                                      for lw in layers))
 
 
-_SOURCE_FIELDS = ("attn_norm", "mlp_norm", "qkv", "o", "up", "down", "qkv_bias", "o_bias", "up_bias", "down_bias")
+_SOURCE_FIELDS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm", "qkv", "o", "up",
+                  "down", "qkv_bias", "o_bias", "up_bias", "down_bias")
 _source_fields = attrgetter(*_SOURCE_FIELDS)
 
 
@@ -185,15 +213,16 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
         return no("weights are tiered (streamed per layer)")
     if not weights.layers or any(lw is None for lw in weights.layers):
         return no("layers not loaded")
-    if not (cfg.norm == "rmsnorm" and cfg.position == "rope" and cfg.gated_mlp and cfg.activation == "silu"
+    if not (cfg.norm == "rmsnorm" and cfg.position == "rope" and cfg.gated_mlp and cfg.activation in _ACTIVATIONS
             and cfg.residual == "sequential" and cfg.attn_softcap is None):
-        return no("not a Llama-shaped block (RMSNorm, RoPE, gated SiLU, sequential residual, no soft-capping)")
+        return no("not a Llama- or Gemma-shaped block (RMSNorm, RoPE, gated SiLU or tanh-GELU, sequential "
+                  "residual, no soft-capping)")
     if cfg.head_dim % 8 or cfg.num_heads % cfg.num_kv_heads or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > 4096:
         return no("heads the decode attention kernel does not take")
     for lw in weights.layers:
-        if (lw.q_norm is not None or lw.post_attn_norm is not None or lw.post_mlp_norm is not None
-                or lw.mlp_norm is None or lw.attn_norm_bias is not None or lw.mlp_norm_bias is not None):
-            return no("layers with q/k norms, post-norms or norm biases")
+        if ((lw.q_norm is None) != (lw.k_norm is None) or lw.mlp_norm is None or lw.attn_norm_bias is not None
+                or lw.mlp_norm_bias is not None):
+            return no("layers with a q norm but no k norm (or the reverse), no MLP norm, or norm biases")
     step, norm, rope, attn = K.decode_layers_kernel(), K.rms_norm_kernel(), K.rope_kernel(), K.decode_attention_kernel()
     if None in (step, norm, rope, attn):
         return no("kernels not built (make setup)")
@@ -201,11 +230,11 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
     dense = quant.dense if quant is not None else linear
     dense_f32 = isinstance(dense, StreamingLinear) and dense.dtype == torch.float32
 
-    def part(w) -> list | None:
+    def part(w) -> _PartSpec | None:
         if isinstance(w, torch.Tensor):
             ok = (dense_f32 and w.dtype == torch.float32 and w.device.type == "cpu" and not w.is_mkldnn
                   and w.is_contiguous() and w.shape[1] % dense.k_multiple == 0)
-            return [-1, w, None, None, 0, 0, 0, w.shape[0], w.shape[1]] if ok else None
+            return _PartSpec(-1, w, None, None, 0, 0, 0, w.shape[0], w.shape[1]) if ok else None
         if quant is None or quant.kernel is None:
             return None
         if isinstance(w, QuantizedWeight) and (w.format not in KERNEL_FORMATS or w.codes.device.type != "cpu"):
@@ -213,9 +242,10 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
         if not isinstance(w, (QuantizedWeight, RowTiles)):
             return None
         op = kernel_operand(w)
-        return [op.fmt, op.codes, op.steps, op.mins, op.group, op.row_bytes, op.scale_stride, w.shape[0], w.shape[1]]
+        return _PartSpec(op.fmt, op.codes, op.steps, op.mins, op.group, op.row_bytes, op.scale_stride, w.shape[0],
+                         w.shape[1])
 
-    parts: list[list[list]] = []
+    parts: list[list[list[_PartSpec]]] = []
     for lw in weights.layers:
         layer_parts = []
         for name in ("qkv", "o", "up", "down"):

@@ -1,15 +1,19 @@
-/* A decode step through every layer of a Llama-shaped decoder in one call (tierlm.model.fused_decode).
+/* A decode step through every layer of a Llama- or Gemma-shaped decoder in one call
+ * (tierlm.model.fused_decode).
  *
- * Per layer, for N decode rows (one new token each, N <= 8):
+ * Per layer, for N decode rows (one new token each, N <= 8); [optional] parts are NULL pointers when
+ * the model has none:
  *
  *     h = rms_norm(x) * attn_norm
  *     qkv = h W_qkv^T (+ b)              q | k | v side by side, (N, (H + 2 Hkv) D)
+ *     [q, k = rms_norm per head * q_norm, k_norm]
  *     rope(q, k) in place; k, v -> their cache slots
- *     a = attention(q, cache)            (N, H D)
- *     x += a W_o^T (+ b)
+ *     a = attention(q, cache) W_o^T (+ b)
+ *     x += [rms_norm(a) * post_attn_norm]
  *     h = rms_norm(x) * mlp_norm
  *     g | u = h W_up^T (+ b)             (N, 2 F)
- *     x += (silu(g) * u) W_down^T (+ b)
+ *     m = (act(g) * u) W_down^T (+ b)    act: SiLU, or GELU with the tanh approximation
+ *     x += [rms_norm(m) * post_mlp_norm]
  *
  * Why: the same step in Python is about 15 small calls a layer (norms, RoPE, two cache writes, the
  * attention call, chunk / SiLU / mul, residual adds, and each kernel call's argument handling), about
@@ -19,8 +23,9 @@
  *
  * No kernel is repeated here: the matmuls, RMSNorm, RoPE and decode attention are the libraries the
  * Python path calls (quant_gemv.c, f32_gemm.c, rms_norm.c, rope.c, decode_attention.c), whose entry
- * points the caller passes in, so this file's results equal that path's except for SiLU (expf here,
- * torch's vectorised exp there: an ulp or so).
+ * points the caller passes in, so this file's results equal that path's except for the activation
+ * (the C library's expf / tanhf here, torch's vectorised exp / tanh there: an ulp in about 1 value in
+ * 1500). Products and sums in the order torch computes them, without FMA contraction.
  *
  * Layout: x (N, d) float32, updated in place; caches (num_slots, Hkv, D) float32; slot_mapping (N,)
  * the slot of each row's new token; kv_slots (N * max_kv) and q_pos (N,) as decode_attention.c
@@ -59,6 +64,8 @@ typedef struct {
 
 typedef struct {
     const float *attn_norm, *mlp_norm; /* (d,) float32, any +1 offset already in */
+    const float *q_norm, *k_norm;      /* (D,) or NULL: RMSNorm of each head of q and k before RoPE */
+    const float *post_attn_norm, *post_mlp_norm; /* (d,) or NULL: of the attention / MLP output */
     Matrix qkv, o, up, down;
     float *k_cache, *v_cache;
     int32_t window;     /* sliding window in tokens, 0 = none */
@@ -73,8 +80,26 @@ typedef struct {
     attn_fn attn;
     const Layer *layers;
     int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, rotary_dim, intermediate, interleaved;
+    int32_t activation; /* ACT_SILU or ACT_GELU_TANH */
     float eps, scale;
 } Model;
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+/* a (F,) = act(g) * u, as torch's CPU kernels write them: silu(g) = g / (1 + exp(-g)); gelu_tanh(g) =
+ * 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))). */
+__attribute__((optimize("fp-contract=off")))
+static void gated_activation(int activation, const float *g, const float *u, float *a, int F) {
+    if (activation == ACT_SILU) {
+        for (int j = 0; j < F; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+        return;
+    }
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (int j = 0; j < F; j++) {
+        const float x = g[j], inner = beta * (x + kappa * (x * x * x));
+        a[j] = 0.5f * x * (1.f + tanhf(inner)) * u[j];
+    }
+}
 
 /* y (N, w->rows) = x (N, K) W^T + b. scratch holds N x (the largest part's rows) floats. */
 static int matmul(const Model *m, const Matrix *w, const float *x, int N, int K, float *y, float *scratch,
@@ -128,6 +153,12 @@ int tierlm_decode_layers(const Model *m, float *x, int N, const int64_t *slot_ma
         const Layer *L = &m->layers[i];
         m->norm(x, L->attn_norm, h, N, d, m->eps, num_threads);
         if ((status = matmul(m, &L->qkv, h, N, d, qkv, scratch, num_threads))) break;
+        if (L->q_norm)  /* in place, head by head (rows of D), each token's heads contiguous */
+            for (int n = 0; n < N; n++) {
+                float *row = qkv + (int64_t)n * qkv_size;
+                m->norm(row, L->q_norm, row, H, D, m->eps, 1);
+                m->norm(row + q_size, L->k_norm, row + q_size, Hkv, D, m->eps, 1);
+            }
         m->rope(qkv, qkv_size, N, H + Hkv, D, m->rotary_dim, cos_t[L->rope_table], sin_t[L->rope_table],
                 m->interleaved);
         for (int n = 0; n < N; n++) {
@@ -139,15 +170,15 @@ int tierlm_decode_layers(const Model *m, float *x, int N, const int64_t *slot_ma
                               L->window, m->scale, attn, num_threads)))
             break;
         if ((status = matmul(m, &L->o, attn, N, q_size, t, scratch, num_threads))) break;
+        if (L->post_attn_norm) m->norm(t, L->post_attn_norm, t, N, d, m->eps, num_threads);
         for (int64_t j = 0; j < (int64_t)N * d; j++) x[j] += t[j];
         m->norm(x, L->mlp_norm, h, N, d, m->eps, num_threads);
         if ((status = matmul(m, &L->up, h, N, d, up, scratch, num_threads))) break;
-        for (int n = 0; n < N; n++) {
-            const float *g = up + (int64_t)n * 2 * F, *u = g + F;
-            float *a = act + (int64_t)n * F;
-            for (int j = 0; j < F; j++) a[j] = g[j] / (1.f + expf(-g[j])) * u[j];
-        }
+        for (int n = 0; n < N; n++)
+            gated_activation(m->activation, up + (int64_t)n * 2 * F, up + (int64_t)n * 2 * F + F, act + (int64_t)n * F,
+                             F);
         if ((status = matmul(m, &L->down, act, N, F, t, scratch, num_threads))) break;
+        if (L->post_mlp_norm) m->norm(t, L->post_mlp_norm, t, N, d, m->eps, num_threads);
         for (int64_t j = 0; j < (int64_t)N * d; j++) x[j] += t[j];
     }
     free(buf);
