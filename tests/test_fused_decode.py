@@ -166,7 +166,10 @@ def test_fused_decode_declines_what_it_does_not_implement(hf_model):
     mixed = build_attention_batch([SeqSlice(0, 1, 6, [1]), SeqSlice(1, 4, 4, [2])], BLOCK, llm.model.layer_windows)
     assert not fused.takes(mixed, cache)
     nine = build_attention_batch([SeqSlice(i, 1, 3, [i + 1]) for i in range(9)], BLOCK, llm.model.layer_windows)
-    assert not fused.takes(nine, cache)
+    assert fused.max_rows == 8 and not fused.takes(nine, cache)
+    # float32 weights: the float32 GEMM's 16 rows (StreamingLinear.max_rows)
+    dense = LLM(folder).model.decode_plan().fused
+    assert dense.max_rows == 16 and dense.takes(nine, cache)
     # a quantized KV cache (not a plain tensor; head_dim 32 for its groups), or one in another dtype
     assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 32, torch.float32, quant="q8"))
     assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 16, torch.bfloat16))

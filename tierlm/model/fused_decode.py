@@ -14,8 +14,9 @@ for a refusal is logged at start-up) and once per step (``takes``):
   biases, no soft-capping or ALiBi;
   every matrix quantized in a format of the quantized kernel, or plain float32 for the float32 GEMM
   (what StreamingLinear runs);
-* step: decode rows only (one new token each, one attention group stored in order), at most
-  ``MAX_ROWS`` of them (the quantized kernel's decode batch), a plain float32 KV cache.
+* step: decode rows only (one new token each, one attention group stored in order), no more of them
+  than the layer path sends to the same kernels (``max_rows``: 8 for the quantized kernel, 16 for the
+  float32 GEMM), a plain float32 KV cache.
 
 Everything else (prompt chunks, mixed steps, a quantized KV cache, GPT-2 and OPT's LayerNorm) runs
 layer by layer as before. Results equal that path's bit for bit except for the activation, which uses
@@ -38,7 +39,6 @@ import torch
 from tierlm.model.attention import AttentionBatch, KVCache
 from tierlm.model.spec import ModelConfig
 
-MAX_ROWS = 8  # tierlm.quant.linear.QuantLinear.max_kernel_rows: above, prompts' float path
 
 
 class _Part(ctypes.Structure):
@@ -111,8 +111,9 @@ class FusedDecode:
     """The C structs describing one model's layers, built once; ``__call__`` runs a step."""
 
     def __init__(self, cfg: ModelConfig, layers: list, layer_types: list[str], rope_keys: list[str],
-                 windows: dict[str, int | None], parts: list[list[list[_PartSpec]]], kernels: dict):
+                 windows: dict[str, int | None], parts: list[list[list[_PartSpec]]], kernels: dict, max_rows: int):
         self.cfg = cfg
+        self.max_rows = max_rows
         self.rope_keys = rope_keys
         self._run = kernels["step"]
         self._keep: list = []  # tensors and ctypes arrays the structs point into
@@ -153,12 +154,12 @@ class FusedDecode:
         return _Matrix(parts=arr, bias=b, num_parts=len(parts), rows=sum(spec.rows for spec in parts))
 
     def takes(self, batch: AttentionBatch, cache: KVCache) -> bool:
-        """Decode rows only, in order, at most MAX_ROWS, over a plain float32 cache."""
+        """Decode rows only, in order, at most ``max_rows``, over a plain float32 cache."""
         if len(batch.groups) != 1:
             return False
         g = batch.groups[0]
         n = batch.positions.shape[0]
-        return (g.max_q == 1 and not g.fresh and 1 <= n <= MAX_ROWS and g.rows == slice(0, n)
+        return (g.max_q == 1 and not g.fresh and 1 <= n <= self.max_rows and g.rows == slice(0, n)
                 and isinstance(cache.k[0], torch.Tensor) and cache.k[0].dtype == torch.float32)
 
     def __call__(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache,
@@ -259,5 +260,10 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
                "f32_gemm": K.address(dense.kernel) if dense_f32 else None, "norm": K.address(norm),
                "rope": K.address(rope), "attn": K.address(attn)}
     rope_keys = sorted(set(cfg.layer_types))
+    # the rows up to which the layer path would run these kernels: above, its prompts' paths take over
+    specs = [spec for layer in parts for matrix in layer for spec in matrix]
+    limits = ([dense.max_rows] if any(s.fmt < 0 for s in specs) else []) + (
+        [quant.max_kernel_rows] if any(s.fmt >= 0 for s in specs) else [])
+    max_rows = min(limits)
     return FusedDecodePlan(FusedDecode(cfg, weights.layers, list(cfg.layer_types), rope_keys, layer_windows, parts,
-                                       kernels), "fused", linear, sources)
+                                       kernels, max_rows), "fused", linear, sources)
