@@ -120,6 +120,7 @@ class Transformer:
         """input_ids (N,) -> final hidden states (N, hidden), before the final norm."""
         x = self.embed(input_ids, batch.positions)
         rope = self.rope_for(batch.positions)
+        # (the first tests are FusedDecode.takes's own, here so that prompt steps skip the plan's check)
         if self.fused_decode and self.tiers is None and len(batch.groups) == 1 and batch.groups[0].max_q == 1:
             fused = self.decode_plan().fused
             if fused is not None and fused.takes(batch, cache):
