@@ -198,7 +198,7 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
     from tierlm.model import kernels as K
     from tierlm.model.linear import StreamingLinear
     from tierlm.quant import FusedWeight, QuantizedWeight
-    from tierlm.quant.linear import KERNEL_FORMATS, QuantLinear, kernel_operand
+    from tierlm.quant.linear import QuantLinear, kernel_operand
     from tierlm.quant.tiles import RowTiles
 
     sources = _sources(weights.layers)
@@ -236,11 +236,9 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
             ok = (dense_f32 and w.dtype == torch.float32 and w.device.type == "cpu" and not w.is_mkldnn
                   and w.is_contiguous() and w.shape[1] % dense.k_multiple == 0)
             return _PartSpec(-1, w, None, None, 0, 0, 0, w.shape[0], w.shape[1]) if ok else None
-        if quant is None or quant.kernel is None:
+        if not (isinstance(w, (QuantizedWeight, RowTiles)) and quant is not None and quant.kernel_takes(w)):
             return None
-        if isinstance(w, QuantizedWeight) and (w.format not in KERNEL_FORMATS or w.codes.device.type != "cpu"):
-            return None
-        if not isinstance(w, (QuantizedWeight, RowTiles)):
+        if isinstance(w, QuantizedWeight) and w.codes.device.type != "cpu":
             return None
         op = kernel_operand(w)
         return _PartSpec(op.fmt, op.codes, op.steps, op.mins, op.group, op.row_bytes, op.scale_stride, w.shape[0],

@@ -137,11 +137,16 @@ class QuantLinear:
             y = y + bias
         return y
 
+    def kernel_takes(self, qw: QuantizedWeight | RowTiles) -> bool:
+        """Whether products of decode-sized batches (CPU) with ``qw`` run in the compiled kernel; row
+        tiles are only made when it is there (``prepare``)."""
+        return self.kernel is not None and (isinstance(qw, RowTiles) or qw.format in KERNEL_FORMATS)
+
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
         in_kernel_rows = self.int8_prompts or x.shape[0] <= self.max_kernel_rows
-        if isinstance(qw, RowTiles):  # only made when the kernel is there (prepare)
+        if isinstance(qw, RowTiles):
             return kernel_matmul(self.kernel, x, qw).to(x.dtype) if in_kernel_rows else tiled_tiles_matmul(x, qw)
-        if self.kernel is not None and in_kernel_rows and x.device.type == "cpu" and qw.format in KERNEL_FORMATS:
+        if in_kernel_rows and x.device.type == "cpu" and self.kernel_takes(qw):
             return kernel_matmul(self.kernel, x, qw).to(x.dtype)
         return method_for(qw.format, qw.group).matmul(x, qw)
 
