@@ -28,9 +28,25 @@ def test_block_manager_allocates_in_order_and_never_block_zero():
     other: list[int] = []
     assert bm.allocate(other, 5) is None and other == [] and bm.num_free_blocks == 1  # all or nothing
     bm.free(table)
-    assert table == [] and list(bm.free_blocks) == [4, 3, 2, 1]
-    assert bm.allocate(other, 5) == [4, 3]
-    assert bm.ref_counts == [0, 0, 0, 1, 1]
+    assert table == [] and list(bm.free_blocks) == [1, 2, 3, 4]  # back at the front, in table order
+    assert bm.allocate(other, 5) == [1, 2]
+    assert bm.ref_counts == [0, 1, 1, 0, 0]
+
+
+def test_block_manager_reuses_the_most_recently_freed_blocks():
+    # Freed blocks go to the front, so ids past the most ever held at once are never touched.
+    bm = BlockManager(num_blocks=9, block_size=4)
+    a: list[int] = []
+    b: list[int] = []
+    assert bm.allocate(a, 8) == [1, 2] and bm.allocate(b, 4) == [3]
+    bm.free(a)
+    assert list(bm.free_blocks) == [1, 2, 4, 5, 6, 7, 8]
+    c: list[int] = []
+    assert bm.allocate(c, 12) == [1, 2, 4]
+    bm.free(b)
+    bm.free(c)
+    assert list(bm.free_blocks) == [1, 2, 4, 3, 5, 6, 7, 8]
+    assert bm.allocate(a, 16) == [1, 2, 4, 3]
 
 
 def test_block_manager_rejects_double_free_and_tiny_caches():
@@ -402,12 +418,12 @@ def test_preemption_frees_newest_and_requeues_it_first(prompt_order):
     assert [r.request_id for r in out.preempted] == ["b"]
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert b.metrics.num_preemptions == 1 and list(sched.waiting) == [b]
-    assert a.block_table == [1, 2, 4]  # b's blocks came back tail first: [4, 3]
+    assert a.block_table == [1, 2, 3]  # b's blocks came back to the front of the free list: [3, 4]
     _finish_step(sched, out)
     # Once a finishes, b recomputes its prompt and its 2 output tokens in one chunk.
     sched.finish(a, FinishReason.LENGTH)
     out = sched.schedule()
-    assert _chunks(out) == [("b", 0, 5, True)] and b.block_table == [3, 4, 2]
+    assert _chunks(out) == [("b", 0, 5, True)] and b.block_table == [1, 2, 3]
 
 
 def test_request_preempts_itself_when_alone_and_cache_is_short():
