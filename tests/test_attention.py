@@ -152,6 +152,104 @@ def test_decode_kernel_declines_what_it_cannot_do():
     assert not decode.takes(batch.groups[0], q.to(torch.bfloat16), kc)  # dtypes differ
 
 
+def _prompt_case(dtype, window, heads, hkv, head_dim, seed):
+    """One decode row beside three prompt rows: a whole 37-token prompt, a 21-token chunk at position
+    39 (its earlier tokens already cached) and a 3-token prompt; caches random, as a step sees them."""
+    g = torch.Generator().manual_seed(seed)
+    block = 4
+    spans = [(1, 17), (37, 37), (21, 60), (3, 3)]  # (query_len, context_len)
+    tables, nxt, seqs, start = [], 1, [], 0
+    for q_len, ctx in spans:
+        tables.append(list(range(nxt, nxt + -(-ctx // block))))
+        nxt += len(tables[-1])
+        seqs.append(SeqSlice(query_start=start, query_len=q_len, context_len=ctx, block_table=tables[-1]))
+        start += q_len
+    k_cache = torch.randn(nxt * block, hkv, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(nxt * block, hkv, head_dim, generator=g).to(dtype)
+    k_cache[:block], v_cache[:block] = 0, 0  # the null block
+    qk = torch.randn(start, heads + hkv, head_dim, generator=g).to(dtype)  # q as a view into qkv
+    q = qk[:, :heads]
+    k = torch.randn(start, hkv, head_dim, generator=g).to(dtype)
+    v = torch.randn(start, hkv, head_dim, generator=g).to(dtype)
+    windows = {"full": None, "sliding": window}
+    return q, k, v, k_cache, v_cache, build_attention_batch(seqs, block, windows), windows
+
+
+def test_prefill_kernel_equals_the_gather_and_sdpa_path():
+    from tierlm.model.attention import PrefillAttention
+    from tierlm.model.kernels import cpu_has_avx512f
+
+    for dtype, window, heads, hkv, head_dim in ((torch.float32, None, 9, 3, 64), (torch.float32, 6, 8, 8, 64),
+                                                (torch.bfloat16, None, 8, 1, 128), (torch.bfloat16, 20, 4, 1, 256),
+                                                (torch.float32, 512, 4, 2, 256)):
+        q, k, v, kc, vc, batch, windows = _prompt_case(dtype, window, heads, hkv, head_dim, seed=heads + hkv)
+        prefill = built_or_none(PrefillAttention.for_model(torch.device("cpu"), None, None, windows),
+                                cpu_has_avx512f(), "prompt attention kernel")
+        if prefill is None:
+            return
+        decode_group, prompt_group = batch.groups
+        assert prefill.takes(prompt_group, q, kc)
+        assert prefill.takes(decode_group, q, kc)  # one query a row is a prompt row too (here: no decode kernel)
+        assert prompt_group.spans.tolist() == [[1, 37, 37], [38, 21, 60], [59, 3, 3]]
+        for layer_type in ("full", "sliding"):
+            ref = paged_attention(q, k, v, kc.clone(), vc.clone(), batch, layer_type, 0.125)
+            got = paged_attention(q, k, v, kc.clone(), vc.clone(), batch, layer_type, 0.125, prefill=prefill)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            case = (dtype, window, heads, hkv, head_dim, layer_type)
+            assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=0), case
+
+
+def test_prefill_kernel_output_does_not_depend_on_chunking():
+    """A 50-token prompt attended whole, and in chunks of 16, 20 and 14 over the cache the earlier
+    chunks filled: the same bits (key blocks sit at absolute positions; rows are independent)."""
+    from tierlm.model.attention import PrefillAttention
+
+    g = torch.Generator().manual_seed(3)
+    heads, hkv, d, block, n = 9, 3, 64, 16, 50
+    windows = {"full": None}
+    prefill = PrefillAttention.for_model(torch.device("cpu"), None, None, windows)
+    if prefill is None:
+        return
+    q = torch.randn(n, heads, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    table = [1, 2, 3, 4]
+
+    def run(chunks):
+        kc, vc = torch.zeros(5 * block, hkv, d), torch.zeros(5 * block, hkv, d)
+        outs, done = [], 0
+        for c in chunks:
+            seq = SeqSlice(query_start=0, query_len=c, context_len=done + c, block_table=table)
+            batch = build_attention_batch([seq], block, windows)
+            sl = slice(done, done + c)
+            outs.append(paged_attention(q[sl], k[sl], v[sl], kc, vc, batch, "full", 0.125, prefill=prefill))
+            done += c
+        return torch.cat(outs)
+
+    whole = run([50])
+    assert torch.equal(whole, run([16, 20, 14]))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.125, enable_gqa=True)
+    assert torch.allclose(whole, ref.transpose(0, 1).reshape(n, heads * d), atol=1e-5, rtol=0)
+
+
+def test_prefill_kernel_declines_what_it_cannot_do():
+    from tierlm.model.attention import PrefillAttention
+    from tierlm.quant.kv import QuantizedSlots
+
+    q, k, v, kc, vc, batch, windows = _prompt_case(torch.float32, None, 8, 2, 64, seed=0)
+    assert PrefillAttention.for_model(torch.device("cpu"), 30.0, None, windows) is None  # soft-capping
+    assert PrefillAttention.for_model(torch.device("cpu"), None, alibi_slopes(8), windows) is None
+    prefill = PrefillAttention.for_model(torch.device("cpu"), None, None, windows)
+    if prefill is None:
+        return
+    group = batch.groups[1]
+    assert not prefill.takes(group, q, QuantizedSlots("q8", kc.shape[0], 2, 64, torch.float32))  # quantized KV
+    assert not prefill.takes(group, q.to(torch.bfloat16), kc)  # dtypes differ
+    q32 = torch.randn(q.shape[0], 8, 32)
+    assert not prefill.takes(group, q32, torch.randn(kc.shape[0], 2, 32))  # head size not a multiple of 64
+
+
 def test_attention_batch_exact_indices_and_masks():
     """Two decode rows and two prompt chunks (one padded to the other's 3 tokens), block size 4."""
     seqs = [SeqSlice(query_start=0, query_len=1, context_len=6, block_table=[7, 2]),

@@ -81,6 +81,8 @@ class AttentionGroup:
     # of a step whose decodes come first, and any single row); None otherwise. Attention then reads q
     # and writes its output as views, saving a gather and a scatter per layer.
     rows: slice | None = None
+    # (Bg, 3) int64: per row its (query_start, query_len, context_len), as SeqSlice has them
+    spans: torch.Tensor | None = None
     windows: dict[str, int | None] = field(default_factory=dict)  # layer type -> sliding window (None: none)
     _masks: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
@@ -167,10 +169,12 @@ def _group(seqs: list[SeqSlice], block_size: int, layer_windows: dict[str, int |
     dense = all(s.query_len == max_q and s.query_start == start + r * max_q for r, s in enumerate(seqs))
     valid_flat = valid.view(-1)
     q_flat = q_index.view(-1)
+    spans = torch.tensor([(s.query_start, s.query_len, s.context_len) for s in seqs], dtype=torch.int64)
     return AttentionGroup(num_rows=bg, max_q=max_q, max_kv=max_kv, q_index=q_flat.to(device),
                           valid=valid_flat.to(device), out_index=q_flat[valid_flat].to(device),
                           kv_slots=kv_slots.reshape(-1).to(device), q_pos=q_pos.to(device), fresh=fresh,
-                          rows=slice(start, start + bg * max_q) if dense else None, windows=dict(layer_windows))
+                          rows=slice(start, start + bg * max_q) if dense else None, spans=spans.to(device),
+                          windows=dict(layer_windows))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -223,12 +227,54 @@ class DecodeAttention:
                                f"x {d} over {k_cache.shape[1]} KV heads")
 
 
+class PrefillAttention:
+    """Prompt rows' attention (whole prompts and SplitFuse chunks: several queries per row) by the
+    compiled kernel (tierlm/model/kernels/prefill_attention.c): causal flash attention that reads
+    each row's keys and values in place from the paged cache, about twice torch's CPU flash
+    attention on SmolLM2's shapes, and with no gather of a chunk's context. Picked once per model
+    (``for_model``) under the same conditions as DecodeAttention, plus AVX-512F; a step's prompt
+    group then goes to it whenever the cache is a plain float32 or bfloat16 tensor and the head
+    size is a multiple of 64 (what the kernel takes)."""
+
+    _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+    def __init__(self, kernel, layer_windows: dict[str, int | None]):
+        self.kernel = kernel
+        self.layer_windows = layer_windows
+
+    @classmethod
+    def for_model(cls, device: torch.device, softcap: float | None, alibi: torch.Tensor | None,
+                  layer_windows: dict[str, int | None]) -> PrefillAttention | None:
+        from tierlm.model.kernels import prefill_attention_kernel
+
+        kernel = prefill_attention_kernel() if device.type == "cpu" and softcap is None and alibi is None else None
+        return None if kernel is None else cls(kernel, layer_windows)
+
+    def takes(self, g: AttentionGroup, q: torch.Tensor, k_cache) -> bool:
+        return (g.spans is not None and isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype
+                and q.dtype in self._DTYPES and q.shape[-1] % 64 == 0 and q.shape[-1] <= 512
+                and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1])
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
+                 layer_type: str, scale: float, out: torch.Tensor) -> None:
+        """q (N, H, D): the step's queries (heads contiguous, rows any stride); writes the group's
+        rows of out (N, H * D), contiguous."""
+        _, h, d = q.shape
+        window = self.layer_windows.get(layer_type) or 0
+        status = self.kernel(self._DTYPES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                             g.kv_slots.data_ptr(), g.max_kv, g.spans.data_ptr(), g.num_rows, h, k_cache.shape[1],
+                             d, window, scale, out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"prompt attention kernel failed (status {status}) for {g.num_rows} rows of {h} "
+                               f"heads x {d} over {k_cache.shape[1]} KV heads")
+
+
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: AttentionBatch, layer_type: str, scale: float,
                     softcap: float | None = None, alibi: torch.Tensor | None = None,
-                    decode: DecodeAttention | None = None) -> torch.Tensor:
-    """Write this step's k/v into the cache, then attend (the decode group through ``decode`` when
-    it takes it).
+                    decode: DecodeAttention | None = None, prefill: PrefillAttention | None = None) -> torch.Tensor:
+    """Write this step's k/v into the cache, then attend (the decode group through ``decode``, the
+    prompt group through ``prefill``, when they take it).
 
     q: (N, H, D); k_new, v_new: (N, Hkv, D); returns (N, H * D) in q's dtype.
     """
@@ -244,6 +290,9 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k
             decode(q_rows, k_cache, v_cache, g, layer_type, scale, o_rows)
             if g.rows is None:
                 out.index_copy_(0, g.out_index, o_rows)
+            continue
+        if prefill is not None and prefill.takes(g, q, k_cache):
+            prefill(q, k_cache, v_cache, g, layer_type, scale, out)
             continue
         mask = g.mask(layer_type)
         q_rows = q[g.rows] if g.rows is not None else q.index_select(0, g.q_index)  # (Bg * maxQ, H, D)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
 from tierlm.memory.tiered import TieredLinear, TieredWeights
-from tierlm.model.attention import AttentionBatch, DecodeAttention, KVCache, alibi_slopes, paged_attention
+from tierlm.model.attention import (AttentionBatch, DecodeAttention, KVCache, PrefillAttention, alibi_slopes,
+                                    paged_attention)
 from tierlm.model.fused_decode import FusedDecodePlan, plan_fused_decode
 from tierlm.model.kernels import rms_norm_kernel, rope_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
@@ -83,6 +84,8 @@ class Transformer:
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
         self.alibi = alibi_slopes(cfg.num_heads).to(self.device) if cfg.position == "alibi" else None
         self.decode_attention = DecodeAttention.for_model(self.device, cfg.attn_softcap, self.alibi, self.layer_windows)
+        self.prefill_attention = PrefillAttention.for_model(self.device, cfg.attn_softcap, self.alibi,
+                                                            self.layer_windows)
         self.rope: dict[str, RotaryTable] = {}
         if cfg.position == "rope":
             global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict,
@@ -224,7 +227,7 @@ class Transformer:
                 q = q if self._rope_(q, cos, sin) else apply_rope(q, cos, sin, c.rope_layout)
                 k = k if self._rope_(k, cos, sin) else apply_rope(k, cos, sin, c.rope_layout)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, layer_type, self.scale, c.attn_softcap, self.alibi,
-                            self.decode_attention)
+                            self.decode_attention, self.prefill_attention)
         return self.linear.apply(o, lw.o, lw.o_bias)
 
     def _rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -24,6 +24,8 @@ ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
 ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_attention.so")
 ROPE_SOURCE = Path(__file__).with_name("rope.c")
 ROPE_LIBRARY = Path(__file__).with_name("libtierlm_rope.so")
+PREFILL_ATTENTION_SOURCE = Path(__file__).with_name("prefill_attention.c")
+PREFILL_ATTENTION_LIBRARY = Path(__file__).with_name("libtierlm_prefill_attention.so")
 DECODE_SOURCE = Path(__file__).with_name("decode_layers.c")
 DECODE_LIBRARY = Path(__file__).with_name("libtierlm_decode.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
@@ -117,6 +119,11 @@ def build_attention(force: bool = False) -> Path | None:
     return _compile(cpu_has_avx2(), ATTENTION_SOURCE, ATTENTION_LIBRARY, _NORM_FLAGS, force)
 
 
+def build_prefill_attention(force: bool = False) -> Path | None:
+    """Compile the paged prompt attention if this CPU runs it (AVX-512F); returns the library path, or None."""
+    return _compile(cpu_has_avx512f(), PREFILL_ATTENTION_SOURCE, PREFILL_ATTENTION_LIBRARY, _F32_FLAGS, force)
+
+
 def build_rope(force: bool = False) -> Path | None:
     """Compile the in-place float32 RoPE if this CPU runs it (AVX2); returns the library path, or None."""
     return _compile(cpu_has_avx2(), ROPE_SOURCE, ROPE_LIBRARY, _NORM_FLAGS, force)
@@ -160,6 +167,17 @@ def decode_attention_kernel():
                  [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int],
                  ctypes.c_int)
+
+
+@functools.cache
+def prefill_attention_kernel():
+    """``f(dtype, q_ptr, q_stride, k_cache_ptr, v_cache_ptr, slots_ptr, slots_stride, rows_ptr, num_rows, H,
+    Hkv, D, window, scale, out_ptr, num_threads) -> int`` from prefill_attention.c (0 = done, -1 = a
+    shape it does not take, -2 = out of memory), or None when unavailable."""
+    return _load(cpu_has_avx512f(), PREFILL_ATTENTION_LIBRARY, PREFILL_ATTENTION_SOURCE, "tierlm_prefill_attention",
+                 [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_void_p,
+                                                                            ctypes.c_int], ctypes.c_int)
 
 
 @functools.cache
