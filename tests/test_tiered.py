@@ -219,10 +219,17 @@ def test_gguf_blocks_stream_as_they_are(tmp_path):
     assert llm.tiers.plan.streams and llm.tiers.embed is None  # the tied head/embedding streams too
     # Prompt chunks multiply dequantized bands of rows with F.linear, whose float sums depend on the
     # band's shape: a split matrix gives last-bit differences (observed 1.5e-5 of the largest logit),
-    # enough to flip a near-tie on a token soup, so greedy text is compared on real prompts.
-    params = SamplingParams(max_tokens=12, temperature=0)
+    # and the resident model's decode steps round activations to int8 for the Q4_1 kernel, while the
+    # streamed ones do not: token log-probabilities differ by up to 0.05 between the two paths. So
+    # greedy text is compared on real prompts, up to the first step where the resident model's top
+    # two tokens are within 0.1 nats (after it, either is a right answer), and at least 4 tokens.
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2)
     prompts = ["The capital of France is", "Once upon a time, there was a little"]
-    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in ref.generate(prompts, params)]
+    for got, want in zip(llm.generate(prompts, params), ref.generate(prompts, params)):
+        margins = [t.top[0][1] - t.top[1][1] for t in want.logprobs]
+        clear = next((i for i, m in enumerate(margins) if m < 0.1), len(margins))
+        assert clear >= 4, margins
+        assert got.token_ids[:clear] == want.token_ids[:clear]
     ref_logits = ref.score(PROMPT)
     assert (llm.score(PROMPT) - ref_logits).abs().max().item() <= 1e-4 * ref_logits.abs().max().item()
 
