@@ -190,29 +190,46 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class DecodeAttention:
-    """Decode rows' attention by the compiled kernel (tierlm/model/kernels/decode_attention.c), which
-    reads each row's keys and values in place from the paged cache instead of gathering them for
-    SDPA. The model picks it once (``for_model``): CPU, no logit soft-capping, no ALiBi; a step's
-    decode group then goes to it whenever the cache is a plain float32 or bfloat16 tensor."""
+class _CacheKernel:
+    """A compiled attention kernel that reads the paged cache in place. The model picks one once
+    (``for_model``): CPU, no logit soft-capping, no ALiBi, and the library built for this CPU
+    (``_load``); a step's group goes to it when ``takes`` says so."""
 
-    _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+    _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
 
     def __init__(self, kernel, layer_windows: dict[str, int | None]):
         self.kernel = kernel
         self.layer_windows = layer_windows
 
+    @staticmethod
+    def _load():
+        raise NotImplementedError
+
     @classmethod
     def for_model(cls, device: torch.device, softcap: float | None, alibi: torch.Tensor | None,
-                  layer_windows: dict[str, int | None]) -> DecodeAttention | None:
-        from tierlm.model.kernels import decode_attention_kernel
-
-        kernel = decode_attention_kernel() if device.type == "cpu" and softcap is None and alibi is None else None
+                  layer_windows: dict[str, int | None]):
+        kernel = cls._load() if device.type == "cpu" and softcap is None and alibi is None else None
         return None if kernel is None else cls(kernel, layer_windows)
 
+    def _takes_tensors(self, q: torch.Tensor, k_cache) -> bool:
+        """A plain cache tensor of q's dtype, one the kernels take, and q's heads contiguous."""
+        return (isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype and q.dtype in self._DTYPES
+                and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1])
+
+
+class DecodeAttention(_CacheKernel):
+    """Decode rows' attention by the compiled kernel (tierlm/model/kernels/decode_attention.c), which
+    reads each row's keys and values in place from the paged cache instead of gathering them for
+    SDPA. A step's decode group goes to it whenever the cache is a plain float32 or bfloat16 tensor."""
+
+    @staticmethod
+    def _load():
+        from tierlm.model.kernels import decode_attention_kernel
+
+        return decode_attention_kernel()
+
     def takes(self, g: AttentionGroup, q: torch.Tensor, k_cache) -> bool:
-        return (g.max_q == 1 and not g.fresh and isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype
-                and q.dtype in self._DTYPES and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1])
+        return g.max_q == 1 and not g.fresh and self._takes_tensors(q, k_cache)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                  layer_type: str, scale: float, out: torch.Tensor) -> None:
@@ -227,33 +244,23 @@ class DecodeAttention:
                                f"x {d} over {k_cache.shape[1]} KV heads")
 
 
-class PrefillAttention:
+class PrefillAttention(_CacheKernel):
     """Prompt rows' attention (whole prompts and SplitFuse chunks: several queries per row) by the
-    compiled kernel (tierlm/model/kernels/prefill_attention.c): causal flash attention that reads
-    each row's keys and values in place from the paged cache, about twice torch's CPU flash
-    attention on SmolLM2's shapes, and with no gather of a chunk's context. Picked once per model
-    (``for_model``) under the same conditions as DecodeAttention, plus AVX-512F; a step's prompt
-    group then goes to it whenever the cache is a plain float32 or bfloat16 tensor and the head
-    size is a multiple of 64 (what the kernel takes)."""
+    compiled kernel (tierlm/model/kernels/prefill_attention.c, AVX-512F): causal flash attention
+    that reads each row's keys and values in place from the paged cache, 1.1-2.7x torch's CPU
+    flash attention on SmolLM2's and Gemma-3's heads, with no gather of a chunk's context. A step's
+    prompt group goes to it whenever the cache is a plain float32 or bfloat16 tensor and the head
+    size is a multiple of 64, at most 512 (what the kernel takes)."""
 
-    _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-    def __init__(self, kernel, layer_windows: dict[str, int | None]):
-        self.kernel = kernel
-        self.layer_windows = layer_windows
-
-    @classmethod
-    def for_model(cls, device: torch.device, softcap: float | None, alibi: torch.Tensor | None,
-                  layer_windows: dict[str, int | None]) -> PrefillAttention | None:
+    @staticmethod
+    def _load():
         from tierlm.model.kernels import prefill_attention_kernel
 
-        kernel = prefill_attention_kernel() if device.type == "cpu" and softcap is None and alibi is None else None
-        return None if kernel is None else cls(kernel, layer_windows)
+        return prefill_attention_kernel()
 
     def takes(self, g: AttentionGroup, q: torch.Tensor, k_cache) -> bool:
-        return (g.spans is not None and isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype
-                and q.dtype in self._DTYPES and q.shape[-1] % 64 == 0 and q.shape[-1] <= 512
-                and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1])
+        return (g.spans is not None and q.shape[-1] % 64 == 0 and q.shape[-1] <= 512
+                and self._takes_tensors(q, k_cache))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                  layer_type: str, scale: float, out: torch.Tensor) -> None:
