@@ -14,9 +14,9 @@
  * chunk's whole context out of the cache first (two index_selects a layer).
  *
  * How: a task is one row's KV head and a tile of up to QT = 32 of its queries: its G x QT query rows
- * (heads of the KV group side by side) meet the keys in blocks of KB = 16 positions. Per block the
- * keys are loaded once, transposed into Kt (D x 16, float32), and each of 8 query rows at a time
- * takes D fused multiply-adds of a broadcast q element with a row of Kt: 16 scores per row with 8
+ * (heads of the KV group side by side) meet the keys in blocks of KB = 16 positions. Each block
+ * is converted once per call, keys transposed into Kt (D x 16, float32), values as rows (16 x D),
+ * before the tasks start; then each of 8 query rows at a time takes D fused multiply-adds of a broadcast q element with a row of Kt: 16 scores per row with 8
  * independent accumulators. Softmax is online (flash attention): per row a running max m, sum l and
  * unnormalised output O (D floats), rescaled by e^(m_old - m_new) when the max grows; masked
  * positions (j > p, or outside the window) contribute exact zeros, and a block with no visible key
@@ -84,14 +84,42 @@ typedef struct {
     float *q;   /* (R, D) the task's query rows, scaled */
     float *o;   /* (R, D) unnormalised outputs */
     float *m, *l;
-    float *kt;  /* (D, KB) a key block, transposed */
-    float *vb;  /* (KB, D) a value block */
 } Scratch;
 
-static void run_task(int dtype, const Task *t, const uint8_t *q, int64_t q_stride, const uint8_t *kc,
-                     const uint8_t *vc, const int64_t *slots, const int64_t *row, int H, int Hkv, int D,
-                     int window, float scale, uint8_t *out, Scratch *s) {
-    const int G = H / Hkv, nq = t->i1 - t->i0, esz = dtype == 0 ? 4 : 2;
+/* One KV head of one row: key block i (positions KB * (first + i) ..) at kt + i * KB * D, transposed
+ * (D x KB), its values at vb + i * KB * D (KB x D), float32; positions past the context are zeros. */
+typedef struct {
+    float *kt, *vb;
+    int64_t first;  /* the first block held */
+    int g_size;     /* G: query heads per KV head */
+} Blocks;
+
+static void load_block(int dtype, const uint8_t *kc, const uint8_t *vc, const int64_t *slots, int64_t ctx, int g,
+                       int Hkv, int D, int64_t kb, float *kt, float *vb) {
+    const int esz = dtype == 0 ? 4 : 2;
+    const int64_t row_bytes = (int64_t)Hkv * D * esz;
+    for (int k = 0; k < KB; k++) {
+        const int64_t j = kb + k;
+        float *vk = vb + (int64_t)k * D;
+        if (j >= ctx) {
+            memset(vk, 0, sizeof(float) * D);
+            for (int d = 0; d < D; d++) kt[d * KB + k] = 0.f;
+            continue;
+        }
+        const uint8_t *kr = kc + slots[j] * row_bytes + (int64_t)g * D * esz;
+        const uint8_t *vr = vc + slots[j] * row_bytes + (int64_t)g * D * esz;
+        for (int d = 0; d < D; d += 16) {
+            _mm512_storeu_ps(vk + d, load16(dtype, vr + (int64_t)d * esz));
+            float tmp[16];
+            _mm512_storeu_ps(tmp, load16(dtype, kr + (int64_t)d * esz));
+            for (int e = 0; e < 16; e++) kt[(d + e) * KB + k] = tmp[e];
+        }
+    }
+}
+
+static void run_task(int dtype, const Task *t, const uint8_t *q, int64_t q_stride, const Blocks *blocks,
+                     const int64_t *row, int H, int D, int window, float scale, uint8_t *out, Scratch *s) {
+    const int G = blocks->g_size, nq = t->i1 - t->i0, esz = dtype == 0 ? 4 : 2;
     const int R = G * nq, Rp = (R + RB - 1) / RB * RB;
     const int64_t q_start = row[0], q_len = row[1], ctx = row[2];
     const int64_t first_pos = ctx - q_len;
@@ -110,35 +138,17 @@ static void run_task(int dtype, const Task *t, const uint8_t *q, int64_t q_strid
     }
     const int64_t p_lo = first_pos + t->i0, p_hi = first_pos + t->i1 - 1;
     const int64_t j_lo = window > 0 && p_lo - window + 1 > 0 ? p_lo - window + 1 : 0;
-    const int64_t row_bytes = (int64_t)Hkv * D * esz;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t kb = j_lo / KB * KB; kb <= p_hi; kb += KB) {
-        /* the block's keys (transposed) and values; positions past the context read as zeros */
-        for (int k = 0; k < KB; k++) {
-            const int64_t j = kb + k;
-            float *vk = s->vb + (int64_t)k * D;
-            if (j >= ctx) {
-                memset(vk, 0, sizeof(float) * D);
-                for (int d = 0; d < D; d++) s->kt[d * KB + k] = 0.f;
-                continue;
-            }
-            const int64_t slot = slots[j];
-            const uint8_t *kr = kc + slot * row_bytes + (int64_t)t->g * D * esz;
-            const uint8_t *vr = vc + slot * row_bytes + (int64_t)t->g * D * esz;
-            for (int d = 0; d < D; d += 16) {
-                _mm512_storeu_ps(vk + d, load16(dtype, vr + (int64_t)d * esz));
-                float tmp[16];
-                _mm512_storeu_ps(tmp, load16(dtype, kr + (int64_t)d * esz));
-                for (int e = 0; e < 16; e++) s->kt[(d + e) * KB + k] = tmp[e];
-            }
-        }
+        const float *kt = blocks->kt + (kb / KB - blocks->first) * (int64_t)KB * D;  /* (D, KB) */
+        const float *vb = blocks->vb + (kb / KB - blocks->first) * (int64_t)KB * D;  /* (KB, D) */
         const __m512i jv = _mm512_add_epi32(lane, _mm512_set1_epi32((int)kb));
         for (int r0 = 0; r0 < R; r0 += RB) {
             __m512 acc[RB];
             for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
             const float *q0 = s->q + (int64_t)r0 * D;
             for (int d = 0; d < D; d++) {
-                const __m512 kd = _mm512_loadu_ps(s->kt + d * KB);
+                const __m512 kd = _mm512_loadu_ps(kt + d * KB);
                 for (int r = 0; r < RB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q0[(int64_t)r * D + d]), kd, acc[r]);
             }
             for (int r = r0; r < r0 + RB && r < R; r++) {
@@ -166,7 +176,7 @@ static void run_task(int dtype, const Task *t, const uint8_t *q, int64_t q_strid
                     __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(o + d0 + 48), vc_);
                     for (int k = 0; k < KB; k++) {
                         const __m512 ek = _mm512_set1_ps(ev[k]);
-                        const float *vk = s->vb + (int64_t)k * D + d0;
+                        const float *vk = vb + (int64_t)k * D + d0;
                         a0 = _mm512_fmadd_ps(ek, _mm512_loadu_ps(vk), a0);
                         a1 = _mm512_fmadd_ps(ek, _mm512_loadu_ps(vk + 16), a1);
                         a2 = _mm512_fmadd_ps(ek, _mm512_loadu_ps(vk + 32), a2);
@@ -222,28 +232,66 @@ int tierlm_prefill_attention(int dtype, const void *q, int64_t q_stride, const v
                 n++;
             }
     }
+    /* Every (row, KV head)'s key blocks transposed and values in float32, once, before the tasks:
+     * the tiles of a long prompt all meet the same blocks, and converting them per tile cost about
+     * a tenth of the kernel. From the row's first visible block (a window hides the ones before). */
+    Blocks *blocks = malloc(sizeof(Blocks) * ((size_t)num_rows * Hkv + 1));
+    int64_t *block_start = malloc(sizeof(int64_t) * ((size_t)num_rows + 1));  /* in blocks, per row */
+    if (!blocks || !block_start) { free(blocks); free(block_start); free(tasks); return -2; }
+    int64_t total_blocks = 0;
+    for (int b = 0; b < num_rows; b++) {
+        const int64_t q_len = rows[3 * b + 1], ctx = rows[3 * b + 2], first_pos = ctx - q_len;
+        const int64_t lo = window > 0 && first_pos - window + 1 > 0 ? (first_pos - window + 1) / KB : 0;
+        block_start[b] = total_blocks;
+        for (int g = 0; g < Hkv; g++) blocks[b * Hkv + g].first = lo;
+        total_blocks += Hkv * ((ctx + KB - 1) / KB - lo);
+    }
+    block_start[num_rows] = total_blocks;
+    float *block_buf = malloc(sizeof(float) * ((size_t)2 * total_blocks * KB * D + 1));
+    if (!block_buf) { free(blocks); free(block_start); free(tasks); return -2; }
+    for (int b = 0; b < num_rows; b++) {
+        const int64_t per_head = (block_start[b + 1] - block_start[b]) / Hkv;
+        for (int g = 0; g < Hkv; g++) {
+            Blocks *bl = &blocks[b * Hkv + g];
+            bl->kt = block_buf + (block_start[b] + g * per_head) * (int64_t)KB * D;
+            bl->vb = bl->kt + total_blocks * (int64_t)KB * D;
+            bl->g_size = G;
+        }
+    }
     const int Rp = (G * QT + RB - 1) / RB * RB;
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
     {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < total_blocks; i++) {
+            int b = 0;
+            while (block_start[b + 1] <= i) b++;
+            const int64_t per_head = (block_start[b + 1] - block_start[b]) / Hkv, rel = i - block_start[b];
+            const int g = (int)(rel / per_head);
+            const Blocks *bl = &blocks[b * Hkv + g];
+            const int64_t blk = rel % per_head;
+            load_block(dtype, k_cache, v_cache, slots + (int64_t)b * slots_stride, rows[3 * b + 2], g, Hkv, D,
+                       (bl->first + blk) * KB, bl->kt + blk * KB * D, bl->vb + blk * KB * D);
+        }
         Scratch s;
-        float *buf = malloc(sizeof(float) * ((size_t)2 * Rp * D + 2 * Rp + 2 * (size_t)KB * D));
+        float *buf = malloc(sizeof(float) * ((size_t)2 * Rp * D + 2 * Rp));
         if (!buf) {
 #pragma omp atomic write
             status = -2;
         } else {
             s.q = buf, s.o = buf + (size_t)Rp * D, s.m = s.o + (size_t)Rp * D, s.l = s.m + Rp;
-            s.kt = s.l + Rp, s.vb = s.kt + (size_t)KB * D;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < num_tasks; i++) {
             if (!buf) continue;
             const Task *t = &tasks[i];
-            run_task(dtype, t, q, q_stride, k_cache, v_cache, slots + (int64_t)t->b * slots_stride, rows + 3 * t->b,
-                     H, Hkv, D, window, scale, out, &s);
+            run_task(dtype, t, q, q_stride, &blocks[t->b * Hkv + t->g], rows + 3 * t->b, H, D, window, scale, out, &s);
         }
         free(buf);
     }
+    free(block_buf);
+    free(block_start);
+    free(blocks);
     free(tasks);
     return status;
 }
