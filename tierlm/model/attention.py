@@ -247,7 +247,7 @@ class DecodeAttention(_CacheKernel):
 class PrefillAttention(_CacheKernel):
     """Prompt rows' attention (whole prompts and SplitFuse chunks: several queries per row) by the
     compiled kernel (tierlm/model/kernels/prefill_attention.c, AVX-512F): causal flash attention
-    that reads each row's keys and values in place from the paged cache, 1.1-2.7x torch's CPU
+    that reads each row's keys and values in place from the paged cache, 1.4-3.5x torch's CPU
     flash attention on SmolLM2's and Gemma-3's heads, with no gather of a chunk's context. A step's
     prompt group goes to it whenever the cache is a plain float32 or bfloat16 tensor and the head
     size is a multiple of 64, at most 512 (what the kernel takes)."""
