@@ -203,12 +203,14 @@ def test_prefill_kernel_output_does_not_depend_on_chunking():
     """A 50-token prompt attended whole, and in chunks of 16, 20 and 14 over the cache the earlier
     chunks filled: the same bits (key blocks sit at absolute positions; rows are independent)."""
     from tierlm.model.attention import PrefillAttention
+    from tierlm.model.kernels import cpu_has_avx512f
 
     g = torch.Generator().manual_seed(3)
     heads, hkv, d, block, n = 9, 3, 64, 16, 50
     windows = {"full": None}
-    prefill = PrefillAttention.for_model(torch.device("cpu"), None, None, windows)
-    if prefill is None:
+    prefill = built_or_none(PrefillAttention.for_model(torch.device("cpu"), None, None, windows),
+                            cpu_has_avx512f(), "prompt attention kernel")
+    if prefill is None:  # a CPU without AVX-512F: the loader said so (built_or_none checked it)
         return
     q = torch.randn(n, heads, d, generator=g)
     k = torch.randn(n, hkv, d, generator=g)
@@ -235,12 +237,14 @@ def test_prefill_kernel_output_does_not_depend_on_chunking():
 
 def test_prefill_kernel_declines_what_it_cannot_do():
     from tierlm.model.attention import PrefillAttention
+    from tierlm.model.kernels import cpu_has_avx512f
     from tierlm.quant.kv import QuantizedSlots
 
     q, k, v, kc, vc, batch, windows = _prompt_case(torch.float32, None, 8, 2, 64, seed=0)
     assert PrefillAttention.for_model(torch.device("cpu"), 30.0, None, windows) is None  # soft-capping
     assert PrefillAttention.for_model(torch.device("cpu"), None, alibi_slopes(8), windows) is None
-    prefill = PrefillAttention.for_model(torch.device("cpu"), None, None, windows)
+    prefill = built_or_none(PrefillAttention.for_model(torch.device("cpu"), None, None, windows),
+                            cpu_has_avx512f(), "prompt attention kernel")
     if prefill is None:
         return
     group = batch.groups[1]
