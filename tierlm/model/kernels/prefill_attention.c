@@ -91,7 +91,6 @@ typedef struct {
 typedef struct {
     float *kt, *vb;
     int64_t first;  /* the first block held */
-    int g_size;     /* G: query heads per KV head */
 } Blocks;
 
 static void load_block(int dtype, const uint8_t *kc, const uint8_t *vc, const int64_t *slots, int64_t ctx, int g,
@@ -118,8 +117,8 @@ static void load_block(int dtype, const uint8_t *kc, const uint8_t *vc, const in
 }
 
 static void run_task(int dtype, const Task *t, const uint8_t *q, int64_t q_stride, const Blocks *blocks,
-                     const int64_t *row, int H, int D, int window, float scale, uint8_t *out, Scratch *s) {
-    const int G = blocks->g_size, nq = t->i1 - t->i0, esz = dtype == 0 ? 4 : 2;
+                     const int64_t *row, int H, int G, int D, int window, float scale, uint8_t *out, Scratch *s) {
+    const int nq = t->i1 - t->i0, esz = dtype == 0 ? 4 : 2;
     const int R = G * nq, Rp = (R + RB - 1) / RB * RB;
     const int64_t q_start = row[0], q_len = row[1], ctx = row[2];
     const int64_t first_pos = ctx - q_len;
@@ -255,7 +254,6 @@ int tierlm_prefill_attention(int dtype, const void *q, int64_t q_stride, const v
             Blocks *bl = &blocks[b * Hkv + g];
             bl->kt = block_buf + (block_start[b] + g * per_head) * (int64_t)KB * D;
             bl->vb = bl->kt + total_blocks * (int64_t)KB * D;
-            bl->g_size = G;
         }
     }
     const int Rp = (G * QT + RB - 1) / RB * RB;
@@ -285,7 +283,8 @@ int tierlm_prefill_attention(int dtype, const void *q, int64_t q_stride, const v
         for (int i = 0; i < num_tasks; i++) {
             if (!buf) continue;
             const Task *t = &tasks[i];
-            run_task(dtype, t, q, q_stride, &blocks[t->b * Hkv + t->g], rows + 3 * t->b, H, D, window, scale, out, &s);
+            run_task(dtype, t, q, q_stride, &blocks[t->b * Hkv + t->g], rows + 3 * t->b, H, G, D, window, scale,
+                     out, &s);
         }
         free(buf);
     }
