@@ -21,7 +21,7 @@ from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import (AttentionBatch, DecodeAttention, KVCache, PrefillAttention, alibi_slopes,
                                     paged_attention)
 from tierlm.model.fused_decode import FusedDecodePlan, plan_fused_decode
-from tierlm.model.kernels import rms_norm_kernel, rope_kernel
+from tierlm.model.kernels import rms_norm_kernel, rope_bf16_kernel, rope_kernel
 from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ModelConfig
@@ -75,7 +75,9 @@ class Transformer:
                 weights.lm_head = self.linear.prepare(weights.lm_head)
         self.act = _ACTIVATIONS[cfg.activation]
         self._rms_kernel = rms_norm_kernel() if self.device.type == "cpu" and cfg.norm == "rmsnorm" else None
-        self._rope_kernel = rope_kernel() if self.device.type == "cpu" else None
+        # dtype -> the compiled in-place RoPE for it (kernels/rope.c), where built
+        kernels = {torch.float32: rope_kernel(), torch.bfloat16: rope_bf16_kernel()} if self.device.type == "cpu" else {}
+        self._rope_kernels = {dt: k for dt, k in kernels.items() if k is not None}
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -232,12 +234,14 @@ class Transformer:
 
     def _rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Rotate x (N, heads, D) in place with the compiled kernel (tierlm/model/kernels/rope.c) where it
-        takes it: float32, heads contiguous (rows any stride). False: the caller uses apply_rope."""
-        if (self._rope_kernel is None or x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != x.shape[2]
-                or cos.dtype != torch.float32):
+        takes it: float32 or bfloat16 (cos and sin in the same dtype; both equal apply_rope bit for bit),
+        heads contiguous (rows any stride), at most 256 rotated pairs. False: the caller uses apply_rope."""
+        kernel = self._rope_kernels.get(x.dtype)
+        if (kernel is None or cos.dtype != x.dtype or sin.dtype != x.dtype or x.stride(2) != 1
+                or x.stride(1) != x.shape[2] or cos.shape[-1] > 256):
             return False
         cos, sin = cos.contiguous(), sin.contiguous()  # (N, 1, r/2)
-        self._rope_kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], 2 * cos.shape[-1],
+        kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], 2 * cos.shape[-1],
                           cos.data_ptr(), sin.data_ptr(), int(self.cfg.rope_layout == "interleaved"))
         return True
 

@@ -125,7 +125,7 @@ def build_prefill_attention(force: bool = False) -> Path | None:
 
 
 def build_rope(force: bool = False) -> Path | None:
-    """Compile the in-place float32 RoPE if this CPU runs it (AVX2); returns the library path, or None."""
+    """Compile the in-place float32 and bfloat16 RoPE if this CPU runs it (AVX2); returns the library path, or None."""
     return _compile(cpu_has_avx2(), ROPE_SOURCE, ROPE_LIBRARY, _NORM_FLAGS, force)
 
 
@@ -147,6 +147,15 @@ def decode_layers_kernel():
 def address(fn) -> int:
     """The C entry point behind a ctypes function (to hand one kernel to another)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+@functools.cache
+def rope_bf16_kernel():
+    """``f(x_ptr, row_stride, N, H, D, rot, cos_ptr, sin_ptr, interleaved)`` from rope.c for bfloat16 x,
+    cos and sin (in place), or None when unavailable."""
+    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope_bf16",
+                 [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p,
+                                                                            ctypes.c_int], None)
 
 
 @functools.cache
