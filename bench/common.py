@@ -81,6 +81,18 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, passes: int = 5) -> 
 # Machine and code identity
 
 
+def median_call_seconds(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall time of one ``fn()`` call in seconds, over ``reps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, core counts, RAM and torch build/threads of the machine running this process."""
     cpu_model = ""

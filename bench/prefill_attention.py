@@ -23,22 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import measure_matmul_flops, write_results  # noqa: E402
+from bench.common import measure_matmul_flops, median_call_seconds, write_results  # noqa: E402
 from tierlm.model.attention import PrefillAttention, SeqSlice, build_attention_batch, paged_attention  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256)}  # heads, KV heads, head size
 CASES = ((512, 512), (1000, 1000), (23, 700), (64, 1000))  # (new tokens, context after the step)
-
-
-def _time_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def _prefill_s(dtype: str, prompt_len: int, kernel: bool, reps: int) -> float:
@@ -86,9 +75,11 @@ def main() -> None:
                 v = torch.randn(q_len, hkv, d, generator=g).to(dtype)
                 batch = build_attention_batch([SeqSlice(0, q_len, ctx, list(range(1, num_blocks)))], block, windows)
                 flop = 4 * h * d * (q_len * (ctx - q_len) + q_len * (q_len + 1) / 2)
-                ref_ms = _time_ms(lambda: paged_attention(q, k, v, kc, vc, batch, "full", d ** -0.5), a.reps)
-                ker_ms = _time_ms(lambda: paged_attention(q, k, v, kc, vc, batch, "full", d ** -0.5, prefill=prefill),
-                                  a.reps)
+                def attend(use=None, q=q, k=k, v=v, kc=kc, vc=vc, batch=batch, d=d):
+                    return paged_attention(q, k, v, kc, vc, batch, "full", d ** -0.5, prefill=use)
+
+                ref_ms = 1e3 * median_call_seconds(attend, a.reps)
+                ker_ms = 1e3 * median_call_seconds(lambda: attend(prefill), a.reps)
                 row = {"model": model, "dtype": str(dtype).removeprefix("torch."), "new_tokens": q_len,
                        "context": ctx, "sdpa_ms": ref_ms, "kernel_ms": ker_ms, "speedup": ref_ms / ker_ms,
                        "sdpa_gflops": flop / ref_ms / 1e6, "kernel_gflops": flop / ker_ms / 1e6,

@@ -17,7 +17,6 @@ first token under a 38-token step budget (27 SplitFuse chunks).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,23 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import write_results  # noqa: E402
+from bench.common import median_call_seconds, write_results  # noqa: E402
 from tierlm.model.kernels import rope_bf16_kernel, rope_kernel  # noqa: E402
 from tierlm.model.rope import RotaryTable, apply_rope  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-1.1b": (32, 4, 64)}  # q heads, KV heads, head size
 ROWS = (1, 8, 38, 512)
-
-
-def _time_us(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e6 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def _engine_rates(kernel: bool, rounds: int) -> tuple[list[float], list[float]]:
@@ -77,6 +65,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="rope")
     a = ap.parse_args()
+    if a.rounds < 1 or a.reps < 1:
+        ap.error("--rounds and --reps must be at least 1")
     kernels = {torch.float32: rope_kernel(), torch.bfloat16: rope_bf16_kernel()}
     if None in kernels.values():
         raise SystemExit("the RoPE kernels are not built or this CPU lacks AVX2: run `make setup`")
@@ -89,9 +79,11 @@ def main() -> None:
                 qk = qkv[:, :(h + hkv) * d].view(n, h + hkv, d)
                 cos, sin = RotaryTable(d, 10000.0, None, 4096).lookup(torch.randint(0, 4096, (n,), generator=g), dtype)
                 cos_c, sin_c = cos.contiguous(), sin.contiguous()
-                torch_us = _time_us(lambda: apply_rope(qk, cos, sin, "interleaved"), a.reps)
-                kernel_us = _time_us(lambda: kernel(qk.data_ptr(), qk.stride(0), n, h + hkv, d, d, cos_c.data_ptr(),
-                                                    sin_c.data_ptr(), 1), a.reps)
+                def rotate_in_place(kernel=kernel, n=n, qk=qk, cos_c=cos_c, sin_c=sin_c):
+                    kernel(qk.data_ptr(), qk.stride(0), n, qk.shape[1], d, d, cos_c.data_ptr(), sin_c.data_ptr(), 1)
+
+                torch_us = 1e6 * median_call_seconds(lambda: apply_rope(qk, cos, sin, "interleaved"), a.reps, warmup=3)
+                kernel_us = 1e6 * median_call_seconds(rotate_in_place, a.reps, warmup=3)
                 moved = qk.element_size() * (2 * qk.numel() + 2 * cos.numel())
                 row = {"case": model, "dtype": str(dtype).removeprefix("torch."), "rows": n,
                        "torch_us": round(torch_us, 1), "kernel_us": round(kernel_us, 1),
