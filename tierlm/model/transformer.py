@@ -242,7 +242,7 @@ class Transformer:
             return False
         cos, sin = cos.contiguous(), sin.contiguous()  # (N, 1, r/2)
         kernel(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], 2 * cos.shape[-1],
-                          cos.data_ptr(), sin.data_ptr(), int(self.cfg.rope_layout == "interleaved"))
+               cos.data_ptr(), sin.data_ptr(), int(self.cfg.rope_layout == "interleaved"))
         return True
 
     def _mlp(self, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:

@@ -149,22 +149,22 @@ def address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
+# x, row_stride, N, H, D, rot, cos, sin, interleaved: both RoPE entry points (rope.c)
+_ROPE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+
 @functools.cache
 def rope_bf16_kernel():
     """``f(x_ptr, row_stride, N, H, D, rot, cos_ptr, sin_ptr, interleaved)`` from rope.c for bfloat16 x,
     cos and sin (in place), or None when unavailable."""
-    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope_bf16",
-                 [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p,
-                                                                            ctypes.c_int], None)
+    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope_bf16", _ROPE_ARGTYPES, None)
 
 
 @functools.cache
 def rope_kernel():
     """``f(x_ptr, row_stride, N, H, D, rot, cos_ptr, sin_ptr, interleaved)`` from rope.c (float32, in
     place), or None when unavailable."""
-    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope",
-                 [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p,
-                                                                            ctypes.c_int], None)
+    return _load(cpu_has_avx2(), ROPE_LIBRARY, ROPE_SOURCE, "tierlm_rope", _ROPE_ARGTYPES, None)
 
 
 @functools.cache
