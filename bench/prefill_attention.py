@@ -75,6 +75,7 @@ def main() -> None:
                 v = torch.randn(q_len, hkv, d, generator=g).to(dtype)
                 batch = build_attention_batch([SeqSlice(0, q_len, ctx, list(range(1, num_blocks)))], block, windows)
                 flop = 4 * h * d * (q_len * (ctx - q_len) + q_len * (q_len + 1) / 2)
+
                 def attend(use=None, q=q, k=k, v=v, kc=kc, vc=vc, batch=batch, d=d):
                     return paged_attention(q, k, v, kc, vc, batch, "full", d ** -0.5, prefill=use)
 
