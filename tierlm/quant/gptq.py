@@ -24,9 +24,10 @@ act-order, ranges fixed beforehand     +3.3%            +7.0%
 =====================================  ===============  ===============
 
 The table was measured at commit 72068ca on an Intel Xeon. Rerun at commit d1d103f on an AMD EPYC
-(bench/results/quant_quality.md), after the prompt attention and RoPE kernels had changed the float
-activations in their last bits, the same settings give SmolLM2 +2.70% and Gemma-3 +8.03%, the same
-to the last digit on a second run: GPTQ's outcome moves by a point with such perturbations.
+(bench/results/quant_quality.md), with the prompt attention and RoPE kernels landed in between,
+the same settings give SmolLM2 +2.70% and Gemma-3 +8.03%, the same to the last digit on a second
+run. The float perplexities are unchanged; whether the kernels or the CPU moved GPTQ by this point
+was not isolated.
 
 The calibration text moves it further. The default is the first window (BOS + 511 tokens) of each
 of the 14 categories: SmolLM2 q4 g64 +2.70% as above. The second window of each category instead
@@ -87,8 +88,10 @@ Tried and dropped with act-order (q4 g64; SmolLM2 +3.3% and Gemma-3 +7.0% as abo
   relative to that output's norm). Codes re-rounded from the tuned step instead tripled layer 0's
   loss in 10 steps. On the 14 one-window categories the loss fell 20-40% per layer but rose 2-16% on
   held-out windows (overfitting); with 4 windows per category (28,672 tokens) it fell on held-out
-  windows as well (layers 0-2: -0.2, -11, -13%), yet SmolLM2 came out at +3.60% against +3.3% for
-  GPTQ alone, after 50 minutes of tuning against under 2 for GPTQ.
+  windows as well (layers 0-2: -0.2, -11, -13%), yet SmolLM2 came out at +3.60% (commit d1d103f,
+  Intel Xeon), after 50 minutes of tuning against under 2 for GPTQ. GPTQ alone was not rerun on that
+  machine: it had +3.3% at 72068ca there and has +2.70% at d1d103f on the AMD EPYC, so SignRound is
+  no better by either figure.
 
 For scale, llama.cpp's own formats requantized from the same files (bench/results/
 llamacpp_q4_quality.md): Q4_0 (4.5 bits a weight, as q4 g64) +17.4% on SmolLM2 and +48% on
