@@ -98,7 +98,7 @@ Tried and dropped with act-order (q4 g64; SmolLM2 +3.3% and Gemma-3 +7.0% as abo
   trial changed no kernel; keeping it would need R^T x at run time before every quantized product
   (a 64-point Hadamard transform per group, cheap, but in every kernel path). Gemma-3 against +8.03%:
   blocks of 64 +5.21% (only the down matrices rotated +6.59%, all but them +4.78%), blocks of 128
-  +5.54%, blocks of 64 in column order +4.55% (unrotated in column order: +7.29% above; that run with
+  +5.54%, blocks of 64 in column order +4.55% (unrotated, in column order: +7.29% at 72068ca, above; with
   one matrix type quantized and the rest float: qkv +1.11%, o +0.65%, gate/up +1.63%, down +1.65%:
   no type dominates). SmolLM2 against +2.70%: blocks of 64 +5.75%, in column order +5.88%, without
   the signs +8.2%, only the down matrices rotated +3.09%. It takes Gemma-3 about halfway to the 3%
