@@ -101,7 +101,7 @@ Tried and dropped with act-order (q4 g64; SmolLM2 +3.3% and Gemma-3 +7.0% as abo
   +5.54%, blocks of 64 in column order +4.55% (unrotated, in column order: +7.29% at 72068ca, above; with
   one matrix type quantized and the rest float: qkv +1.11%, o +0.65%, gate/up +1.63%, down +1.65%:
   no type dominates). SmolLM2 against +2.70%: blocks of 64 +5.75%, in column order +5.88%, without
-  the signs +8.2%, only the down matrices rotated +3.09%. It takes Gemma-3 about halfway to the 3%
+  the signs +8.2%, only the down matrices rotated +3.09%. It closes two thirds of Gemma-3's gap to the 3%
   target and makes SmolLM2 worse, so it was not kept.
 
 For scale, llama.cpp's own formats requantized from the same files (bench/results/
