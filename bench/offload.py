@@ -226,7 +226,7 @@ def main() -> None:
     import torch
 
     from tierlm.loader.model_loader import open_checkpoint
-    from tierlm.memory.tiered import StoreQuant, open_or_build_store
+    from tierlm.quant.store import StoreQuant, open_or_build_store
 
     def build_store(model: Path, quant: StoreQuant | None) -> Path:
         opened = open_checkpoint(model)

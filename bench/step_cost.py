@@ -55,7 +55,7 @@ def main() -> None:
               max_model_len=max(sizes) + 64, kv_cache_tokens=(a.decodes + 1) * (max(sizes) + 64))
     model = a.model or "smollm2-135m (GGUF)"
     # the same probe as `tierlm serve --max-num-batched-tokens auto`, over more sizes and repeats
-    costs = measure_step_ms(llm.engine, llm.model_config.vocab_size, sizes, a.decodes, a.repeats)
+    costs = measure_step_ms(llm.engine, llm.arch.vocab_size, sizes, a.decodes, a.repeats)
     rows = [{"model": model, "dtype": a.dtype, "chunk_tokens": t, "decodes": a.decodes, "step_ms": ms,
              "ms_per_token": ms / (t + a.decodes)} for t, ms in costs.items()]
     for r in rows:

@@ -48,7 +48,7 @@ def test_soft_capped_attention_and_logits_match_transformers(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     llm = LLM(tmp_path / "model", dtype="float32", max_num_batched_tokens=8, spec_dirs=[specs])
-    c = llm.model_config
+    c = llm.arch
     assert (c.family, c.attn_softcap, c.final_softcap) == ("gemma2", 2.0, 3.0)
     assert c.layer_types == ("sliding", "full", "sliding")
     got = llm.score(ids)

@@ -68,7 +68,7 @@ def llm():
 
 
 def test_measure_step_ms_times_every_size_and_leaves_the_engine_idle(llm):
-    costs = measure_step_ms(llm.engine, llm.model_config.vocab_size, chunks=(16, 32), num_decodes=2, repeats=1)
+    costs = measure_step_ms(llm.engine, llm.arch.vocab_size, chunks=(16, 32), num_decodes=2, repeats=1)
     assert sorted(costs) == [0, 16, 32] and all(ms > 0 for ms in costs.values())
     assert not llm.engine.has_unfinished() and not llm.engine.requests
 
@@ -86,9 +86,9 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
     # KV cache (512 tokens less a 16-token block per decode and a spare: 448)
     assert seen == {"chunks": [16, 32, 64], "num_decodes": 3}
     sched = llm.engine.scheduler.config
-    assert sched.max_num_batched_tokens == 43 and llm.config.max_num_batched_tokens == 43
+    assert sched.max_num_batched_tokens == 43 and llm.config.scheduler.max_num_batched_tokens == 43
     # steps without decodes keep the budget the engine was loaded with (LLM's default, 2048)
-    assert sched.max_num_prefill_tokens == 2048 and llm.config.max_num_prefill_tokens == 2048
+    assert sched.max_num_prefill_tokens == 2048 and llm.config.scheduler.max_num_prefill_tokens == 2048
     # the new budgets schedule: beside a decoding request, a 100-token prompt goes in chunks of 42 (+ 1
     # decode); alone, in one step
     dec = llm.engine.requests[llm.add_request([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
@@ -115,16 +115,16 @@ def test_tune_with_an_slo_measures_attention_and_sets_the_step_cost(llm, monkeyp
         # the longest context the engine takes with a 64-token chunk after it: max_model_len 128 - 1 - 64
         assert seen == {"chunk": 64, "context": 63}
         sched = llm.engine.scheduler.config
-        assert sched.slo_tokens_per_s == 4.0 and llm.config.slo_tokens_per_s == 4.0
+        assert sched.slo_tokens_per_s == 4.0 and llm.config.scheduler.slo_tokens_per_s == 4.0
         assert sched.step_cost == StepCost(37.0, 1.0, 0.001)  # 3 decodes' tokens out of the fixed 40 ms
     finally:
         llm.tune_token_budget()  # the module's other tests run without an SLO
-    assert llm.engine.scheduler.config.slo_tokens_per_s is None and llm.config.slo_tokens_per_s is None
+    assert llm.engine.scheduler.config.slo_tokens_per_s is None and llm.config.scheduler.slo_tokens_per_s is None
 
 
 def test_measure_pair_ms_times_a_chunk_after_a_context_and_restores_the_budget(llm):
     before = llm.engine.scheduler.config
-    per_pair = measure_pair_ms(llm.engine, llm.model_config.vocab_size, chunk=16, context=64, repeats=1)
+    per_pair = measure_pair_ms(llm.engine, llm.arch.vocab_size, chunk=16, context=64, repeats=1)
     assert per_pair >= 0 and per_pair < 1.0  # ms per pair: far below a millisecond on any machine
     assert llm.engine.scheduler.config == before
     assert not llm.engine.has_unfinished() and not llm.engine.requests
@@ -188,7 +188,7 @@ def test_prompt_order_reaches_the_scheduler_and_is_validated():
         cmd_serve(build_parser().parse_args(["serve", "--prompt-order", "shortest",
                                              "--scheduling-policy", "prefill_first"]))
     llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest")
-    assert llm.config.prompt_order == "shortest" and llm.engine.scheduler.config.prompt_order == "shortest"
+    assert llm.config.scheduler.prompt_order == "shortest" and llm.engine.scheduler.config.prompt_order == "shortest"
     with pytest.raises(ConfigError, match="prompt_order applies to the splitfuse policy only"):
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", scheduling_policy="prefill_first")
     with pytest.raises(ConfigError, match="prompt_order must be one of"):
@@ -205,7 +205,7 @@ def test_prompt_aging_reaches_the_scheduler_and_is_validated():
         with pytest.raises(ValueError, match="--prompt-aging must be a finite number > 0 and needs --prompt-order"):
             cmd_serve(build_parser().parse_args(["serve", *argv]))
     llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", prompt_aging_tokens_per_s=32.0)
-    assert llm.config.prompt_aging_tokens_per_s == 32.0
+    assert llm.config.scheduler.prompt_aging_tokens_per_s == 32.0
     assert llm.engine.scheduler.config.prompt_aging_tokens_per_s == 32.0
     with pytest.raises(ConfigError, match="needs prompt_order='shortest'"):
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_aging_tokens_per_s=32.0)

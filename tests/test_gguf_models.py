@@ -25,7 +25,7 @@ def _gemma_path() -> Path:
 
 def test_smollm2_says_paris():
     llm = LLM(dtype="float32", max_model_len=256)  # the embedded default model
-    assert llm.loaded.path == default_model_path()
+    assert llm.checkpoint.path == default_model_path()
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))[0]
     assert out.text.lstrip().startswith("Paris")
     ref = REFERENCE["smollm2-135m-instruct-q4_1"]["greedy"]

@@ -12,7 +12,7 @@ from tierlm.cli import main
 from tierlm.config import ConfigError
 from tierlm.loader.model_loader import default_model_path
 from tierlm.memory.store import WeightStore
-from tierlm.memory.tiered import StoreQuant
+from tierlm.quant.store import StoreQuant
 from tierlm.quant import get_quantizer, imatrix
 from tierlm.quant.base import QuantError, minmax_dequantize
 from tierlm.quant.gptq import InputMoments, gptq_quantize

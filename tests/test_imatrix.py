@@ -35,7 +35,7 @@ def test_importance_is_the_mean_square_of_each_matrix_input(importance_file):
     # Layer 0's qkv input is the attention norm of the embedding rows, over both sequences' tokens.
     w = llm.model.w
     x = F.embedding(torch.tensor(SEQS[0] + SEQS[1]), w.embed)  # (101, 256)
-    h = F.rms_norm(x, (256,), w.layers[0].attn_norm, llm.model_config.norm_eps)
+    h = F.rms_norm(x, (256,), w.layers[0].attn_norm, llm.arch.norm_eps)
     torch.testing.assert_close(imp["layers.0.qkv"], h.square().mean(dim=0), rtol=1e-5, atol=1e-7)
     assert imp["layers.2.down"].shape == (704,) and (imp["layers.2.down"] > 0).all()
 

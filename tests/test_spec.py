@@ -76,7 +76,7 @@ def test_new_family_from_a_spec_file_runs_and_matches_transformers(tmp_path):
     with pytest.raises(UnknownArchitectureError, match="GPTJForCausalLM"):
         LLM(folder)  # not a built-in family
     llm = LLM(folder, dtype="float32", spec_dirs=[spec_dir])
-    assert llm.model_config.family == "gptj" and llm.model_config.residual == "parallel"
+    assert llm.arch.family == "gptj" and llm.arch.residual == "parallel"
     ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]

@@ -300,7 +300,7 @@ _MEASURE = textwrap.dedent("""
               store_dir=sys.argv[3])
     llm.generate([list(range(3, 200))], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     plan = llm.tiers.plan
-    cfg = llm.model_config
+    cfg = llm.arch
     kv = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16) * 1024
     print(json.dumps({"before": before, "peak": status("VmHWM:"), "budget": plan.budget_bytes,
                       "ring": plan.ring_bytes, "small": plan.always_resident_bytes, "kv": kv,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 class SamplingParamsError(ValueError):
-    """An invalid sampling value; the message names the field."""
+    """An invalid sampling value: ``field`` names it, ``reason`` says what is wrong; the message says both."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field_name, reason
 
 
 @dataclass(frozen=True)
@@ -43,28 +48,33 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
-        _check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1), "top_k",
                f"top_k must be None or an integer >= 1, got {self.top_k!r}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _check(-2 <= self.presence_penalty <= 2,
+        _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
-        _check(-2 <= self.frequency_penalty <= 2,
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
                f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        raise SamplingParamsError(message)
+        raise SamplingParamsError(field_name, message)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

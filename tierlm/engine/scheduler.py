@@ -61,18 +61,16 @@ otherwise it runs one token for every running request. Prompts are never split.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tierlm.config import POLICIES, PROMPT_ORDERS, SchedulerConfig  # noqa: F401  (re-exported for callers)
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.budget import StepCost
 from tierlm.engine.request import FinishReason, Request, RequestStatus
 
-POLICIES = ("splitfuse", "prefill_first")
-PROMPT_ORDERS = ("fcfs", "shortest")
 # Under an SLO a step is planned as if it cost this many times its measured StepCost: a step that runs
 # past the deadline it was sized for fails every decode in it, and steps here vary by 10-30%. In a
 # simulation of bench/serve.py's workloads with the real scheduler and 15% log-normal noise on each step
@@ -80,63 +78,6 @@ PROMPT_ORDERS = ("fcfs", "shortest")
 # 1.1B at 4 clients 1.50x / 1.72x / 1.74x prefill-first's effective throughput at 1.2 / 1.5 / 2, at 8
 # clients 2.4x / 3.7x / 3.2x; SmolLM2 at 8 clients 1.47x / 1.85x / 1.82x.
 SLO_COST_MARGIN = 1.5
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048  # the per-step token budget
-    enable_chunked_prefill: bool = True  # False: a prompt is scheduled whole or not at all
-    policy: str = "splitfuse"  # or "prefill_first"; see the module docstring
-    # splitfuse: the budget of a step with no decode in it; None: max_num_batched_tokens
-    max_num_prefill_tokens: int | None = None
-    # splitfuse: the rate every stream is promised, tokens/s: its token i (first = 0) is due i / rate
-    # seconds after its first. With it (and step_cost), a step may go past max_num_batched_tokens, up to
-    # the prefill budget, by as many prompt tokens as fit before the most urgent decode's next token
-    # falls due. None: the fixed budget alone.
-    slo_tokens_per_s: float | None = None
-    step_cost: StepCost | None = None  # what a step costs here (tierlm.engine.budget); needed by the SLO
-    # splitfuse: which prompts get the budget the decodes leave. "fcfs": running prompts oldest first,
-    # then the queue in arrival order; "shortest": running and waiting prompts together, fewest tokens
-    # left to compute first (see the module docstring)
-    prompt_order: str = "fcfs"
-    # "shortest": a prompt's count of tokens left is lowered by this many per second it has waited since
-    # arrival, so a long prompt outranks any newer one in bounded time (see the module docstring). None:
-    # no aging (pure shortest-first)
-    prompt_aging_tokens_per_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_num_prefill_tokens is not None and self.max_num_prefill_tokens < 1:
-            raise ValueError(f"max_num_prefill_tokens must be >= 1 or None, got {self.max_num_prefill_tokens}")
-        if self.slo_tokens_per_s is not None:
-            if not self.slo_tokens_per_s > 0:
-                raise ValueError(f"slo_tokens_per_s must be > 0 or None, got {self.slo_tokens_per_s}")
-            if self.step_cost is None:
-                raise ValueError("slo_tokens_per_s needs the measured step_cost (the budget must be chosen by "
-                                 "measurement: max_num_batched_tokens='auto')")
-            if self.policy != "splitfuse":
-                raise ValueError("slo_tokens_per_s applies to the splitfuse policy only")
-        if self.prompt_order not in PROMPT_ORDERS:
-            raise ValueError(f"prompt_order must be one of {PROMPT_ORDERS}, got {self.prompt_order!r}")
-        if self.prompt_order != "fcfs" and self.policy != "splitfuse":
-            raise ValueError("prompt_order applies to the splitfuse policy only")
-        if self.prompt_aging_tokens_per_s is not None:
-            if not (self.prompt_aging_tokens_per_s > 0 and math.isfinite(self.prompt_aging_tokens_per_s)):
-                raise ValueError(f"prompt_aging_tokens_per_s must be a finite number > 0 or None, got "
-                                 f"{self.prompt_aging_tokens_per_s}")
-            if self.prompt_order != "shortest":
-                raise ValueError("prompt_aging_tokens_per_s applies to prompt_order='shortest' only")
-
-    @property
-    def prefill_budget(self) -> int:
-        """The token budget of a step with no decode in it."""
-        return self.max_num_batched_tokens if self.max_num_prefill_tokens is None else self.max_num_prefill_tokens
 
 
 @dataclass(frozen=True)
@@ -198,6 +139,9 @@ class StepBudget:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  clock: Callable[[], float] = time.perf_counter):
+        if config.auto_budget:
+            raise ValueError("the scheduler needs a token budget: max_num_batched_tokens='auto' is resolved at "
+                             "start-up (tierlm.builder)")
         self.config = config
         self.blocks = block_manager
         self.clock = clock  # seconds, the clock of RequestMetrics: the SLO's deadlines are read on it

@@ -81,8 +81,8 @@ def perplexity_from_ids(llm: LLM, ids: Sequence[int], bos_id: int | None, ctx: i
     """The protocol on already tokenized text; ``bos_id=None`` means the model has no BOS."""
     if ctx < 2:
         raise ValueError(f"ctx must be >= 2 (one context token and one prediction), got {ctx}")
-    if ctx > llm.config.max_model_len:
-        raise ValueError(f"ctx={ctx} exceeds the engine's max_model_len={llm.config.max_model_len}")
+    if ctx > llm.config.model.max_model_len:
+        raise ValueError(f"ctx={ctx} exceeds the engine's max_model_len={llm.config.model.max_model_len}")
     stride = ctx - 1 if bos_id is not None else ctx  # text tokens per window
     available = len(ids) // stride
     if num_windows is None:

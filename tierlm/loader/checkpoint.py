@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tierlm.loader.gguf import GGUFError, parse_gguf, read_rows_f32
+from tierlm.loader.gguf import GGUFError, GGUFTensorInfo, parse_gguf, read_rows_f32
 
 
 class CheckpointError(ValueError):
@@ -249,6 +249,10 @@ class GGUFFile:
 
     def quant_type(self, name: str) -> str:
         return self._tensors[name].type_name
+
+    def info(self, name: str) -> GGUFTensorInfo:
+        """The tensor's header entry: shape, type, offset and bytes in the file."""
+        return self._tensors[name]
 
     def read_raw(self, name: str) -> torch.Tensor:
         """A tensor's stored bytes, uint8 (rows, bytes_per_row): quantized blocks left as they are."""

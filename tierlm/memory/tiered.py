@@ -22,161 +22,23 @@ GGUF blocks (``quant="gguf"``) are such rows already.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tierlm.loader.model_loader import OpenedCheckpoint
-from tierlm.loader.weights import LayerWeights, ModelWeights, WeightAssembler
+from tierlm.loader.weights import LAYER_FIELDS, LayerWeights, ModelWeights
 from tierlm.memory.device import DeviceStage, copy_engine_for
 from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
-from tierlm.memory.store import StoreError, WeightStore, aligned_buffer, write_store
+from tierlm.memory.store import WeightStore, aligned_buffer
 from tierlm.model.linear import DenseLinear, LinearMethod, StreamingLinear
-from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, check_method, get_quantizer
-from tierlm.quant.imatrix import file_digest, importance_for, load_importance
+from tierlm.quant import QuantizedWeight
 from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
-
-STORE_FORMAT = "dense-v1"
-QUANT_STORE_FORMAT = "rows-v1"  # matrices as packed quantized rows (module docstring)
-LAYER_FIELDS = [f.name for f in fields(LayerWeights)]
-GLOBAL_FIELDS = ("embed", "lm_head", "final_norm", "final_norm_bias", "lm_head_bias", "pos_embed")
-
-
-# -- the store: build, reuse, rebuild ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StoreQuant:
-    """How a store's matrices are held: ``quant`` a tierlm format name (quantized while the store is
-    built) or "gguf" (a GGUF file's own blocks), ``group`` its group size."""
-
-    quant: str
-    group: int = 64
-    importance: str | None = None  # an importance file weighting the range search (tierlm.quant.imatrix)
-    method: str = "rtn"  # "gptq": layer matrices by GPTQ, calibrated while the store is built (tierlm.quant.gptq)
-
-    def __post_init__(self):
-        check_method(self.method, self.quant, self.importance is not None)
-
-    @property
-    def tag(self) -> str:
-        if self.quant == GGUF_NATIVE:
-            return self.quant
-        return (f"{self.quant}g{self.group}" + ("" if self.importance is None else f"-im{file_digest(self.importance)}")
-                + ("-gptq" if self.method == "gptq" else ""))
-
-
-def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
-    """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>[-<quant>]."""
-    root = Path(os.environ.get("TIERLM_CACHE", Path.home() / ".cache" / "tierlm"))
-    key = hashlib.sha1(str(opened.path.resolve()).encode()).hexdigest()[:10]
-    name = opened.path.stem if opened.path.is_file() else opened.path.name
-    suffix = "" if quant is None else f"-{quant.tag}"
-    return root / "stores" / f"{name}-{key}-{str(dtype).replace('torch.', '')}{suffix}"
-
-
-def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> dict:
-    meta = {"format": STORE_FORMAT, "dtype": str(dtype).replace("torch.", ""), "family": opened.family.name,
-            "num_layers": opened.config.num_layers, **opened.fingerprint()}
-    if quant is not None:
-        meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
-        if quant.importance is not None:
-            meta["importance"] = file_digest(quant.importance)
-        if quant.method != "rtn":
-            meta["method"] = quant.method
-    return meta
-
-
-def store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype,
-                  native_quant: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (store name, tensor) with one layer in memory at a time. Tied heads are not repeated.
-
-    The one naming of a store's tensors (``embed``, ``lm_head``, ``layers.{i}.qkv``, ...): the
-    tiered loader reads these names, and ``tierlm quantize`` (tierlm.quant.store) writes them.
-    ``native_quant``: a GGUF file's quantized matrices come as their blocks (QuantizedWeight)."""
-    asm = WeightAssembler(opened.family, opened.config, opened.reader, dtype, native_quant)
-    g = asm.globals()
-    tied = g.tied
-    for name in GLOBAL_FIELDS:
-        t = getattr(g, name)
-        if t is not None and not (name == "lm_head" and tied):
-            yield name, t
-    del g, t
-    for i in range(opened.config.num_layers):
-        lw = asm.layer(i)
-        for name in LAYER_FIELDS:
-            t = getattr(lw, name)
-            if t is not None:
-                yield f"layers.{i}.{name}", t
-        del lw, t
-    asm.finish()
-
-
-def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant,
-                             matrices: dict[str, list]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``store_tensors`` with every linear matrix and an untied head as packed quantized rows;
-    ``matrices`` is filled with name -> [format, group, num_cols] for the manifest."""
-    native = quant.quant == GGUF_NATIVE
-    quantizer = None if native else get_quantizer(quant.quant, quant.group)
-    importance = None if quant.importance is None else load_importance(quant.importance, opened.path)
-    if quant.method == "gptq":  # matrices come quantized; calibrated on Brown text (tierlm.quant.imatrix)
-        from tierlm.quant.gptq import gptq_store_tensors
-        from tierlm.quant.imatrix import calibration_sequences
-
-        ctx = min(512, opened.config.max_position)
-        tensors = gptq_store_tensors(opened, dtype, QuantLinear(quantizer, DenseLinear()),
-                                     calibration_sequences(opened.tokenizer, ctx=ctx))
-    else:
-        tensors = store_tensors(opened, dtype, native_quant=native)
-    for name, t in tensors:
-        is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
-        if isinstance(t, FusedWeight):
-            raise QuantError(f"{name} is stored in the GGUF file as parts of different types "
-                             f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
-                             f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
-        if is_matrix and quantizer is not None and isinstance(t, torch.Tensor):  # (GPTQ's come quantized)
-            t = quantizer.quantize(t, None if name == "lm_head" else importance_for(importance, name, t.shape[1]))
-        if isinstance(t, QuantizedWeight):
-            matrices[name] = [t.format, t.group, t.shape[1]]
-            t = t.packed_rows()
-        yield name, t
-
-
-def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None,
-                        quant: StoreQuant | None = None) -> WeightStore:
-    """The store for this checkpoint, dtype and quantization: reused when its manifest matches,
-    (re)built otherwise, with a log line saying which and why."""
-    folder = Path(store_dir) if store_dir is not None else default_store_dir(opened, dtype, quant)
-    meta = _store_meta(opened, dtype, quant)
-    reason = "none exists"
-    if (folder / "manifest.json").exists():
-        try:
-            store = WeightStore(folder)
-            if {k: v for k, v in store.meta.items() if k != "matrices"} == meta:
-                return store
-            store.close()
-            reason = "it was built from a different checkpoint or dtype"
-        except StoreError as e:
-            reason = str(e)
-    log.warning("building the weight store %s (%s)", folder, reason)
-    t0 = time.perf_counter()
-    if quant is None:
-        write_store(folder, store_tensors(opened, dtype), meta)
-    else:
-        # write_store writes the manifest after the last tensor, so ``matrices`` is complete by then.
-        meta["matrices"] = {}
-        write_store(folder, _quantized_store_tensors(opened, dtype, quant, meta["matrices"]), meta)
-    log.info("weight store written in %.1f s", time.perf_counter() - t0)
-    return WeightStore(folder)
 
 
 def model_layout(store: WeightStore, num_layers: int) -> ModelLayout:
@@ -378,6 +240,15 @@ class TieredWeights:
             else:
                 setattr(holder, m, linear.prepare(w))
 
+    def bind(self, inner: LinearMethod, device: torch.device | str) -> tuple[TieredLinear, TieredLinear]:
+        """Prepare the resident parts for ``inner`` and return the methods that multiply this model's
+        (layer matrices, head) for a Transformer running on ``device``. A tied head is the embedding
+        table and stays plain."""
+        if torch.device(device) != self.device:
+            raise ValueError(f"tiered weights were loaded for {self.device}, the model runs on {device}")
+        self.prepare(inner)
+        return TieredLinear(inner, self), TieredLinear(DenseLinear() if self.tied else inner, self)
+
     # -- used by the forward pass ------------------------------------------------------------------
     def acquire_layer(self, i: int) -> LayerWeights:
         if self.streamer is not None and self.streamer.is_streamed("layer", i):
@@ -413,15 +284,13 @@ class TierSettings:
     locking: str = "balanced"
     order: str = "auto"
     num_io_threads: int = 4
-    store_dir: str | None = None
-    quant: StoreQuant | None = None  # matrices stored quantized (LLM's quant=, quant_group=)
     device: str = "cpu"  # where the model computes
     device_memory: str | int | None = None  # weight bytes kept on the device (a part of weight_memory)
 
 
-def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSettings) -> TieredWeights:
-    """Open (or build) the store, plan for the budget, load the resident part, start the streamer;
-    logs the plan with the speed it predicts from bandwidths measured now."""
+def load_tiered(store: WeightStore, num_layers: int, settings: TierSettings) -> TieredWeights:
+    """Plan for the budget, load the resident part of ``store`` (tierlm.quant.store builds it), start
+    the streamer; logs the plan with the speed it predicts from bandwidths measured now."""
     from tierlm.memory.hardware import (
         available_memory_bytes,
         disk_read_bandwidth,
@@ -429,9 +298,7 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
     )
     from tierlm.memory.plan import PlanError, device_plan, fmt_bytes, make_plan, parse_budget
 
-    store = open_or_build_store(opened, dtype, None if settings.store_dir is None else Path(settings.store_dir),
-                                settings.quant)
-    layout = model_layout(store, opened.config.num_layers)
+    layout = model_layout(store, num_layers)
     budget = parse_budget(settings.weight_memory, layout.total_bytes)
     plan = make_plan(layout, budget, window=settings.window, locking=settings.locking, order=settings.order)
     log.info("%s", plan.describe())
@@ -460,9 +327,9 @@ def load_tiered(opened: OpenedCheckpoint, dtype: torch.dtype, settings: TierSett
                  "(limit min(mem/resident, disk/streamed) = %.2f)", mem_bw / 1e9, disk_bw / 1e9,
                  plan.predicted_tokens_per_pass_s(mem_bw, disk_bw), plan.issue_limit_tokens_s(mem_bw, disk_bw))
     if on_device is not None:
-        return TieredWeights(store, on_device, opened.config.num_layers, num_io_threads=settings.num_io_threads,
+        return TieredWeights(store, on_device, num_layers, num_io_threads=settings.num_io_threads,
                              device=settings.device, host_plan=plan)
-    return TieredWeights(store, plan, opened.config.num_layers, num_io_threads=settings.num_io_threads)
+    return TieredWeights(store, plan, num_layers, num_io_threads=settings.num_io_threads)
 
 
 def _check_device_memory(device: torch.device, plan: TierPlan) -> None:

@@ -3,7 +3,7 @@
 A family file (``tierlm/model/specs/<family>.toml``, or any file passed to ``load_family``) has:
 
   name, hf_architectures, hf_model_types, gguf_architectures   -- how checkpoints are recognised
-  [defaults]        ModelConfig fields that are facts of the family (norm kind, activation, ...)
+  [defaults]        ArchConfig fields that are facts of the family (norm kind, activation, ...)
   [hf_defaults]     overrides of [defaults] that hold only for HF checkpoints
   [gguf_defaults]   overrides that hold only for GGUF files (e.g. Gemma's norms already include +1)
   [hf_config]       field = config.json key path ("a.b.c"), or a list of paths (first present wins)
@@ -18,7 +18,7 @@ q_norm, k_norm, post_attn_norm, mlp_norm, gate, up, down, post_mlp_norm, each wi
 ``.bias`` twin. Which ones a family lists decides the block's shape (e.g. a family with no
 ``layer.mlp_norm`` under a parallel residual shares ``attn_norm`` between attention and MLP).
 
-The resolved, per-checkpoint result is a frozen ``ModelConfig``; one generic module
+The resolved, per-checkpoint result is a frozen ``ArchConfig``; one generic module
 (``tierlm.model.transformer``) builds any of them.
 """
 
@@ -63,7 +63,7 @@ _LAYER_TYPE_ALIASES = {
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ArchConfig:
     """Everything the generic transformer needs, resolved for one checkpoint.
 
     Invariants: num_heads % num_kv_heads == 0; rotary_dim is even and <= head_dim;
@@ -133,7 +133,7 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> "ArchConfig":
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise SpecError(f"{self.family}: {msg}")
@@ -160,6 +160,14 @@ class ModelConfig:
         need(rope_type in ("default", "linear", "llama3"),
              f"rope scaling type {rope_type!r} is not supported (supported: default, linear, llama3)")
         return self
+
+    def num_parameters(self) -> int:
+        """Parameters of the layer matrices, embeddings and an untied head (norms and biases left out:
+        under 0.1% for every family here); what the architecture implies, read from no weight."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        mlp = (3 if self.gated_mlp else 2) * d * self.intermediate_size
+        layer = d * (q + 2 * kv) + q * d + mlp
+        return self.num_layers * layer + self.vocab_size * d * (1 if self.tie_embeddings else 2)
 
     def summary(self) -> str:
         return (f"{self.family}: {self.num_layers} layers, d={self.hidden_size}, heads {self.num_heads}/"
@@ -189,8 +197,8 @@ class FamilySpec:
     hf_require: Mapping[str, Any] = field(default_factory=dict)  # config path -> the only value supported
 
     # -- resolution ---------------------------------------------------------------------------
-    def resolve_hf(self, config: Mapping[str, Any]) -> ModelConfig:
-        """ModelConfig for an HF ``config.json`` dict."""
+    def resolve_hf(self, config: Mapping[str, Any]) -> ArchConfig:
+        """ArchConfig for an HF ``config.json`` dict."""
         for path, expected in self.hf_require.items():
             found = _lookup_first(config, path)
             if found is not _MISSING and found != expected:
@@ -203,8 +211,8 @@ class FamilySpec:
                 values[fname] = found
         return self._finish(values)
 
-    def resolve_gguf(self, metadata: Mapping[str, Any], arch: str) -> ModelConfig:
-        """ModelConfig for GGUF metadata (a flat dict of key -> python value)."""
+    def resolve_gguf(self, metadata: Mapping[str, Any], arch: str) -> ArchConfig:
+        """ArchConfig for GGUF metadata (a flat dict of key -> python value)."""
         values = dict(self.defaults)
         values.update(self.gguf_defaults)
         for fname, keys in self.gguf_config.items():
@@ -216,8 +224,8 @@ class FamilySpec:
                     break
         return self._finish(values)
 
-    def _finish(self, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
+    def _finish(self, values: dict[str, Any]) -> ArchConfig:
+        known = {f.name for f in dataclasses.fields(ArchConfig)}
         unknown = set(values) - known
         if unknown:
             raise SpecError(f"family {self.name!r} ({self.source}) sets unknown fields {sorted(unknown)}")
@@ -240,7 +248,7 @@ class FamilySpec:
         values["layer_types"] = _layer_types(values)
         if values.get("sliding_window") is not None:
             values["sliding_window"] = int(values["sliding_window"])
-        return ModelConfig(**values).validate()
+        return ArchConfig(**values).validate()
 
     # -- tensor names -------------------------------------------------------------------------
     def tensor_names(self, source: str) -> Mapping[str, str]:

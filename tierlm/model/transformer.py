@@ -4,7 +4,7 @@ Forward works on a flat batch: the N new tokens of all sequences in a step, conc
 (no padding), with an ``AttentionBatch`` saying where each belongs in the paged cache. Nothing here
 knows about requests or scheduling.
 
-Block shapes (chosen by ModelConfig and by which weights exist):
+Block shapes (chosen by ArchConfig and by which weights exist):
 
     sequential:  x = x + post_attn_norm?(attn(attn_norm(x)))
                  x = x + post_mlp_norm?(mlp(mlp_norm(x)))
@@ -13,18 +13,32 @@ Block shapes (chosen by ModelConfig and by which weights exist):
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
-from tierlm.memory.tiered import TieredLinear, TieredWeights
 from tierlm.model.attention import (AttentionBatch, DecodeAttention, KVCache, PrefillAttention, alibi_slopes,
                                     paged_attention)
 from tierlm.model.fused_decode import FusedDecodePlan, plan_fused_decode
 from tierlm.model.kernels import rms_norm_kernel, rope_bf16_kernel, rope_kernel
-from tierlm.model.linear import DenseLinear, LinearMethod, default_linear_method
+from tierlm.model.linear import LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
-from tierlm.model.spec import ModelConfig
+from tierlm.model.spec import ArchConfig
+
+
+class LayerStream(Protocol):
+    """Weights that are not all resident (tierlm.memory.tiered.TieredWeights): the forward pass brackets
+    layer i's compute with ``acquire_layer(i)`` / ``release_layer(i)`` so the streamer knows which ring
+    slot may be refilled, and looks embeddings up through ``embedding`` (the table may be on disk)."""
+
+    def acquire_layer(self, i: int) -> LayerWeights: ...
+
+    def release_layer(self, i: int) -> None: ...
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor: ...
+
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -37,33 +51,26 @@ _ACTIVATIONS = {
 class Transformer:
     """Weights + config -> logits. Stateless apart from the rotary tables; the KV cache is passed in."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights | TieredWeights, dtype: torch.dtype,
-                 linear: LinearMethod | None = None, device: torch.device | str = "cpu", fused_decode: bool = True):
+    def __init__(self, cfg: ArchConfig, weights: ModelWeights, dtype: torch.dtype,
+                 linear: LinearMethod | None = None, device: torch.device | str = "cpu", fused_decode: bool = True,
+                 *, stream: LayerStream | None = None, head_linear: LinearMethod | None = None):
         """Takes ownership of ``weights``: each tensor is moved to ``device`` and matrices are
         replaced by ``linear.prepare``'d versions one at a time, so two copies of the whole model
         never coexist.
 
-        ``TieredWeights`` (tierlm.memory) keep part of each matrix on disk: the forward pass then
-        brackets each layer with ``acquire_layer`` / ``release_layer`` so the streamer knows which
-        ring slot may be refilled.
+        ``stream``: weights partly on disk (tierlm.memory.tiered); ``weights`` are then its
+        ``LayerWeights``, already prepared, and ``linear`` / ``head_linear`` the methods that multiply
+        their split matrices (``TieredWeights.bind``).
         """
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
-        inner = linear if linear is not None else default_linear_method(self.device, dtype)
-        self.tiers: TieredWeights | None = None
-        if isinstance(weights, TieredWeights):
-            if weights.device != self.device:
-                raise ValueError(f"tiered weights were loaded for {weights.device}, the model runs on {self.device}")
-            self.tiers = weights
-            weights.prepare(inner)
-            self.linear: LinearMethod = TieredLinear(inner, weights)
-            self.w = weights.weights
-            # As below: a tied head is the embedding table and stays plain.
-            self.lm_head_linear: LinearMethod = TieredLinear(DenseLinear() if weights.tied else inner, weights)
+        self.linear: LinearMethod = linear if linear is not None else default_linear_method(self.device, dtype)
+        self.tiers = stream
+        self.w = weights
+        if stream is not None:
+            self.lm_head_linear: LinearMethod = head_linear if head_linear is not None else self.linear
         else:
-            self.w = weights
-            self.linear = inner
             _move_(weights, self.device)
             for lw in weights.layers:
                 for name in ("qkv", "o", "up", "down"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+from tierlm.config import FORMATS, GGUF_NATIVE, KV_FORMATS, METHODS  # the names, torch-free for the CLI
 from tierlm.quant.base import (
     AnyQuantized,
     FusedWeight,
@@ -31,11 +32,6 @@ from tierlm.quant.base import (
 from tierlm.quant.gguf import GGUFFormat
 from tierlm.quant.groupwise import GroupwiseFormat
 from tierlm.quant.q3h import Q3HFormat
-
-FORMATS = ("q8", "q6", "q5", "q4", "q3h", "q3", "q2")
-GGUF_NATIVE = "gguf"
-KV_FORMATS = ("q8", "q4")
-METHODS = ("rtn", "gptq")  # rtn: each group rounded on its own; gptq: tierlm.quant.gptq
 
 __all__ = [
     "FORMATS",

@@ -284,12 +284,11 @@ def gptq_quantize_layers_(llm, method, sequences: list[list[int]]) -> None:
 
 
 def gptq_store_tensors(opened, dtype: torch.dtype, method, sequences: list[list[int]]):
-    """``tierlm.memory.tiered.store_tensors`` with every layer matrix GPTQ-quantized by ``method`` (a
+    """``tierlm.loader.weights.store_tensors`` with every layer matrix GPTQ-quantized by ``method`` (a
     QuantLinear) and an untied head rounded by it: yields (store name, tensor or QuantizedWeight)
     in the store's order, with one layer of float32 weights in memory at a time. Calibration runs
     in float32; the tensors that stay float are yielded in ``dtype``."""
-    from tierlm.loader.weights import WeightAssembler
-    from tierlm.memory.tiered import GLOBAL_FIELDS, LAYER_FIELDS
+    from tierlm.loader.weights import GLOBAL_FIELDS, LAYER_FIELDS, WeightAssembler
     from tierlm.model.transformer import Transformer
 
     asm = WeightAssembler(opened.family, opened.config, opened.reader, torch.float32)

@@ -1,36 +1,159 @@
-"""``tierlm quantize``: a checkpoint's weights, quantized, written as a tierlm weight store.
+"""Weight stores built from a checkpoint: float, quantized to a tierlm format, or a GGUF file's blocks.
 
-It is the store ``LLM(..., quant=fmt, weight_memory=...)`` builds for itself (tierlm.memory.tiered):
-every linear matrix and an untied head as packed quantized rows (``QuantizedWeight.packed_rows``:
-codes, then float16 steps, then mins, per row), everything else (embeddings, norms, biases, a tied
-head) as loaded in float32. The manifest's meta records the format, the group and, per quantized
-matrix, its format, group and width, so ``read_quantized`` rebuilds the exact ``QuantizedWeight``.
-Such a store is reused by ``LLM(model, quant=fmt, quant_group=group, weight_memory=..., store_dir=OUT)``.
+A store (tierlm.memory.store) is what tiered weights stream from, and what ``tierlm quantize``
+writes. Every linear matrix and an untied head of a quantized store are packed quantized rows
+(``QuantizedWeight.packed_rows``: codes, then float16 steps, then mins, per row); everything else
+(embeddings, norms, biases, a tied head) is as loaded, in the store's dtype. The manifest's meta
+records the source checkpoint, the dtype, the format and group and, per quantized matrix, its
+format, group and width, so ``read_quantized`` rebuilds the exact ``QuantizedWeight`` and a store
+built from other settings is noticed and rebuilt (``open_or_build_store``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tierlm.quant import QuantizedWeight, get_quantizer
+from tierlm.loader.model_loader import OpenedCheckpoint
+from tierlm.loader.weights import LAYER_FIELDS, LayerWeights, ModelWeights, store_tensors
+from tierlm.memory.plan import MATRICES
+from tierlm.memory.store import StoreError, WeightStore, write_store
+from tierlm.model.linear import DenseLinear
+from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, check_method, get_quantizer
+from tierlm.quant.imatrix import file_digest, importance_for, load_importance
+from tierlm.quant.linear import QuantLinear
+
+log = logging.getLogger("tierlm")
+
+STORE_FORMAT = "dense-v1"
+QUANT_STORE_FORMAT = "rows-v1"  # matrices as packed quantized rows (module docstring)
+
+
+@dataclass(frozen=True)
+class StoreQuant:
+    """How a store's matrices are held: ``quant`` a tierlm format name (quantized while the store is
+    built) or "gguf" (a GGUF file's own blocks), ``group`` its group size."""
+
+    quant: str
+    group: int = 64
+    importance: str | None = None  # an importance file weighting the range search (tierlm.quant.imatrix)
+    method: str = "rtn"  # "gptq": layer matrices by GPTQ, calibrated while the store is built (tierlm.quant.gptq)
+
+    def __post_init__(self):
+        check_method(self.method, self.quant, self.importance is not None)
+
+    @property
+    def tag(self) -> str:
+        if self.quant == GGUF_NATIVE:
+            return self.quant
+        return (f"{self.quant}g{self.group}" + ("" if self.importance is None else f"-im{file_digest(self.importance)}")
+                + ("-gptq" if self.method == "gptq" else ""))
+
+
+def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
+    """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>[-<quant>]."""
+    root = Path(os.environ.get("TIERLM_CACHE", Path.home() / ".cache" / "tierlm"))
+    key = hashlib.sha1(str(opened.path.resolve()).encode()).hexdigest()[:10]
+    name = opened.path.stem if opened.path.is_file() else opened.path.name
+    suffix = "" if quant is None else f"-{quant.tag}"
+    return root / "stores" / f"{name}-{key}-{str(dtype).replace('torch.', '')}{suffix}"
+
+
+def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> dict:
+    meta = {"format": STORE_FORMAT, "dtype": str(dtype).replace("torch.", ""), "family": opened.family.name,
+            "num_layers": opened.config.num_layers, **opened.fingerprint()}
+    if quant is not None:
+        meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
+        if quant.importance is not None:
+            meta["importance"] = file_digest(quant.importance)
+        if quant.method != "rtn":
+            meta["method"] = quant.method
+    return meta
+
+
+def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant,
+                             matrices: dict[str, list]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``store_tensors`` with every linear matrix and an untied head as packed quantized rows;
+    ``matrices`` is filled with name -> [format, group, num_cols] for the manifest."""
+    native = quant.quant == GGUF_NATIVE
+    quantizer = None if native else get_quantizer(quant.quant, quant.group)
+    importance = None if quant.importance is None else load_importance(quant.importance, opened.path)
+    if quant.method == "gptq":  # matrices come quantized; calibrated on Brown text (tierlm.quant.imatrix)
+        from tierlm.quant.gptq import gptq_store_tensors
+        from tierlm.quant.imatrix import calibration_sequences
+
+        ctx = min(512, opened.config.max_position)
+        tensors = gptq_store_tensors(opened, dtype, QuantLinear(quantizer, DenseLinear()),
+                                     calibration_sequences(opened.tokenizer, ctx=ctx))
+    else:
+        tensors = store_tensors(opened, dtype, native_quant=native)
+    for name, t in tensors:
+        is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
+        if isinstance(t, FusedWeight):
+            raise QuantError(f"{name} is stored in the GGUF file as parts of different types "
+                             f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
+                             f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
+        if is_matrix and quantizer is not None and isinstance(t, torch.Tensor):  # (GPTQ's come quantized)
+            t = quantizer.quantize(t, None if name == "lm_head" else importance_for(importance, name, t.shape[1]))
+        if isinstance(t, QuantizedWeight):
+            matrices[name] = [t.format, t.group, t.shape[1]]
+            t = t.packed_rows()
+        yield name, t
+
+
+def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None,
+                        quant: StoreQuant | None = None) -> WeightStore:
+    """The store for this checkpoint, dtype and quantization: reused when its manifest matches,
+    (re)built otherwise, with a log line saying which and why."""
+    folder = Path(store_dir) if store_dir is not None else default_store_dir(opened, dtype, quant)
+    meta = _store_meta(opened, dtype, quant)
+    reason = "none exists"
+    if (folder / "manifest.json").exists():
+        try:
+            store = WeightStore(folder)
+            if {k: v for k, v in store.meta.items() if k != "matrices"} == meta:
+                return store
+            store.close()
+            reason = "it was built from a different checkpoint or dtype"
+        except StoreError as e:
+            reason = str(e)
+    log.warning("building the weight store %s (%s)", folder, reason)
+    t0 = time.perf_counter()
+    if quant is None:
+        write_store(folder, store_tensors(opened, dtype), meta)
+    else:
+        # write_store writes the manifest after the last tensor, so ``matrices`` is complete by then.
+        meta["matrices"] = {}
+        write_store(folder, _quantized_store_tensors(opened, dtype, quant, meta["matrices"]), meta)
+    log.info("weight store written in %.1f s", time.perf_counter() - t0)
+    return WeightStore(folder)
 
 
 def quantize_to_store(model: str | Path | None, out: str | Path, fmt: str, group: int = 64,
                       spec_dirs: tuple[Path, ...] = (), importance: str | Path | None = None,
-                      method: str = "rtn") -> Path:
+                      method: str = "auto") -> Path:
     """Quantize every linear matrix of ``model`` (HF folder or GGUF file) to ``fmt`` and write a store
     (or reuse the one already at ``out`` if it was built from the same checkpoint and settings);
     ``importance``: a file from ``tierlm imatrix`` weighting the range search (tierlm.quant.imatrix);
     ``method="gptq"``: the layer matrices by GPTQ (tierlm.quant.gptq), one layer in memory at a time."""
     from tierlm.loader.model_loader import open_checkpoint
-    from tierlm.memory.tiered import StoreQuant, open_or_build_store
 
     get_quantizer(fmt, group)  # a bad format, group or method fails before anything is read
-    quant = StoreQuant(fmt, group, None if importance is None else str(importance), method)
     opened = open_checkpoint(model, spec_dirs)
     try:
+        if method == "auto":
+            from tierlm.quant.methods import default_method
+
+            method, why = default_method(fmt, opened.config, opened.tokenizer is not None, importance is not None)
+            log.info("method %s: %s", method, why)
+        quant = StoreQuant(fmt, group, None if importance is None else str(importance), method)
         store = open_or_build_store(opened, torch.float32, Path(out), quant)
         store.close()
         return store.path
@@ -45,3 +168,33 @@ def read_quantized(store, name: str) -> QuantizedWeight:
         raise KeyError(f"{name!r} is not a quantized matrix of store {store.path}")
     fmt, group, num_cols = matrices[name]
     return QuantizedWeight.from_packed_rows(store.read(name), fmt, group, num_cols)
+
+
+def resident_weights(store: WeightStore) -> ModelWeights:
+    """Every tensor of ``store`` in memory, as the ModelWeights a resident model is built from (quantized
+    matrices as QuantizedWeight), then the store is closed. A tied head is the embedding table."""
+    from tierlm.memory.store import aligned_buffer
+
+    bounce = aligned_buffer(16 << 20)
+    matrices = store.meta.get("matrices", {})
+
+    def get(name: str) -> torch.Tensor | QuantizedWeight | None:
+        if name not in store.tensors:
+            return None
+        rows = store.read(name, bounce=bounce)
+        if name not in matrices:
+            return rows
+        fmt, group, num_cols = matrices[name]
+        return QuantizedWeight.from_packed_rows(rows, fmt, group, num_cols)
+
+    try:
+        embed = get("embed")
+        lm_head = get("lm_head")
+        weights = ModelWeights(embed=embed, final_norm=get("final_norm"),
+                               lm_head=embed if lm_head is None else lm_head, pos_embed=get("pos_embed"),
+                               final_norm_bias=get("final_norm_bias"), lm_head_bias=get("lm_head_bias"))
+        for i in range(store.meta["num_layers"]):
+            weights.layers.append(LayerWeights(**{f: get(f"layers.{i}.{f}") for f in LAYER_FIELDS}))
+    finally:
+        store.close()
+    return weights

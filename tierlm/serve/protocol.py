@@ -56,7 +56,7 @@ class _SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises SamplingParamsError, whose message starts with a SamplingParams field name."""
+        """Raises SamplingParamsError, whose ``field`` is the SamplingParams field at fault."""
         kwargs = {name: getattr(self, name) for name in _OPTIONAL_SAMPLING if getattr(self, name) is not None}
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return SamplingParams(max_tokens=max_tokens, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,

@@ -60,7 +60,7 @@ def build_app(llm, served_model_name: str, max_queue: int = 64) -> FastAPI:
     """An app serving ``llm`` (a tierlm.LLM); its engine thread runs while the app's lifespan does."""
     metrics = ServerMetrics()
     engine = AsyncEngine(llm.engine, metrics, max_queue=max_queue)
-    max_model_len = llm.config.max_model_len
+    max_model_len = llm.config.model.max_model_len
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -219,7 +219,7 @@ def _encode_prompt(llm, prompt) -> tuple[list[int], str | None]:
         if llm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send the prompt as token ids", "prompt")
         return llm.tokenizer.encode(prompt), prompt
-    vocab = llm.model_config.vocab_size
+    vocab = llm.arch.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
@@ -230,7 +230,7 @@ def _sampling_params(body, max_tokens: int, logprobs: int | None) -> SamplingPar
     try:
         return body.to_sampling_params(max_tokens, logprobs)
     except SamplingParamsError as err:
-        raise APIError(400, str(err), body.request_field(str(err).split()[0])) from None
+        raise APIError(400, str(err), body.request_field(err.field)) from None
 
 
 # -- engine -> response ---------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def _sse_response(stream: RequestStream, first: list[BaseModel], chunks: Callabl
 # -- running --------------------------------------------------------------------------------------
 
 def default_model_name(llm) -> str:
-    path = Path(llm.config.model)
+    path = Path(llm.config.model.model)
     return path.stem if path.suffix == ".gguf" else path.name
 
 
