@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tierlm import LLM, SamplingParams
-from tierlm.cli import build_parser, token_budget
+from tierlm.cli import build_parser, main
+from tierlm.engine_args import token_budget
 from tierlm.config import ConfigError
 from tierlm.engine.budget import (
     MAX_CHUNK,
@@ -166,27 +167,30 @@ def test_serve_budget_argument():
         build_parser().parse_args(["serve", "--max-num-batched-tokens", "lots"])
 
 
-def test_serve_slo_needs_splitfuse_and_the_measured_budget():
-    from tierlm.cli import cmd_serve
+def _serve_error(capsys, *argv: str) -> str:
+    """The one-line error `tierlm serve ARGV` ends with, before loading anything."""
+    capsys.readouterr()
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tierlm: error: argument "), err
+    return err
 
+
+def test_serve_slo_needs_splitfuse_and_the_measured_budget(capsys):
     assert build_parser().parse_args(["serve", "--slo-tokens-per-s", "5"]).slo_tokens_per_s == 5.0
     for argv in (["--slo-tokens-per-s", "5", "--scheduling-policy", "prefill_first"],
                  ["--slo-tokens-per-s", "5", "--max-num-batched-tokens", "64"],
                  ["--slo-tokens-per-s", "0"]):
-        with pytest.raises(ValueError, match="--slo-tokens-per-s"):
-            cmd_serve(build_parser().parse_args(["serve", *argv]))
+        assert "--slo-tokens-per-s" in _serve_error(capsys, *argv)
 
 
-def test_prompt_order_reaches_the_scheduler_and_is_validated():
-    from tierlm.cli import cmd_serve
-
+def test_prompt_order_reaches_the_scheduler_and_is_validated(capsys):
     assert build_parser().parse_args(["serve"]).prompt_order == "fcfs"
     assert build_parser().parse_args(["serve", "--prompt-order", "shortest"]).prompt_order == "shortest"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--prompt-order", "longest"])
-    with pytest.raises(ValueError, match="--prompt-order applies to --scheduling-policy splitfuse"):
-        cmd_serve(build_parser().parse_args(["serve", "--prompt-order", "shortest",
-                                             "--scheduling-policy", "prefill_first"]))
+    err = _serve_error(capsys, "--prompt-order", "shortest", "--scheduling-policy", "prefill_first")
+    assert "--prompt-order: prompt_order applies to the splitfuse policy only" in err
     llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest")
     assert llm.config.scheduler.prompt_order == "shortest" and llm.engine.scheduler.config.prompt_order == "shortest"
     with pytest.raises(ConfigError, match="prompt_order applies to the splitfuse policy only"):
@@ -195,19 +199,18 @@ def test_prompt_order_reaches_the_scheduler_and_is_validated():
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="longest")
 
 
-def test_prompt_aging_reaches_the_scheduler_and_is_validated():
-    from tierlm.cli import cmd_serve
-
-    assert build_parser().parse_args(["serve"]).prompt_aging is None
+def test_prompt_aging_reaches_the_scheduler_and_is_validated(capsys):
+    assert build_parser().parse_args(["serve"]).prompt_aging_tokens_per_s is None
     args = build_parser().parse_args(["serve", "--prompt-order", "shortest", "--prompt-aging", "32"])
-    assert args.prompt_aging == 32.0
-    for argv in (["--prompt-aging", "32"], ["--prompt-order", "shortest", "--prompt-aging", "0"]):
-        with pytest.raises(ValueError, match="--prompt-aging must be a finite number > 0 and needs --prompt-order"):
-            cmd_serve(build_parser().parse_args(["serve", *argv]))
+    assert args.prompt_aging_tokens_per_s == 32.0
+    assert "--prompt-aging: prompt_aging_tokens_per_s applies to prompt_order='shortest' only" in _serve_error(
+        capsys, "--prompt-aging", "32")
+    assert "--prompt-aging: prompt_aging_tokens_per_s must be a finite number > 0" in _serve_error(
+        capsys, "--prompt-order", "shortest", "--prompt-aging", "0")
     llm = LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", prompt_aging_tokens_per_s=32.0)
     assert llm.config.scheduler.prompt_aging_tokens_per_s == 32.0
     assert llm.engine.scheduler.config.prompt_aging_tokens_per_s == 32.0
-    with pytest.raises(ConfigError, match="needs prompt_order='shortest'"):
+    with pytest.raises(ConfigError, match="applies to prompt_order='shortest' only"):
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_aging_tokens_per_s=32.0)
     with pytest.raises(ConfigError, match="must be a finite number > 0"):
         LLM(None, max_model_len=64, kv_cache_tokens=256, prompt_order="shortest", prompt_aging_tokens_per_s=-1.0)

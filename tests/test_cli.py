@@ -101,8 +101,10 @@ def test_chat_repl_keeps_history_and_resets(capsys, monkeypatch):
         seen.append([dict(m) for m in messages])
         return f"answer {len(seen)}"
 
-    monkeypatch.setattr(cli, "_load_llm", lambda args, **kw: None)
-    monkeypatch.setattr(cli, "_answer", fake_answer)
+    from tierlm.commands import chat
+
+    monkeypatch.setattr(chat, "load", lambda config: None)
+    monkeypatch.setattr(chat, "answer", fake_answer)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\nmore\n/reset\nagain\n/exit\nnever\n"))
     rc, _, _ = _main(capsys, "chat", "--system", "be brief")
     assert rc == 0
@@ -130,7 +132,9 @@ def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    from tierlm.commands import info
+
+    monkeypatch.setattr(info, "run", interrupted)
     rc, out, err = _main(capsys, "info")
     assert rc == 130 and out == "" and err == ""
 
@@ -188,9 +192,12 @@ def test_text_prompt_for_model_without_tokenizer(hf_model, capsys):
     _assert_one_line_error(rc, err, "no tokenizer")
 
 
-def test_cli_choices_mirror_the_quant_package():
-    """cli.py spells the formats and methods out to avoid importing torch at start-up; they must not drift."""
-    from tierlm import cli
+def test_cli_choices_are_the_quant_package_names():
+    """The formats and methods have one spelling, torch-free in tierlm.config, shared by the CLI and tierlm.quant."""
+    from tierlm import config
     from tierlm.quant import FORMATS, METHODS
 
-    assert cli.QUANT_FORMATS == FORMATS and cli.QUANT_METHODS == METHODS
+    assert FORMATS is config.FORMATS and METHODS is config.METHODS
+    quant = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                 if a.dest == "quant")
+    assert set(FORMATS) <= set(quant.choices)

@@ -222,7 +222,7 @@ def test_slo_is_validated():
     assert SchedulerConfig(slo_tokens_per_s=5.0, step_cost=cost).slo_tokens_per_s == 5.0
     with pytest.raises(ValueError, match="measured step_cost"):
         SchedulerConfig(slo_tokens_per_s=5.0)
-    with pytest.raises(ValueError, match="slo_tokens_per_s must be > 0"):
+    with pytest.raises(ValueError, match="slo_tokens_per_s must be a finite number > 0"):
         SchedulerConfig(slo_tokens_per_s=0.0, step_cost=cost)
     with pytest.raises(ValueError, match="splitfuse policy only"):
         SchedulerConfig(slo_tokens_per_s=5.0, step_cost=cost, policy="prefill_first")

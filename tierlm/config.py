@@ -47,7 +47,7 @@ class ConfigError(ValueError):
     the CLI shows the matching flag), ``reason`` what is wrong with it."""
 
     def __init__(self, field_name: str, reason: str):
-        super().__init__(f"{field_name}: {reason}")
+        super().__init__(reason if reason.startswith(field_name) else f"{field_name}: {reason}")
         self.field, self.reason = field_name, reason
 
 
@@ -59,28 +59,30 @@ def _require(ok: bool, field_name: str, reason: str) -> None:
 def _positive_int(value: object, field_name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field_name,
-             f"must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+    _require(isinstance(value, int) and not isinstance(value, bool), field_name,
+             f"{field_name} must be an integer, got {value!r}")
+    _require(value >= 1, field_name, f"{field_name} must be >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _finite_positive(value: object, field_name: str) -> None:
     if value is None:
         return
     _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field_name,
-             f"must be a finite number > 0 or None, got {value!r}")
+             f"{field_name} must be a finite number > 0 or None, got {value!r}")
 
 
 def _choice(value: object, choices: tuple, field_name: str) -> None:
-    _require(value in choices, field_name, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+    _require(value in choices, field_name, f"{field_name} must be one of {', '.join(map(str, choices))}; "
+             f"got {value!r}")
 
 
 def check_size(value: object, field_name: str) -> None:
     """A memory size: bytes (an integer), or text such as "2GiB", "500MB", "1.5G", "25%" (of the model)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        _require(value >= 0, field_name, f"must be >= 0 bytes, got {value}")
+        _require(value >= 0, field_name, f"{field_name} must be >= 0 bytes, got {value}")
         return
     _require(isinstance(value, str) and _SIZE.match(value) is not None, field_name,
-             f"{value!r} is not a size: use e.g. 2GiB, 500MB, 25% or a byte count")
+             f"{field_name} {value!r} is not a size: use e.g. 2GiB, 500MB, 25% or a byte count")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class ModelConfig:
             object.__setattr__(self, "model", str(self.model))
         _choice(self.dtype, DTYPES, "dtype")
         _require(isinstance(self.device, str) and _DEVICE.match(self.device) is not None, "device",
-                 f"must be cpu, cuda or cuda:N, got {self.device!r}")
+                 f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         _positive_int(self.max_model_len, "max_model_len", allow_none=True)
 
 
@@ -156,14 +158,15 @@ class SchedulerConfig:
                  "prompt_order applies to the splitfuse policy only")
         if self.slo_tokens_per_s is not None:
             _finite_positive(self.slo_tokens_per_s, "slo_tokens_per_s")
-            _require(self.policy == "splitfuse", "slo_tokens_per_s", "applies to the splitfuse policy only")
+            _require(self.policy == "splitfuse", "slo_tokens_per_s",
+                     "slo_tokens_per_s applies to the splitfuse policy only")
             _require(self.step_cost is not None or self.max_num_batched_tokens == AUTO, "slo_tokens_per_s",
-                     "needs the measured step cost: the budget must be chosen by measurement "
+                     "slo_tokens_per_s needs the measured step_cost: the budget must be chosen by measurement "
                      "(max_num_batched_tokens='auto')")
         if self.prompt_aging_tokens_per_s is not None:
             _finite_positive(self.prompt_aging_tokens_per_s, "prompt_aging_tokens_per_s")
             _require(self.prompt_order == "shortest", "prompt_aging_tokens_per_s",
-                     "needs prompt_order='shortest'")
+                     "prompt_aging_tokens_per_s applies to prompt_order='shortest' only")
 
     @property
     def auto_budget(self) -> bool:
@@ -194,7 +197,7 @@ class TierConfig:
             if getattr(self, name) is not None:
                 check_size(getattr(self, name), name)
         _require(isinstance(self.prefetch_window, int) and self.prefetch_window >= 0, "prefetch_window",
-                 f"must be an integer >= 0, got {self.prefetch_window!r}")
+                 f"prefetch_window must be an integer >= 0, got {self.prefetch_window!r}")
         _choice(self.tier_locking, LOCKINGS, "tier_locking")
         _choice(self.tier_order, ORDERS, "tier_order")
         _positive_int(self.num_io_threads, "num_io_threads")
@@ -224,7 +227,7 @@ class QuantConfig:
             object.__setattr__(self, "quant", AUTO)
         _choice(self.quant, QUANTS, "quant")
         _require(isinstance(self.quant_group, int) and self.quant_group >= 32 and self.quant_group % 32 == 0,
-                 "quant_group", f"must be a positive multiple of 32, got {self.quant_group!r}")
+                 "quant_group", f"quant_group must be a positive multiple of 32, got {self.quant_group!r}")
         _choice(self.quant_method, (AUTO, *METHODS), "quant_method")
         produced = self.quant in FORMATS
         _require(self.quant_method in (AUTO, "rtn") or produced, "quant_method",

@@ -31,13 +31,16 @@ def run(args: argparse.Namespace) -> int:
 def describe(opened) -> list[tuple[str, str]]:
     reader, arch = opened.reader, opened.config
     num_params = sum(_numel(reader.shape(n)) for n in reader.names())
-    stored = sum(_stored_bytes(reader, n) for n in reader.names())
+    groups = _bytes_by_group(opened)
     rows = [("model", str(opened.path)),
             ("family", f"{opened.family.name} ({opened.family.source})"),
             ("architecture", arch.summary()),
             ("context", f"{arch.max_position} positions"),
             ("parameters", f"{num_params:,} ({num_params / 1e6:.1f} M)"),
-            ("stored", f"{stored / 2**20:.1f} MiB ({8 * stored / max(num_params, 1):.2f} bits per parameter)"),
+            ("bytes (stored)", ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in groups.items() if v)
+             + f"; total {sum(groups.values()) / 2**20:.1f} MiB, "
+             f"{8 * sum(groups.values()) / max(num_params, 1):.2f} bits per parameter"
+             + ("" if "lm_head" in groups else " (lm_head tied to embedding)")),
             ("source", f"{opened.source}; tensor types: "
              + ", ".join(f"{k} x{n}" for k, n in sorted(opened.tensor_types().items(), key=lambda kv: -kv[1])))]
     tok = opened.tokenizer
@@ -49,6 +52,33 @@ def describe(opened) -> list[tuple[str, str]]:
         rows.append(("tokenizer", f"vocab {tok.vocab_size}, bos {bos}, eos {eos}, "
                                   f"chat template {'yes' if tok.chat_template else 'no'}"))
     return rows
+
+
+def _bytes_by_group(opened) -> dict[str, int]:
+    """Stored bytes of the checkpoint's tensors by part of the model, following the family's name table."""
+    groups = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0, "other": 0}
+    table = opened.family.tensor_names(opened.source)
+    names = opened.reader.names()
+    owner = {}
+    for canonical, pattern in table.items():
+        part = canonical.split(".")[-2] if canonical.endswith((".bias", ".weight")) else canonical.split(".")[-1]
+        if canonical in ("embed", "pos_embed"):
+            group = "embedding"
+        elif canonical.startswith("lm_head"):
+            group = "lm_head"
+        elif "norm" in part:
+            group = "norms"
+        elif part in ("q", "k", "v", "qkv", "o"):
+            group = "attention"
+        else:
+            group = "mlp"
+        for i in range(opened.config.num_layers) if "{i}" in pattern else [None]:
+            owner[pattern if i is None else pattern.replace("{i}", str(i))] = group
+    for name in names:
+        groups[owner.get(name, "other")] += _stored_bytes(opened.reader, name)
+    if not groups["lm_head"]:
+        del groups["lm_head"]
+    return groups
 
 
 def _numel(shape: tuple[int, ...]) -> int:

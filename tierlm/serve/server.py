@@ -56,6 +56,7 @@ def _error_response(status: int, message: str, param: str | None = None, type: s
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+# long: the routes are closures over one engine, its metrics and the model's name, declared where the app is
 def build_app(llm, served_model_name: str, max_queue: int = 64) -> FastAPI:
     """An app serving ``llm`` (a tierlm.LLM); its engine thread runs while the app's lifespan does."""
     metrics = ServerMetrics()
