@@ -54,7 +54,7 @@ def _child(engine: str, num_prompt: int) -> dict:
     if kind == "gguf":
         llm = LLM(gguf_file(engine.split()[2]), quant="gguf", **kw)
     else:
-        llm = LLM(HF_MODEL, quant=kind, **kw)
+        llm = LLM(HF_MODEL, quant=kind, quant_method="rtn", **kw)  # speed only: gptq's codes run the same
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     times = []
     for _ in range(4):
