@@ -41,7 +41,9 @@ $(BROWN):
 run: setup
 	$(VENV)/bin/tierlm chat --once "$(PROMPT)"
 
+# ruff first: a lint finding fails in seconds, before the 10-minute suite.
 test: setup
+	$(VENV)/bin/ruff check tierlm bench tests tools
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Baselines for bench/ (not needed by the tests): llama.cpp's Python binding compiles from source (~8 min).
