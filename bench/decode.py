@@ -70,7 +70,8 @@ def _run_tierlm(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     rss_loaded = PeakRSS.current_bytes()
 
-    def generate(prompts: list[list[int]], num_tokens: int) -> tuple[float, list[list[float]], list[list[int]], list[float]]:
+    def generate(prompts: list[list[int]],
+                 num_tokens: int) -> tuple[float, list[list[float]], list[list[int]], list[float]]:
         params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
         t = time.perf_counter()
         outs = llm.generate(prompts, params)
@@ -102,7 +103,8 @@ def _run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     rss_loaded = PeakRSS.current_bytes()
 
-    def generate(prompts: list[list[int]], num_tokens: int) -> tuple[float, list[list[float]], list[list[int]], list[float]]:
+    def generate(prompts: list[list[int]],
+                 num_tokens: int) -> tuple[float, list[list[float]], list[list[int]], list[float]]:
         input_ids = torch.tensor(prompts, dtype=torch.long)  # (B, T): equal lengths, no padding
         attention_mask = torch.ones_like(input_ids)
         timer = TokenTimer()

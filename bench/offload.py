@@ -77,7 +77,8 @@ while llm.engine.has_unfinished():
 plan = llm.tiers.plan
 decode_s = times[-1] - times[0]
 print("RESULT " + json.dumps({
-    "tok_s": batch * (len(times) - 1) / decode_s, "ttft_s": times[0] - t0, "tpot_ms": 1000 * decode_s / (len(times) - 1),
+    "tok_s": batch * (len(times) - 1) / decode_s, "ttft_s": times[0] - t0,
+    "tpot_ms": 1000 * decode_s / (len(times) - 1),
     "peak_rss": peak_rss(), "load_s": load_s, "resident_bytes": plan.resident_bytes, "ring_bytes": plan.ring_bytes,
     "streamed_bytes": plan.streamed_bytes_per_pass, "total_bytes": plan.total_bytes,
     "stalls": llm.tiers.streamer.num_stalls if llm.tiers.streamer else 0, "window": plan.window,
@@ -304,8 +305,10 @@ def main() -> None:
         if "resident_bytes" in row:
             _set_limit(row, mem_bw, disk_bw)
     _set_compute_limit(rows)
-    meta = {"model": str(a.model), "dtype": "bfloat16", "quant": a.quant, "gguf": str(gguf), "memory_bandwidth_gbps": mem_bw / 1e9,
-            "disk_bandwidth_gbps": disk_bw / 1e9, "disk_bandwidth_samples_gbps": [round(b / 1e9, 3) for b in disk_samples], "page_cache_dropped": dropped, "steps": a.steps,
+    meta = {"model": str(a.model), "dtype": "bfloat16", "quant": a.quant, "gguf": str(gguf),
+            "memory_bandwidth_gbps": mem_bw / 1e9, "disk_bandwidth_gbps": disk_bw / 1e9,
+            "disk_bandwidth_samples_gbps": [round(b / 1e9, 3) for b in disk_samples], "page_cache_dropped": dropped,
+            "steps": a.steps,
             "machine": machine_info(), "baseline_memory_limit": "cgroup v1 child group at tierlm full's peak RSS"}
     cols = ["batch", "budget_pct", "engine", "tok_s", "tpot_ms", "limit_tok_s", "share_of_limit",
             "share_of_compute_limit", "full_vs_this",

@@ -172,7 +172,8 @@ def main() -> None:
             r["bytes_ratio_vs_bf16"] = round(bf["weight_mb"] / r["weight_mb"], 2)
     rounds = (f"{args.rounds}, engines taking turns (even rounds in reverse order); decode_tok_s is the "
               "fastest; round_* are medians of per-round ratios")
-    write_results(args.name, rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)), "bandwidth_gbps": round(bandwidth, 1),
+    write_results(args.name, rows, {"model": str(HF_MODEL.relative_to(REPO_ROOT)),
+                                    "bandwidth_gbps": round(bandwidth, 1),
                                   "prompt_tokens": len(PROMPT), "decode_tokens": args.tokens, "threads": 2,
                                   "rounds": rounds},
                   columns=["engine", "decode_tok_s", "weight_mb", "achieved_gbps", "share_of_bandwidth",

@@ -79,10 +79,13 @@ def main() -> None:
                 qk = qkv[:, :(h + hkv) * d].view(n, h + hkv, d)
                 cos, sin = RotaryTable(d, 10000.0, None, 4096).lookup(torch.randint(0, 4096, (n,), generator=g), dtype)
                 cos_c, sin_c = cos.contiguous(), sin.contiguous()
-                def rotate_in_place(kernel=kernel, n=n, qk=qk, cos_c=cos_c, sin_c=sin_c):
+                def rotate_in_place(kernel=kernel, n=n, d=d, qk=qk, cos_c=cos_c, sin_c=sin_c):
                     kernel(qk.data_ptr(), qk.stride(0), n, qk.shape[1], d, d, cos_c.data_ptr(), sin_c.data_ptr(), 1)
 
-                torch_us = 1e6 * median_call_seconds(lambda: apply_rope(qk, cos, sin, "interleaved"), a.reps, warmup=3)
+                def rotate_with_torch(qk=qk, cos=cos, sin=sin):
+                    return apply_rope(qk, cos, sin, "interleaved")
+
+                torch_us = 1e6 * median_call_seconds(rotate_with_torch, a.reps, warmup=3)
                 kernel_us = 1e6 * median_call_seconds(rotate_in_place, a.reps, warmup=3)
                 moved = qk.element_size() * (2 * qk.numel() + 2 * cos.numel())
                 row = {"case": model, "dtype": str(dtype).removeprefix("torch."), "rows": n,

@@ -8,8 +8,8 @@ Normal(out_mean, 0.3*out_mean) (clipped to >= 4), random token ids, greedy, EOS 
 
 SLA (FastGen: TTFT of an L-token prompt <= L/512 s, and generation at >= 2 tok/s): scaled to this CPU by
 measuring, on every policy's server, a lone request's prefill rate (TTFT of one long prompt) and decode
-rate, and setting R = the fastest prefill rate / --sla-scale and g = the fastest decode rate / --sla-scale. A request passes if
-TTFT <= L/R and its i-th generated token (first = 0) arrives within i/g s of the first token. The pass
+rate, and setting R = the fastest prefill rate / --sla-scale and g = the fastest decode rate / --sla-scale. A
+request passes if TTFT <= L/R and its i-th generated token (first = 0) arrives within i/g s of the first token. The pass
 fraction with FastGen's literal g = 2 tok/s is reported too. Effective throughput = queries/s x pass
 fraction.
 
@@ -434,7 +434,8 @@ def plot(rows: list[dict], policies: list[str], path: Path, meta: dict) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"tierlm serve, {meta['model']}, prompts {meta['workload']['prompt_mix (weight:mean), sd = 0.3*mean, clipped >= 8']}"
+    mix = meta["workload"]["prompt_mix (weight:mean), sd = 0.3*mean, clipped >= 8"]
+    fig.suptitle(f"tierlm serve, {meta['model']}, prompts {mix}"
                  f", out {meta['workload']['out_mean (sd 0.3*mean, clipped >= 4)']:.0f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

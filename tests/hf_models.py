@@ -48,10 +48,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 base = 0.0 if ("norm" in name and "gemma" in type(model).__name__.lower()) else (
-                    1.0 if ("norm" in name or "ln_" in name or "layer_norm" in name) and name.endswith("weight") else 0.0)
+                    1.0 if ("norm" in name or "ln_" in name or "layer_norm" in name) and name.endswith("weight")
+                    else 0.0)
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                fan_in = p.shape[0] if "GPT2" in type(model).__name__ and "wte" not in name and "wpe" not in name else p.shape[-1]
+                gpt2_conv = "GPT2" in type(model).__name__ and "wte" not in name and "wpe" not in name
+                fan_in = p.shape[0] if gpt2_conv else p.shape[-1]
                 if "embed" in name or "wte" in name or "wpe" in name:
                     # Small embeddings keep a tied lm_head from just predicting the input token;
                     # Gemma multiplies them by sqrt(hidden) = 8 on top.

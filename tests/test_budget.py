@@ -7,7 +7,6 @@ import pytest
 
 from tierlm import LLM, SamplingParams
 from tierlm.cli import build_parser, main
-from tierlm.engine_args import token_budget
 from tierlm.config import ConfigError
 from tierlm.engine.budget import (
     MAX_CHUNK,
@@ -19,6 +18,7 @@ from tierlm.engine.budget import (
     step_cost,
     throughput_budget,
 )
+from tierlm.engine_args import token_budget
 
 
 def test_throughput_budget_is_the_smallest_chunk_near_the_cheapest_per_token():

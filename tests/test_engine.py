@@ -13,7 +13,8 @@ from tierlm.sampling_params import SamplingParams
 
 
 def _req(rid: str, n: int, max_tokens: int = 8) -> Request:
-    return Request(request_id=rid, prompt_token_ids=list(range(10, 10 + n)), params=SamplingParams(max_tokens=max_tokens))
+    return Request(request_id=rid, prompt_token_ids=list(range(10, 10 + n)),
+                   params=SamplingParams(max_tokens=max_tokens))
 
 
 # -- block manager ----------------------------------------------------------------------------

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from tierlm.model.sampler import (SampleResult, Sampler, TokenLogprobs, apply_penalties,
-                                  filtered_probs)
+from tierlm.model.sampler import Sampler, SampleResult, TokenLogprobs, apply_penalties, filtered_probs
 from tierlm.sampling_params import SamplingParams as SP
 
 # probs (0.1, 0.4, 0.2, 0.25, 0.05): descending order is ids 1, 3, 2, 0, 4.

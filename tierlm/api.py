@@ -7,7 +7,6 @@ them, with the CLI flag of each); tierlm.builder builds the engine from the vali
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Union
 
 import torch
 
@@ -24,7 +23,7 @@ from tierlm.outputs import RequestOutput
 from tierlm.runner import TorchModelRunner
 from tierlm.sampling_params import SamplingParams
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 
 
 class LLM:
@@ -109,8 +108,8 @@ class LLM:
         return self.engine.add_request(ids, params, request_id=request_id, prompt=text).request_id
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion with continuous batching; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as token ids

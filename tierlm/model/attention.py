@@ -34,8 +34,11 @@ class KVCache:
         if quant is not None:
             from tierlm.quant.kv import QuantizedSlots
 
-            self.k = [QuantizedSlots(quant, num_slots, num_kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
-            self.v = [QuantizedSlots(quant, num_slots, num_kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
+            def slots() -> QuantizedSlots:
+                return QuantizedSlots(quant, num_slots, num_kv_heads, head_dim, dtype, device)
+
+            self.k = [slots() for _ in range(num_layers)]
+            self.v = [slots() for _ in range(num_layers)]
             for t in self.k + self.v:
                 t.zero_(block_size)  # the null block
             return

@@ -11,7 +11,8 @@ Only the first ``rotary_dim`` (r) features of each head rotate; the rest pass th
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 
 class UnknownArchitectureError(ValueError):
@@ -133,7 +135,7 @@ class ArchConfig:
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
-    def validate(self) -> "ArchConfig":
+    def validate(self) -> ArchConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise SpecError(f"{self.family}: {msg}")
