@@ -94,29 +94,6 @@ def test_chat_once(capsys):
     assert stats.startswith("[") and stats.endswith("tok/s]") and "tokens" in stats
 
 
-def test_chat_repl_keeps_history_and_resets(capsys, monkeypatch):
-    seen: list[list[dict]] = []
-
-    def fake_answer(llm, messages, params):
-        seen.append([dict(m) for m in messages])
-        return f"answer {len(seen)}"
-
-    from tierlm.commands import chat
-
-    monkeypatch.setattr(chat, "load", lambda config: None)
-    monkeypatch.setattr(chat, "answer", fake_answer)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\nmore\n/reset\nagain\n/exit\nnever\n"))
-    rc, _, _ = _main(capsys, "chat", "--system", "be brief")
-    assert rc == 0
-    sys_msg = {"role": "system", "content": "be brief"}
-    assert seen == [
-        [sys_msg, {"role": "user", "content": "hi"}],
-        [sys_msg, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "answer 1"},
-         {"role": "user", "content": "more"}],
-        [sys_msg, {"role": "user", "content": "again"}],
-    ]
-
-
 def test_perplexity_command_small(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("The jury said it did find that many of the registration and election laws were outmoded. " * 4)

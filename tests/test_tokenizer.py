@@ -346,7 +346,8 @@ def test_from_gguf_reader_matches_path(tmp_path):
                         chat_template="{{ messages[0]['content'] }}")
     by_path = Tokenizer.from_gguf(tmp_path / "toy.gguf")
     by_reader = Tokenizer.from_gguf(gguf.GGUFReader(tmp_path / "toy.gguf"))
-    assert by_reader.encode("ab ba") == by_path.encode("ab ba") == [1, 259, 262, 259, 261, 260]  # "▁ab▁ba": space prefix by default
+    # "▁ab▁ba": the space prefix is on by default
+    assert by_reader.encode("ab ba") == by_path.encode("ab ba") == [1, 259, 262, 259, 261, 260]
     assert by_reader.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
     assert (by_reader.bos_token_id, by_reader.eos_token_ids) == (by_path.bos_token_id, by_path.eos_token_ids)
 

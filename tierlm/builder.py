@@ -1,6 +1,7 @@
 """The config tree -> a running engine, one stage at a time. ``LLM`` and ``tierlm serve`` call ``build``.
 
     open_checkpoint   header, architecture and tokenizer; no weight is read       (tierlm.loader)
+    use_chat_template the chat template setting, or plain for a model without one (tierlm.loader.chat_templates)
     resolve           "auto" settings, and every check that needs the checkpoint   (this module)
     load_weights      resident tensors, a cached quantized store, or tiered weights
     build_model       linear method (float or quantized kernels, tiered) -> Transformer   (tierlm.model)
@@ -24,6 +25,7 @@ import torch
 from tierlm.config import AUTO, AUTO_LOAD_BUDGET, FLOAT, GGUF_NATIVE, ConfigError, TierlmConfig
 from tierlm.engine.block_manager import BlockManager
 from tierlm.engine.engine import EngineCore
+from tierlm.loader.chat_templates import use_chat_template
 from tierlm.loader.model_loader import OpenedCheckpoint, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
@@ -69,6 +71,7 @@ def build(config: TierlmConfig) -> Built:
     t0 = time.perf_counter()
     opened = open_checkpoint(config.model.model, tuple(Path(d) for d in config.model.spec_dirs))
     try:
+        use_chat_template(opened.tokenizer, config.model.chat_template)
         config = resolve(config, opened)
         log.info("configuration:\n%s", config.describe())
         weights = load_weights_stage(config, opened)

@@ -21,10 +21,12 @@ This module never imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import tokenizers
@@ -34,6 +36,8 @@ from tokenizers.models import BPE
 from tierlm.loader.gguf import GGUFError, parse_gguf
 
 __all__ = ["Tokenizer", "TokenizerError", "IncrementalDetokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):
@@ -88,7 +92,8 @@ class Tokenizer:
       - `decode(encode(s, add_special_tokens=False)) == s` for any text `s` the vocabulary covers
         (byte-level BPE and byte-fallback SentencePiece cover every string).
       - `eos_token_ids` is non-empty when the metadata names an eos token; its first entry is that eos.
-    Thread-safety: encode/decode may be called from several threads (the Rust tokenizer is immutable here).
+    Thread-safety: encode/decode/apply_chat_template may be called from several threads (the Rust tokenizer
+    is immutable here); set_chat_template only before the tokenizer is shared.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Tokenizer:
         self._add_bos = add_bos and bos_token_id is not None
         self._chat_template = chat_template
         self._compiled_template = None  # compiled lazily: most requests never use it
+        self._template_note: str | None = None  # a warning owed at the first render (see set_chat_template)
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -235,11 +241,21 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
+    def set_chat_template(self, source: str, note: str | None = None) -> None:
+        """Replace the chat template (tierlm.loader.chat_templates chooses it at load, before the tokenizer
+        is shared between threads). Compiled now: raises TokenizerError if it does not compile, and then
+        the tokenizer is unchanged. `note`: a warning logged once, at the first render with it."""
+        self._compiled_template = _compile_chat_template(source)
+        self._chat_template = source
+        self._template_note = note
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's Jinja chat template.
 
         Rendered the way transformers renders it (sandboxed, trim_blocks/lstrip_blocks,
         `raise_exception`, `bos_token`/`eos_token`), so prompts match what the model was tuned on.
+        Templates also see `add_bos_token` (whether the model wants BOS; tierlm's own, for templates
+        written for any model such as the plain transcript).
         """
         if self._chat_template is None:
             raise TokenizerError(
@@ -247,11 +263,15 @@ class Tokenizer:
                 "GGUF tokenizer.chat_template); encode plain text instead")
         if self._compiled_template is None:
             self._compiled_template = _compile_chat_template(self._chat_template)
+        note, self._template_note = self._template_note, None
+        if note is not None:
+            log.warning("%s", note)
         return self._compiled_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text(self._bos_token_id),
             eos_token=self._token_text(self._eos_token_ids[0] if self._eos_token_ids else None),
+            add_bos_token=self._add_bos,
         )
 
     def _token_text(self, token_id: int | None) -> str:
@@ -370,7 +390,8 @@ def _reader_metadata(reader: Any) -> dict[str, Any]:
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
             value = field.contents()
-            out[key] = np.asarray(value) if isinstance(value, list) and value and not isinstance(value[0], str) else value
+            numeric = isinstance(value, list) and value and not isinstance(value[0], str)
+            out[key] = np.asarray(value) if numeric else value
     return out
 
 
