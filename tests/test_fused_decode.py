@@ -14,19 +14,31 @@ import torch
 from tests.kernel_check import built_or_none
 from tierlm import LLM
 from tierlm.model.attention import KVCache, SeqSlice, build_attention_batch
-from tierlm.model.kernels import cpu_has_avx2, cpu_has_avx512_vnni, decode_layers_kernel, quant_gemv
+from tierlm.model.kernels import (
+    cpu_has_avx2,
+    cpu_has_avx512f,
+    cpu_runs_quant_build,
+    decode_layers_kernel,
+    f32_gemm,
+    quant_gemv,
+)
 from tierlm.quant import FusedWeight, get_quantizer
 from tierlm.sampling_params import SamplingParams
 
-# Where the CPU runs the kernels they must have been built (a missing build step fails loudly); a CPU
-# without AVX512-VNNI has no fused step for quantized weights, and these tests do not apply there.
-needs_kernels = pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the quantized kernel needs AVX512-VNNI")
+# Where the CPU runs the kernels they must have been built (a missing build step fails loudly). The
+# quantized kernel has an AVX512-VNNI build and an AVX2 one; a CPU with neither (not x86-64-v3) has no
+# fused step for quantized weights, and these tests do not apply there. Float32 matrices need the
+# float32 GEMM (AVX-512F): without it a float32 model's plan says why it is not fused (NO_F32_GEMM).
+needs_kernels = pytest.mark.skipif(not cpu_runs_quant_build() or not cpu_has_avx2(),
+                                   reason="the quantized kernel needs AVX512-VNNI or AVX2 (x86-64-v3)")
+NO_F32_GEMM = "a qkv matrix neither the quantized kernel nor the float32 GEMM takes"
 
 
 @pytest.fixture(autouse=True)
 def _kernels_built():
     built_or_none(decode_layers_kernel(), cpu_has_avx2(), "fused decode step")
-    built_or_none(quant_gemv(), cpu_has_avx512_vnni(), "quantized kernel")
+    built_or_none(quant_gemv(), cpu_runs_quant_build(), "quantized kernel")
+    built_or_none(f32_gemm(), cpu_has_avx512f(), "float32 kernel")
 
 BLOCK = 16
 LENGTHS = (5, 17, 9)  # cached tokens per sequence before the decode step (17 > mistral's window of 7)
@@ -108,14 +120,17 @@ def _assert_same(a, b):
 def test_fused_decode_step_equals_the_layer_path_bit_for_bit(hf_model, family, quant, num_seqs):
     _, folder = hf_model(family)
     llm = LLM(folder, quant=quant, quant_group=32)
+    if quant is None and f32_gemm() is None:
+        assert llm.model.decode_plan().reason == NO_F32_GEMM and llm.model.decode_plan().fused is None
+        return
     assert llm.model.decode_plan().reason == "fused"
     fused, layer = _both_paths(llm.model, num_seqs)
     _assert_same(fused, layer)
     # the step wrote each row's K/V to its slot (position n of table t: slot t[n // 16] * 16 + n % 16)
-    for (h, cache) in (fused,):
-        for n, table in zip(LENGTHS[:num_seqs], TABLES):
-            slot = table[n // BLOCK] * BLOCK + n % BLOCK
-            assert cache.k[0][slot].abs().sum() > 0 and torch.isfinite(cache.v[-1][slot]).all()
+    _, cache = fused
+    for n, table in zip(LENGTHS[:num_seqs], TABLES):
+        slot = table[n // BLOCK] * BLOCK + n % BLOCK
+        assert cache.k[0][slot].abs().sum() > 0 and torch.isfinite(cache.v[-1][slot]).all()
 
 
 @needs_kernels
@@ -167,9 +182,12 @@ def test_fused_decode_declines_what_it_does_not_implement(hf_model):
     assert not fused.takes(mixed, cache)
     nine = build_attention_batch([SeqSlice(i, 1, 3, [i + 1]) for i in range(9)], BLOCK, llm.model.layer_windows)
     assert fused.max_rows == 8 and not fused.takes(nine, cache)
-    # float32 weights: the float32 GEMM's 16 rows (StreamingLinear.max_rows)
-    dense = LLM(folder).model.decode_plan().fused
-    assert dense.max_rows == 16 and dense.takes(nine, cache)
+    # float32 weights: the float32 GEMM's 16 rows (StreamingLinear.max_rows), where it runs
+    dense = LLM(folder).model.decode_plan()
+    if f32_gemm() is None:
+        assert dense.fused is None and dense.reason == NO_F32_GEMM
+    else:
+        assert dense.fused.max_rows == 16 and dense.fused.takes(nine, cache)
     # a quantized KV cache (not a plain tensor; head_dim 32 for its groups), or one in another dtype
     assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 32, torch.float32, quant="q8"))
     assert not fused.takes(batch, KVCache(3, 32, BLOCK, 2, 16, torch.bfloat16))
@@ -183,6 +201,7 @@ def test_generation_gives_the_same_tokens_with_fused_decode_on_and_off(hf_model,
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     on = LLM(folder, quant=quant, quant_group=32, max_num_seqs=4)
     off = LLM(folder, quant=quant, quant_group=32, max_num_seqs=4, fused_decode=False)
+    assert on.model.decode_plan().reason == ("fused" if quant is not None or f32_gemm() is not None else NO_F32_GEMM)
     on.model.act = off.model.act = _silu_as_c  # prompts run the layer path in both
     assert [o.token_ids for o in on.generate(prompts, greedy)] == [o.token_ids for o in off.generate(prompts, greedy)]
 

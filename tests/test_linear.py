@@ -84,3 +84,15 @@ def test_bf16_model_stays_close_to_float32(hf_model):
     b16 = LLM(folder, dtype="bfloat16").score(ids)
     rel = (b16 - f32).norm() / f32.norm()
     assert rel < 0.03, rel
+
+
+def test_cpu_linear_packs_bf16_only_where_onednn_runs_it():
+    """oneDNN's bf16 reorder raises on CPUs without its bf16 kernels (AVX2 only): the weight stays plain
+    there and the product is still right."""
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    method = CPULinear()
+    prepared = method.prepare(w)
+    assert prepared.is_mkldnn == torch.ops.mkldnn._is_mkldnn_bf16_supported() == method.packs_bf16
+    assert torch.allclose(method.apply(x, prepared, None).double(), F.linear(x.double(), w.double()),
+                          atol=0.08, rtol=0.01)

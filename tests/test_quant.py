@@ -11,7 +11,7 @@ import torch
 import tierlm.quant.base as qbase
 import tierlm.quant.tiles as qtiles
 from tests.kernel_check import built_or_none
-from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
+from tierlm.model.kernels import QUANT_BUILDS, cpu_has_avx512_vnni, cpu_runs_quant_build, quant_gemv
 from tierlm.model.linear import DenseLinear
 from tierlm.quant import (
     FORMATS,
@@ -240,15 +240,29 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))) * d).view_as(x)
 
 
-def _kernel():
-    return built_or_none(quant_gemv(), cpu_has_avx512_vnni(), "quantized kernel")
+def _kernel(isa: str | None = None):
+    """Build ``isa`` of the quantized kernel (None: the one this CPU runs best), or None where the CPU cannot run it."""
+    return built_or_none(quant_gemv(isa), cpu_runs_quant_build(isa), f"quantized kernel ({isa or 'best build'})")
+
+
+@pytest.fixture(params=[b.isa for b in QUANT_BUILDS])
+def kernel(request):
+    """Each build of the quantized kernel in turn (AVX-512 CPUs run both), None where the CPU cannot run it."""
+    return _kernel(request.param)
+
+
+def test_quant_gemv_loads_the_best_build_this_cpu_runs():
+    kernel = _kernel()
+    if kernel is None:
+        return
+    assert (kernel.isa, kernel.row_tiles) == (("avx512-vnni", True) if cpu_has_avx512_vnni() else ("avx2", False))
+    assert QuantLinear(None, DenseLinear(), kernel).name == f"quant-native+dense+{kernel.isa}"
 
 
 @pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("rows", [41, 3])  # 41: the last 4-row tile overlaps; 3: fewer rows than a tile
-def test_kernel_equals_dequantized_weight_times_int8_rounded_input(fmt, m, rows):
-    kernel = _kernel()
+def test_kernel_equals_dequantized_weight_times_int8_rounded_input(kernel, fmt, m, rows):
     if kernel is None:
         return
     if fmt.startswith("gguf:"):
@@ -268,16 +282,65 @@ def test_kernel_equals_dequantized_weight_times_int8_rounded_input(fmt, m, rows)
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
 
 
-def test_quant_linear_quantizes_on_prepare_and_sends_prompts_to_the_kernel_only_when_asked():
-    kernel = _kernel()
+def _extreme_weight(fmt: str, rows: int, cols: int) -> QuantizedWeight:
+    """Every code at its largest (even rows) or smallest (odd rows), scales 1: the int16 pair sums of the
+    AVX2 build's vpmaddubsw are at their largest against x at +-127."""
+    if not fmt.startswith("gguf:"):
+        q = get_quantizer(fmt, 32)
+        codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        codes[0::2] = q.levels - 1
+        ones = torch.ones(rows, cols // 32, dtype=torch.float16)
+        return QuantizedWeight(fmt, (rows, cols), q.pack(codes), 32, ones, torch.zeros_like(ones))
+    fmt_ = GGUFFormat(fmt[5:])
+    blocks = torch.zeros(rows, cols // fmt_.block, fmt_.type_size, dtype=torch.uint8)
+    one = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    if fmt == "gguf:Q6_K":  # 6-bit codes 63 / 0, int8 scales 127, d 1
+        blocks[0::2, :, :192] = 255
+        blocks[:, :, 192:208] = 127
+        blocks[:, :, 208:] = one
+    elif fmt in ("gguf:Q4_K", "gguf:Q5_K"):  # sub-block scales and mins 63: all 12 bytes set; codes 15 / 31 / 0
+        blocks[:, :, :2] = one
+        blocks[:, :, 4:16] = 255
+        blocks[0::2, :, 16:] = 255
+    else:  # d 1 (and m 0); Q8_0: bytes 127 and -128; 4/5-bit codes all ones
+        blocks[:, :, :2] = one
+        payload = 2 if fmt == "gguf:Q8_0" else (4 if fmt in ("gguf:Q4_1", "gguf:Q5_1") else 2)
+        blocks[0::2, :, payload:] = 127 if fmt == "gguf:Q8_0" else 255
+        if fmt == "gguf:Q8_0":
+            blocks[1::2, :, payload:] = 128
+    return fmt_.weight(blocks.reshape(rows, -1), (rows, cols))
+
+
+@pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))
+def test_kernel_sums_extreme_codes_against_extreme_inputs_exactly(kernel, fmt):
+    """Largest codes times x's bytes all +127 (or -127): where a build's integer sums overflowed or
+    saturated (the AVX2 one's vpmaddubsw with 8-bit codes), these products would be far off."""
+    if kernel is None:
+        return
+    cols = 512
+    qw = _extreme_weight(fmt, 6, cols)
+    deq = method_for(qw.format, qw.group).dequantize(qw).double()
+    assert deq.abs().max() > 0 and deq[0].abs().min() > 0  # every weight of row 0 at an extreme
+    x = torch.ones(4, cols)
+    x[1] = -1
+    x[2, 0::2] = -1  # alternating signs: maddubs pairs of opposite signs
+    x[3, :256] = -1
+    y = kernel_matmul(kernel, x, qw, num_threads=2)
+    ref = _int8_blocks(x) @ deq.T
+    assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_quant_linear_quantizes_on_prepare_and_sends_prompts_to_the_kernel_only_when_asked(kernel):
     lin = QuantLinear(get_quantizer("q4"), DenseLinear(), kernel)
     w = _weights(40, 256)
     bias = torch.randn(40)
     qw = lin.prepare(w)
-    # with the kernel, repacked into row tiles (40 rows padded to 48) of the same codes, steps and mins
-    assert isinstance(qw, RowTiles if kernel is not None else QuantizedWeight) and qw.format == "q4"
+    # with a kernel that has them, repacked into row tiles (40 rows padded to 48) of the same codes,
+    # steps and mins; the AVX2 build runs the rows
+    tiles = kernel is not None and kernel.row_tiles
+    assert isinstance(qw, RowTiles if tiles else QuantizedWeight) and qw.format == "q4"
     stored = get_quantizer("q4").quantize(w)
-    num_rows = 48 if kernel is not None else 40
+    num_rows = 48 if tiles else 40
     assert qw.nbytes == num_rows * (128 + 4 * 2 * 2)  # codes + float16 steps and mins
     deq = get_quantizer("q4").dequantize(stored)
     x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(6))  # > max_kernel_rows: float path
@@ -390,13 +453,16 @@ def test_row_tiles_take_only_their_formats():
 @pytest.mark.parametrize("name", TILED)
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("rows", [41, 3])
-def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(name, m, rows):
-    kernel = _kernel()
+def test_row_tile_kernel_equals_dequantized_weight_times_int8_rounded_input(kernel, name, m, rows):
     if kernel is None:
         return
     qw = _tile_source(name, rows, group={1: 64, 3: 128, 8: 32}[m])
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     x[0, :32] = 0  # an all-zero block of x: scale 0
+    if not kernel.row_tiles:  # the AVX2 build refuses row tiles (QuantLinear never makes them for it)
+        with pytest.raises(ValueError, match="does not take"):
+            kernel_matmul(kernel, x, tile_rows(qw), num_threads=2)
+        return
     deq = method_for(qw.format, qw.group).dequantize(qw).double()
     y = kernel_matmul(kernel, x, tile_rows(qw), num_threads=2)
     ref = _int8_blocks(x) @ deq.T
@@ -417,8 +483,7 @@ def test_row_tiles_multiply_prompt_chunks_band_by_band(name, monkeypatch):
         tiled_tiles_matmul(x[:, :256], tile_rows(qw))
 
 
-def test_quant_linear_tiles_resident_q4_0_only_with_the_kernel():
-    kernel = _kernel()
+def test_quant_linear_tiles_resident_q4_0_only_with_a_row_tile_kernel(kernel):
     a, b = _gguf_weight("Q4_0", rows=40, cols=256), _gguf_weight("Q8_0", rows=8, cols=256)
     x1 = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
     x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(9))
@@ -426,8 +491,13 @@ def test_quant_linear_tiles_resident_q4_0_only_with_the_kernel():
     lin = QuantLinear(None, DenseLinear(), kernel)
     fused = lin.prepare(FusedWeight((a, b)))
     assert isinstance(fused, FusedWeight) and fused.shape == (48, 256)
-    if kernel is None:
+    if kernel is None or not kernel.row_tiles:
         assert fused.parts == (a, b)
+        if kernel is not None:  # the AVX2 build: rows, through the kernel at decode sizes
+            expected = (_int8_blocks(x1) @ deq.double().T).float()
+            assert torch.allclose(lin.apply(x1, fused, None), expected, atol=1e-4)
+            assert lin.kernel_takes(a) and not lin.kernel_takes(tile_rows(a))
+            assert torch.allclose(lin.apply(x1, tile_rows(a), None), x1 @ deq[:40].T, atol=1e-4)  # float path
         return
     tiled, kept = fused.parts
     assert isinstance(tiled, RowTiles) and kept is b  # Q8_0 has no tile layout
@@ -442,7 +512,7 @@ def test_quant_linear_tiles_resident_q4_0_only_with_the_kernel():
 def test_q3h_tiles_split_pairs_the_same_without_avx512_vbmi(m):
     """The q3h tile kernel CPUs without VBMI run (a = p / 11 by multiplies) gives the same sums as the
     vpermi2b one, and both equal the dequantized weight times the int8-rounded input."""
-    kernel = _kernel()
+    kernel = _kernel("avx512-vnni")
     if kernel is None:
         return
     from tierlm.model.kernels import quant_q3h_split
@@ -463,10 +533,13 @@ def test_q3h_tiles_split_pairs_the_same_without_avx512_vbmi(m):
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q3h", "gguf:Q4_0"])
-def test_packed_rows_round_trip_as_views_and_multiply_exactly_like_the_original(fmt):
+def test_packed_rows_round_trip_as_views_and_multiply_exactly_like_the_original(kernel, fmt):
     """A store keeps a quantized matrix as one record per row (codes, steps, mins); the views read
     back are the same weight, and the kernel takes their row strides without copying."""
-    qw = _gguf_weight("Q4_0", rows=41) if fmt.startswith("gguf:") else get_quantizer(fmt, 64).quantize(_weights(41, 512))
+    if fmt.startswith("gguf:"):
+        qw = _gguf_weight("Q4_0", rows=41)
+    else:
+        qw = get_quantizer(fmt, 64).quantize(_weights(41, 512))
     rows = qw.packed_rows()
     assert rows.dtype == torch.uint8 and rows.shape[0] == 41
     back = QuantizedWeight.from_packed_rows(rows, qw.format, qw.group, qw.shape[1])
@@ -478,7 +551,6 @@ def test_packed_rows_round_trip_as_views_and_multiply_exactly_like_the_original(
     method = method_for(qw.format, qw.group)
     band = QuantizedWeight.from_packed_rows(rows[7:30], qw.format, qw.group, qw.shape[1])
     assert torch.equal(method.dequantize(band), method.dequantize(qw)[7:30])
-    kernel = _kernel()
     if kernel is not None and fmt in KERNEL_FORMATS:
         x = torch.randn(2, 512, generator=torch.Generator().manual_seed(9))
         assert torch.equal(kernel_matmul(kernel, x, band), kernel_matmul(kernel, x, qw.rows(7, 30)))

@@ -74,7 +74,8 @@ def test_llm_quantizes_on_load_and_computes_with_exactly_those_weights(hf_model,
     from tierlm.quant.tiles import TILE_FORMATS, RowTiles
 
     lw = llm.model.w.layers[0]
-    kind = RowTiles if quant_gemv() is not None and quant in TILE_FORMATS else QuantizedWeight
+    kernel = quant_gemv()  # row tiles with the AVX-512 build; the AVX2 one runs the rows
+    kind = RowTiles if kernel is not None and kernel.row_tiles and quant in TILE_FORMATS else QuantizedWeight
     assert all(isinstance(getattr(lw, n), kind) and getattr(lw, n).format == quant
                for n in ("qkv", "o", "up", "down"))
     assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # prompt chunks: the tiled float path
@@ -135,8 +136,9 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     path = export(folder, tmp_path / "llama-q4_0.gguf", "q4_0")
     llm = LLM(path, quant="gguf", max_model_len=64)
     w = llm.model.w
-    # resident Q4_0 matrices are repacked for the kernel where it runs; without it they stay blocks
-    kind = RowTiles if quant_gemv() is not None else QuantizedWeight
+    # resident Q4_0 matrices are repacked where the kernel has row tiles (its AVX-512 build); else they stay blocks
+    kernel = quant_gemv()
+    kind = RowTiles if kernel is not None and kernel.row_tiles else QuantizedWeight
     assert all(isinstance(getattr(lw, m), kind) for lw in w.layers for m in ("qkv", "o", "up", "down"))
     assert isinstance(w.lm_head, kind) and w.lm_head.format == "gguf:Q4_0"
     ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
@@ -147,7 +149,7 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     # quant_int8_prompts: prompt chunks through the int8 kernel too (the model's config says so)
     fast = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=True)
     assert fast.config.quant_int8_prompts and "quant_int8_prompts=True" in fast.config.describe()
-    if quant_gemv() is not None:
+    if kernel is not None:
         fast_scores = fast.score(ids)
         assert not torch.equal(fast_scores, llm.score(ids)) and _rel(fast_scores, ref.score(ids)) < 3e-2
     # decoding from tiles gives the tokens of the row kernel on the file's layout

@@ -12,8 +12,8 @@ for a refusal is logged at start-up) and once per step (``takes``):
 * model: CPU, float32 activations, resident weights (not tiered), RMSNorm, RoPE, a gated SiLU or
   tanh-GELU MLP, sequential residual (with or without Gemma's q/k norms and post-norms), no norm
   biases, no soft-capping or ALiBi;
-  every matrix quantized in a format of the quantized kernel, or plain float32 for the float32 GEMM
-  (what StreamingLinear runs);
+  every matrix quantized in a format of the quantized kernel (either build: AVX512-VNNI, or AVX2 on
+  the file's rows), or plain float32 for the float32 GEMM (what StreamingLinear runs; AVX-512F);
 * step: decode rows only (one new token each, one attention group stored in order), no more of them
   than the layer path sends to the same kernels (``max_rows``: 8 for the quantized kernel, 16 for the
   float32 GEMM), a plain float32 KV cache.
@@ -22,8 +22,8 @@ Everything else (prompt chunks, mixed steps, a quantized KV cache, GPT-2 and OPT
 layer by layer as before. Results equal that path's bit for bit except for the activation, which uses
 the C library's expf / tanhf here and torch's vectorised exp / tanh there: they differ by an ulp in
 about 1 value in 1500 (tests/test_fused_decode.py gives the layer path the C library's activation and
-compares the hidden states and every cache slot exactly). Through the kernel's int8 rounding of activations such an ulp can move
-a logit of the random 1.1B Llama by a few hundredths, as much as an ulp of noise in the layer path's
+compares the hidden states and every cache slot exactly). Through the kernel's int8 rounding of activations such an
+ulp can move a logit of the random 1.1B Llama by a few hundredths, as much as an ulp of noise in the layer path's
 own SiLU moves it.
 """
 
@@ -38,7 +38,6 @@ import torch
 
 from tierlm.model.attention import AttentionBatch, KVCache
 from tierlm.model.spec import ModelConfig
-
 
 
 class _Part(ctypes.Structure):
@@ -254,7 +253,7 @@ def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, dev
                 return no(f"a {name} matrix neither the quantized kernel nor the float32 GEMM takes")
             layer_parts.append(ps)
         parts.append(layer_parts)
-    kernels = {"step": step, "gemv": K.address(quant.kernel) if quant is not None and quant.kernel else None,
+    kernels = {"step": step, "gemv": K.address(quant.kernel.gemv) if quant is not None and quant.kernel else None,
                "f32_gemm": K.address(dense.kernel) if dense_f32 else None, "norm": K.address(norm),
                "rope": K.address(rope), "attn": K.address(attn)}
     rope_keys = sorted(set(cfg.layer_types))

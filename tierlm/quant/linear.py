@@ -1,10 +1,11 @@
 """``QuantLinear``: the LinearMethod (tierlm.model.linear) for quantized weights.
 
 ``prepare`` quantizes a float matrix into the engine's format (or passes through weights that are
-already quantized, such as a GGUF file's own blocks) and, with the kernel, repacks resident matrices
-into row tiles (tierlm.quant.tiles); ``apply`` multiplies without expanding the whole matrix: on a
-CPU with the compiled VNNI kernel (tierlm/model/kernels/quant_gemv.c), decode-sized batches (up to
-``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of rows at a time and use
+already quantized, such as a GGUF file's own blocks) and, with a kernel that has row tiles, repacks
+resident matrices into them (tierlm.quant.tiles); ``apply`` multiplies without expanding the whole
+matrix: on a CPU with a build of the compiled kernel (tierlm/model/kernels/quant_gemv.c: AVX512-VNNI
+with row tiles, or AVX2 without them, which runs every format from its rows), decode-sized batches (up
+to ``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of rows at a time and use
 ``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts`` sends them to the
 kernel too.
 
@@ -12,7 +13,7 @@ The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does,
 size), so its products differ from the float product by that rounding; the tiled path is float
 throughout. That rounding is why prompts stay float by default: through the kernel, SmolLM2's q8
 perplexity on the Brown excerpt is +0.87% instead of +0.40% against float (the 8-bit target is
-0.5%). What it buys (256 rows of x against a 5632 x 2048 matrix, 2 threads, AMD EPYC, G
+0.5%). What it buys (AVX512-VNNI build, 256 rows of x against a 5632 x 2048 matrix, 2 threads, AMD EPYC, G
 multiply-adds/s): row tiles q4 170, q8 200, q3h 130 (54 before its byte-lookup tiles) against the float
 path's 53, 56, 42; file-layout rows 43, 74, 28; at 16 rows the float path manages 5-10
 (bench/results/quant_prefill.md has the whole-model prefill).
@@ -73,9 +74,10 @@ def kernel_operand(qw: QuantizedWeight | RowTiles) -> KernelOperand:
                          0 if scales is None else scales.stride(0))
 
 
-def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_threads: int | None = None) -> torch.Tensor:
-    """x (M, in) @ W^T with the compiled kernel; float32 (M, out). The caller checks KERNEL_FORMATS
-    (or, for row tiles, TILE_KERNEL_FORMATS)."""
+def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles,
+                  num_threads: int | None = None) -> torch.Tensor:
+    """x (M, in) @ W^T with the compiled kernel (a tierlm.model.kernels.QuantKernel); float32 (M, out).
+    The caller checks KERNEL_FORMATS (or, for row tiles, TILE_KERNEL_FORMATS and ``kernel.row_tiles``)."""
     out, k = qw.shape
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
@@ -93,7 +95,8 @@ def kernel_matmul(kernel, x: torch.Tensor, qw: QuantizedWeight | RowTiles, num_t
 
 class QuantLinear:
     """Quantized weights: ``quantizer`` (None = keep float matrices float, run by ``dense``) for float
-    matrices; quantized ones (GGUF blocks) are used as they are."""
+    matrices; quantized ones (GGUF blocks) are used as they are. ``kernel``: a build of the compiled
+    kernel (tierlm.model.kernels.QuantKernel), or None."""
 
     max_kernel_rows = 8  # decode-sized batches; above, the float path unless int8_prompts (module docstring)
 
@@ -102,11 +105,12 @@ class QuantLinear:
         self.dense = dense
         self.kernel = kernel
         self.int8_prompts = int8_prompts
-        self.name = f"quant-{quantizer.name if quantizer else 'native'}+{dense.name}" + ("+vnni" if kernel else "")
+        self.name = (f"quant-{quantizer.name if quantizer else 'native'}+{dense.name}"
+                     + (f"+{kernel.isa}" if kernel else ""))
 
     def prepare(self, weight: torch.Tensor | AnyQuantized) -> torch.Tensor | AnyQuantized:
-        """Quantize a float matrix (with a quantizer), and, with the kernel, repack a resident matrix
-        whose format has a row-tile kernel (tierlm.quant.tiles) into row tiles."""
+        """Quantize a float matrix (with a quantizer), and, with a kernel that has row tiles, repack a
+        resident matrix whose format has a row-tile kernel (tierlm.quant.tiles) into row tiles."""
         if isinstance(weight, RowTiles):
             return weight
         if isinstance(weight, FusedWeight):
@@ -124,7 +128,8 @@ class QuantLinear:
 
     def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
         on_cpu = qw.codes.device.type == "cpu"
-        return tile_rows(qw) if self.kernel is not None and on_cpu and qw.format in TILE_FORMATS else qw
+        tiles = self.kernel is not None and self.kernel.row_tiles
+        return tile_rows(qw) if tiles and on_cpu and qw.format in TILE_FORMATS else qw
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):
@@ -139,13 +144,17 @@ class QuantLinear:
 
     def kernel_takes(self, qw: QuantizedWeight | RowTiles) -> bool:
         """Whether products of decode-sized batches (CPU) with ``qw`` run in the compiled kernel; row
-        tiles are only made when it is there (``prepare``)."""
-        return self.kernel is not None and (isinstance(qw, RowTiles) or qw.format in KERNEL_FORMATS)
+        tiles are only made when it has them (``prepare``)."""
+        if self.kernel is None:
+            return False
+        return self.kernel.row_tiles if isinstance(qw, RowTiles) else qw.format in KERNEL_FORMATS
 
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
         in_kernel_rows = self.int8_prompts or x.shape[0] <= self.max_kernel_rows
-        if isinstance(qw, RowTiles):
-            return kernel_matmul(self.kernel, x, qw).to(x.dtype) if in_kernel_rows else tiled_tiles_matmul(x, qw)
+        if isinstance(qw, RowTiles):  # made elsewhere (tile_rows) if this kernel has no tiles
+            if in_kernel_rows and self.kernel_takes(qw):
+                return kernel_matmul(self.kernel, x, qw).to(x.dtype)
+            return tiled_tiles_matmul(x, qw)
         if in_kernel_rows and x.device.type == "cpu" and self.kernel_takes(qw):
             return kernel_matmul(self.kernel, x, qw).to(x.dtype)
         return method_for(qw.format, qw.group).matmul(x, qw)
@@ -155,11 +164,11 @@ def quant_linear(quant: str, group: int, dense, device: torch.device | str, int8
     """The linear method for ``LLM(..., quant=...)``: a tierlm format name, or "gguf" (keep the file's
     blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float;
     ``int8_prompts``: prompt chunks through the kernel too (module docstring)."""
-    from tierlm.model.kernels import cpu_has_avx512_vnni, quant_gemv
+    from tierlm.model.kernels import cpu_runs_quant_build, quant_gemv
     from tierlm.quant import GGUF_NATIVE, get_quantizer
 
     kernel = quant_gemv() if torch.device(device).type == "cpu" else None
-    if kernel is None and torch.device(device).type == "cpu" and cpu_has_avx512_vnni():
+    if kernel is None and torch.device(device).type == "cpu" and cpu_runs_quant_build():
         # Without it decode runs through numpy dequantization, tens of times slower: say so.
         log.warning("the quantized kernel is missing or older than its source: run `make setup` "
                     "(python -m tierlm.model.kernels); decoding with the slow tiled path")

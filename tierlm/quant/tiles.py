@@ -14,11 +14,13 @@ Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 
 46, q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 42 (with software prefetch), 58-67 with its
 byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
-The repacking is done once, when the linear method prepares a resident matrix; rows streamed from
-disk keep the file's layout (a tile is not a band of rows a store can split) and run through the
-row kernel. Tiles are a kernel's layout, not a storage format: nothing writes them to a store. A
-matrix of R rows takes ceil(R / 16) * 16 rows' bytes (a tiered plan's resident slices of a few rows
-pay up to 15 rows of padding each).
+The repacking is done once, when the linear method prepares a resident matrix, and only for the
+kernel's AVX512-VNNI build: its AVX2 build (CPUs without AVX-512) has no tile kernels and runs every
+matrix from its rows (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
+layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
+kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
+ceil(R / 16) * 16 rows' bytes (a tiered plan's resident slices of a few rows pay up to 15 rows of
+padding each).
 
 Layouts (``tiles`` uint8 (num_tiles, bytes per tile); tile t holds rows 16t..16t+15, the last one
 padded with zero rows; the same bytes per row as the file's blocks):
@@ -89,7 +91,8 @@ def _tile_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     nib = (c[:, :, :, :, 0] & 15) | ((c[:, :, :, :, 1] & 15) << 4)  # (T, row, nsb, t, l, b)
     nib = nib.permute(0, 2, 3, 4, 1, 5).reshape(num_tiles, nsb, 8, 256)
     top = c >> 4
-    hb = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)  # (T, row, nsb, t, h, b)
+    # (T, row, nsb, t, h, b)
+    hb = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
     hb = hb.permute(0, 2, 3, 4, 1, 5).reshape(num_tiles, nsb, 8, 128)
     body = torch.cat([nib, hb], dim=3).reshape(num_tiles, nsb, 8 * 384)
     return torch.cat([d, sc, body], dim=2).reshape(num_tiles, -1)
@@ -104,7 +107,7 @@ def _untile_q6_k(t: torch.Tensor, k: int) -> torch.Tensor:
     body = t[:, :, 288:].reshape(n, nsb, 8, 384)
     nib = body[..., :256].reshape(n, nsb, 8, 4, TILE_ROWS, 4)  # (T, nsb, t, l, row, b)
     hb = body[..., 256:].reshape(n, nsb, 8, 2, TILE_ROWS, 4)  # (T, nsb, t, h, row, b)
-    top = torch.stack([(hb >> (2 * l)) & 3 for l in range(4)], dim=4)  # (T, nsb, t, h, l, row, b)
+    top = torch.stack([(hb >> (2 * j)) & 3 for j in range(4)], dim=4)  # (T, nsb, t, h, l, row, b)
     codes = torch.stack([nib & 15, nib >> 4], dim=3) | (top << 4)  # (T, nsb, t, h, l, row, b)
     codes = codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, TILE_ROWS, nsb, 16, 16).float()  # (T, row, nsb, sub, 16)
     scale = (d.permute(0, 2, 1)[..., None] * sc.permute(0, 3, 1, 2))[..., None]  # (T, row, nsb, sub, 1): d * sc
@@ -137,7 +140,8 @@ def _affine(g: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor) -> torch.T
     return w.reshape(g.shape[0] * TILE_ROWS, -1)
 
 
-def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int,
+                    group: int) -> torch.Tensor:
     """codes uint8 (T * 16, K), steps/mins float16 (T * 16, K / group) -> tiles (T, bytes per tile)."""
     num_tiles, k = codes.shape[0] // TILE_ROWS, codes.shape[1]
     ng, bpg = k // group, group // 32
@@ -150,9 +154,9 @@ def _tile_groupwise(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor
         elif width == 4:  # chunk l, h in the nibble
             p = (f[:, :, :, :, 0] | (f[:, :, :, :, 1] << 4)).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, l, row, b)
         elif width == 2:  # chunk h, l in bits 2l
-            p = sum(f[..., l, :] << (2 * l) for l in range(4)).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, h, row, b)
+            p = sum(f[..., j, :] << (2 * j) for j in range(4)).permute(0, 2, 3, 4, 1, 5)  # (T, group, block, h, row, b)
         else:  # one chunk, (h, l) in bit 4h + l
-            p = sum(f[:, :, :, :, h, l] << (4 * h + l) for h in range(2) for l in range(4))
+            p = sum(f[:, :, :, :, h, j] << (4 * h + j) for h in range(2) for j in range(4))
             p = p.permute(0, 2, 3, 1, 4)  # (T, group, block, row, b)
         planes.append(p.reshape(num_tiles, ng, bpg, -1).to(torch.uint8))
     body = torch.cat(planes, dim=3).reshape(num_tiles, ng, -1)  # (T, group, blocks * 64 * bits)
@@ -176,10 +180,10 @@ def _untile_groupwise(t: torch.Tensor, k: int, bits: int, group: int) -> torch.T
             f = torch.cat([v & 15, v >> 4], dim=3)
         elif width == 2:
             v = chunk.reshape(n, ng, bpg, 2, 1, TILE_ROWS, 4)
-            f = torch.cat([(v >> (2 * l)) & 3 for l in range(4)], dim=4)
+            f = torch.cat([(v >> (2 * j)) & 3 for j in range(4)], dim=4)
         else:
             v = chunk.reshape(n, ng, bpg, 1, 1, TILE_ROWS, 4)
-            f = torch.cat([torch.cat([(v >> (4 * h + l)) & 1 for l in range(4)], dim=4) for h in range(2)], dim=3)
+            f = torch.cat([torch.cat([(v >> (4 * h + j)) & 1 for j in range(4)], dim=4) for h in range(2)], dim=3)
         codes |= f << at
     g = codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n, TILE_ROWS, ng, group).float()  # (T, row, group, weights)
     return _affine(g, steps, mins)
@@ -209,7 +213,8 @@ def _untile_q3h(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     nib = torch.cat([body[..., 192:] & 15, body[..., 192:] >> 4], dim=3)  # (T, group, block, position)
     p3 = nib | sum(((whole[:, :, :, f] >> 7) & 1) << (4 + f) for f in range(3))
     p = torch.cat([whole & 127, p3[:, :, :, None]], dim=3)  # (T, group, block, f, position)
-    codes = torch.stack([p // 11, p % 11], dim=-1).reshape(n, ng, bpg, 4, TILE_ROWS, 4, 2)  # (T, group, block, f, row, k, e)
+    # (T, group, block, f, row, k, e)
+    codes = torch.stack([p // 11, p % 11], dim=-1).reshape(n, ng, bpg, 4, TILE_ROWS, 4, 2)
     g = codes.permute(0, 4, 1, 2, 3, 5, 6).reshape(n, TILE_ROWS, ng, group).float()
     return _affine(g, steps, mins)
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("bf16_gemm.c")
 LIBRARY = Path(__file__).with_name("libtierlm_bf16.so")
 QUANT_SOURCE = Path(__file__).with_name("quant_gemv.c")
 QUANT_LIBRARY = Path(__file__).with_name("libtierlm_quant.so")
+QUANT_AVX2_LIBRARY = Path(__file__).with_name("libtierlm_quant_avx2.so")
 NORM_SOURCE = Path(__file__).with_name("rms_norm.c")
 NORM_LIBRARY = Path(__file__).with_name("libtierlm_norm.so")
 F32_SOURCE = Path(__file__).with_name("f32_gemm.c")
@@ -31,6 +34,7 @@ DECODE_LIBRARY = Path(__file__).with_name("libtierlm_decode.so")
 _FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 _F32_FLAGS = ["-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC"]
 _QUANT_FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+_QUANT_AVX2_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # quant_gemv.c without AVX-512
 _NORM_FLAGS = ["-O3", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]  # AVX2: every x86-64 CPU of the decade
 # (the decode attention and RoPE too)
 
@@ -49,6 +53,11 @@ def cpu_has_avx512f() -> bool:
 
 def cpu_has_avx2() -> bool:
     return _cpu_has("avx2") and _cpu_has("fma")
+
+
+def cpu_is_x86_64_v3() -> bool:
+    """Whether this CPU runs code built with -march=x86-64-v3 (which may use any of these anywhere)."""
+    return all(_cpu_has(f) for f in ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"))
 
 
 def _cpu_has(flag: str) -> bool:
@@ -92,9 +101,32 @@ def build(force: bool = False) -> Path | None:
     return _compile(cpu_has_avx512_bf16(), SOURCE, LIBRARY, _FLAGS, force)
 
 
+@dataclass(frozen=True)
+class _QuantBuild:
+    """One build of quant_gemv.c (its header says what each holds)."""
+
+    isa: str
+    library: Path
+    flags: list[str]
+    supported: Callable[[], bool]  # whether this CPU runs it
+    row_tiles: bool  # has the row-tile kernels (tierlm.quant.tiles)
+
+
+# preferred first: quant_gemv() loads the first one this CPU runs
+QUANT_BUILDS = (_QuantBuild("avx512-vnni", QUANT_LIBRARY, _QUANT_FLAGS, cpu_has_avx512_vnni, True),
+                _QuantBuild("avx2", QUANT_AVX2_LIBRARY, _QUANT_AVX2_FLAGS, cpu_is_x86_64_v3, False))
+
+
+def cpu_runs_quant_build(isa: str | None = None) -> bool:
+    """Whether this CPU runs build ``isa`` of the quantized GEMV ("avx512-vnni", "avx2"), or (None) any."""
+    return any(b.supported() for b in QUANT_BUILDS if isa in (None, b.isa))
+
+
 def build_quant(force: bool = False) -> Path | None:
-    """Compile the quantized GEMV (AVX512-VNNI) if this CPU runs it; returns the library path, or None."""
-    return _compile(cpu_has_avx512_vnni(), QUANT_SOURCE, QUANT_LIBRARY, _QUANT_FLAGS, force)
+    """Compile every build of the quantized GEMV this CPU runs: AVX512-VNNI and AVX2, both where it has
+    both (the tests check each); returns the library ``quant_gemv()`` loads, or None."""
+    built = [_compile(b.supported(), QUANT_SOURCE, b.library, b.flags, force) for b in QUANT_BUILDS]
+    return next((path for path in built if path is not None), None)
 
 
 def build_f32(force: bool = False) -> Path | None:
@@ -150,7 +182,8 @@ def address(fn) -> int:
 
 
 # x, row_stride, N, H, D, rot, cos, sin, interleaved: both RoPE entry points (rope.c)
-_ROPE_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_ROPE_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int] * 4
+                  + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
 
 
 @functools.cache
@@ -205,6 +238,18 @@ def bf16_gemm():
                  [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4, None)
 
 
+@dataclass(frozen=True)
+class QuantKernel:
+    """A loaded build of quant_gemv.c, called as its entry point ``tierlm_quant_gemv`` (see quant_gemv)."""
+
+    gemv: Callable[..., int]  # the ctypes function
+    isa: str  # "avx512-vnni" or "avx2"
+    row_tiles: bool  # takes row tiles (tierlm.quant.tiles); the AVX2 build returns -1 for them
+
+    def __call__(self, *args) -> int:
+        return self.gemv(*args)
+
+
 @functools.cache
 def quant_q3h_split():
     """``f(choice)`` from quant_gemv.c: which q3h tile kernel runs, -1 the VBMI one where the CPU has
@@ -212,12 +257,16 @@ def quant_q3h_split():
     return _load(cpu_has_avx512_vnni(), QUANT_LIBRARY, QUANT_SOURCE, "tierlm_quant_q3h_split", [ctypes.c_int], None)
 
 
-def quant_gemv():
+def quant_gemv(isa: str | None = None) -> QuantKernel | None:
     """``f(fmt, x_ptr, M, K, codes_ptr, steps_ptr, mins_ptr, group, row_bytes, scale_stride, y_ptr, N,
-    num_threads) -> int``
-    from quant_gemv.c (0 = done, -1 = shape or format it does not take), or None when unavailable.
-    Format ids: tierlm.quant.kernel.KERNEL_FORMATS."""
-    return _load(cpu_has_avx512_vnni(), QUANT_LIBRARY, QUANT_SOURCE, "tierlm_quant_gemv",
+    num_threads) -> int`` from quant_gemv.c (0 = done, -1 = shape or format it does not take), as built for
+    the best instructions this CPU has (AVX512-VNNI, else AVX2), or build ``isa``; None when the CPU
+    cannot run it or it is missing or older than its source. Format ids: tierlm.quant.linear.KERNEL_FORMATS."""
+    build = next((b for b in QUANT_BUILDS if b.isa == isa or (isa is None and b.supported())), None)
+    if build is None:
+        return None
+    gemv = _load(build.supported(), build.library, QUANT_SOURCE, "tierlm_quant_gemv",
                  [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                   ctypes.c_int], ctypes.c_int)
+    return None if gemv is None else QuantKernel(gemv, build.isa, build.row_tiles)

@@ -23,7 +23,8 @@
  *
  * No kernel is repeated here: the matmuls, RMSNorm, RoPE and decode attention are the libraries the
  * Python path calls (quant_gemv.c, f32_gemm.c, rms_norm.c, rope.c, decode_attention.c), whose entry
- * points the caller passes in, so this file's results equal that path's except for the activation
+ * points the caller passes in (the quantized GEMV: whichever build of quant_gemv.c the linear method
+ * loaded, AVX512-VNNI or AVX2), so this file's results equal that path's except for the activation
  * (the C library's expf / tanhf here, torch's vectorised exp / tanh there: an ulp in about 1 value in
  * 1500). Products and sums in the order torch computes them, without FMA contraction.
  *

@@ -46,12 +46,34 @@
  * Row tiles (Q4_0X16, Q6_KX16, TQX16, TQ3HX16; tierlm.quant.tiles): the same formats repacked 16
  * rows at a time so that int32 lane i of a 512-bit vpdpbusd is row i, which removes the per-row,
  * per-block scalar work above; the kernels for them follow rows_dot.
+ *
+ * Two builds of this file (tierlm.model.kernels): x86-64-v4 with AVX512-VNNI, everything above; and
+ * x86-64-v3 (AVX2, FMA, F16C) for the CPUs without AVX-512 (most laptops), the per-row kernels only
+ * (no row tiles: tierlm.quant.linear keeps rows there), computing the same sums with:
+ * - vpmaddubsw + vpmaddwd for each vpdpbusd (llama.cpp's AVX2 dot): u8 x s8 products summed in pairs
+ *   into int16 lanes with saturation, then pairs of those into the same int32 lanes. Exact while a
+ *   pair fits int16: codes up to 7 bits (2 * 127 * 127 = 32258). 8-bit codes would overflow, so TQ8
+ *   and Q8_0 run as signed bytes s = c - 128 (off = 128 moves into wm: wm + 128 wd), multiplied as
+ *   llama.cpp does Q8_0, |s| times x's bytes with s's signs: at most 2 * 128 * 127 = 32512.
+ * - byte shuffles and 16-bit multiplies for pdep (stream_codes, q3h_codes): pdep is microcoded on
+ *   AMD Zen 1 and 2, ~90 ns each on this project's AVX2 EPYC (q6 at four per 32 weights would run
+ *   ~0.1 G weights/s).
+ * - AVX2 forms of the 512-bit quantization of x, the mask moves of high_bits and the 16-bit
+ *   variable shifts of nibbles, with the same results.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#define AVX512_BUILD 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define AVX512_BUILD 0
+#else
+#error "build with -march=x86-64-v4 -mavx512vnni, or with -march=x86-64-v3 (tierlm.model.kernels)"
+#endif
 
 enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18 };
 
@@ -66,9 +88,16 @@ typedef struct {
 
 static inline float fp16(const uint8_t *p) { return _cvtsh_ss(*(const uint16_t *)p); }
 
+static inline int hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
 static void quantize_x(const float *x, int K, XBlocks *xb) {
-    /* Per block of 32: 2 vectors, max |x| by a reduction, round to nearest even (cvtps_epi32 in the
-     * default rounding mode, as nearbyintf), narrow with saturation (|q| <= 127 anyway). */
+    /* Per block of 32: max |x| by a reduction, round to nearest even (cvtps_epi32 in the default
+     * rounding mode, as nearbyintf), narrow with saturation (|q| <= 127 anyway). */
+#if AVX512_BUILD
     const __m512 sign = _mm512_set1_ps(-0.f);
     for (int b = 0; b < K / 32; b++) {
         const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
@@ -84,8 +113,35 @@ static void quantize_x(const float *x, int K, XBlocks *xb) {
         xb->xs16[2 * b] = d * (float)s0;
         xb->xs16[2 * b + 1] = d * (float)s1;
     }
+#else
+    /* 4 vectors a block; two saturating packs narrow to bytes in 4-byte runs interleaved by the
+     * 128-bit lanes, which a dword permute puts back in order. */
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b = 0; b < K / 32; b++) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xb->q + 32 * b), _mm256_permutevar8x32_epi32(bytes, order));
+        const int s0 = hsum8_epi32(_mm256_add_epi32(q[0], q[1])), s1 = hsum8_epi32(_mm256_add_epi32(q[2], q[3]));
+        xb->xd[b] = d;
+        xb->xs[b] = d * (float)(s0 + s1);
+        xb->xs16[2 * b] = d * (float)s0;
+        xb->xs16[2 * b + 1] = d * (float)s1;
+    }
+#endif
 }
 
+#if AVX512_BUILD
 /* The q3h tiles' x: per block of 32 int8 values, pass f's even weights x[8f + 2k] (k = 0..3) as
  * one int32 word, then the odd ones x[8f + 2k + 1]: words f and 4 + f (tq3h_x16_tile). */
 static void q3h_x(const int8_t *q, int K, int32_t *out) {
@@ -96,17 +152,30 @@ static void q3h_x(const int8_t *q, int K, int32_t *out) {
         memcpy(out + 8 * (i / 4) + 4 + i % 4, o, 4);
     }
 }
+#endif
 
 static inline __m256i nibbles(const uint8_t *p) {  /* 16 bytes -> 16 low nibbles, then 16 high ones */
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+#if AVX512_BUILD
     const __m256i shift = _mm256_set_epi64x(0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
     return _mm256_and_si256(_mm256_srlv_epi16(v, shift), _mm256_set1_epi8(0x0F));
+#else  /* no 16-bit variable shifts: the upper lane from a shifted copy */
+    return _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0), _mm256_set1_epi8(0x0F));
+#endif
 }
 
 static inline __m256i high_bits(const uint8_t *p) {  /* bit j of a u32 -> 0x10 in byte j */
     uint32_t h;
     memcpy(&h, p, 4);
+#if AVX512_BUILD
     return _mm256_and_si256(_mm256_movm_epi8((__mmask32)h), _mm256_set1_epi8(0x10));
+#else  /* byte j gets byte j / 8 of h and tests its bit j % 8 */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
+                                               _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                                 0x0101010101010101LL, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+#endif
 }
 
 /* 32 bytes -> (byte >> shift) & mask, moved up by `up` bits */
@@ -118,14 +187,46 @@ static inline __m256i bit_field32(const uint8_t *p, int shift, int mask, int up)
 /* 32 bytes -> their low (shift 0) or high (shift 4) nibbles */
 static inline __m256i nibbles32(const uint8_t *p, int shift) { return bit_field32(p, shift, 0x0F, 0); }
 
+#if !AVX512_BUILD
+/* The AVX2 build's bit-field extraction (no pdep, see the header): a group of 8 fields of `bits` bits
+ * fills `bits` bytes, field i starting at bit bits * i; the pshufb control puts the byte it starts in,
+ * and the next one where it runs into it (else zero), in 16-bit lane i, and the multiplier
+ * 2^(8 - its offset in the byte) moves it to bit 8 (what overflows 16 bits lies above the field). */
+#define FIELD_BYTE(bits, i) ((bits) * (i) / 8)
+#define FIELD_SHIFT(bits, i) ((bits) * (i) % 8)
+#define FIELD_PAIR(bits, i, at)                                                                             \
+    (char)((at) + FIELD_BYTE(bits, i)),                                                                   \
+    (char)(FIELD_SHIFT(bits, i) + (bits) > 8 ? (at) + FIELD_BYTE(bits, i) + 1 : 0x80)
+/* the pshufb control of 8 fields of a group starting at byte `at` of a 128-bit lane */
+#define FIELD_GROUP(bits, at)                                                                               \
+    FIELD_PAIR(bits, 0, at), FIELD_PAIR(bits, 1, at), FIELD_PAIR(bits, 2, at), FIELD_PAIR(bits, 3, at),   \
+    FIELD_PAIR(bits, 4, at), FIELD_PAIR(bits, 5, at), FIELD_PAIR(bits, 6, at), FIELD_PAIR(bits, 7, at)
+#define FIELD_MUL(bits, i) (short)(1 << (8 - FIELD_SHIFT(bits, i)))
+#define FIELD_MULS(bits)                                                                                     \
+    FIELD_MUL(bits, 0), FIELD_MUL(bits, 1), FIELD_MUL(bits, 2), FIELD_MUL(bits, 3), FIELD_MUL(bits, 4),   \
+    FIELD_MUL(bits, 5), FIELD_MUL(bits, 6), FIELD_MUL(bits, 7)
+
+/* 16-bit lane i: the field `shuf` gathers for it in bits 0..7 (bits above its width still to mask) */
+static inline __attribute__((always_inline)) __m256i gather_fields(__m256i v, __m256i shuf, __m256i mul) {
+    return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, shuf), mul), 8);
+}
+#endif
+
 /* 14 bytes of 7-bit pairs -> the 32 codes they hold (see the header) */
 static inline __m256i q3h_codes(const uint8_t *p) {
+#if AVX512_BUILD
     uint64_t lo, hi;
     memcpy(&lo, p, 8);      /* bytes 0..7: pairs 0..7 in bits 0..55 */
     memcpy(&hi, p + 6, 8);  /* bytes 6..13: pairs 8..15 in bits 8..63 (never reads past the block) */
     const uint64_t fields = 0x7F7F7F7F7F7F7F7FULL;
     __m128i pairs = _mm_set_epi64x((long long)_pdep_u64(hi >> 8, fields), (long long)_pdep_u64(lo, fields));
     __m256i v = _mm256_cvtepu8_epi16(pairs);
+#else  /* pairs 0..7 from bytes 0..6, 8..15 from bytes 7..13 (byte 1 of the upper lane's load) */
+    const __m256i bytes = _mm256_set_m128i(_mm_loadl_epi64((const __m128i *)(p + 6)), _mm_loadl_epi64((const __m128i *)p));
+    const __m256i shuf = _mm256_setr_epi8(FIELD_GROUP(7, 0), FIELD_GROUP(7, 1));
+    __m256i v = _mm256_and_si256(gather_fields(bytes, shuf, _mm256_setr_epi16(FIELD_MULS(7), FIELD_MULS(7))),
+                                 _mm256_set1_epi16(0x7F));
+#endif
     __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(v, _mm256_set1_epi16(373)), 12);
     __m256i b = _mm256_sub_epi16(v, _mm256_mullo_epi16(a, _mm256_set1_epi16(11)));
     return _mm256_or_si256(a, _mm256_slli_epi16(b, 8));
@@ -138,6 +239,28 @@ static inline __m256i q3h_codes(const uint8_t *p) {
  * Nor are the per-block products: two blocks per 512-bit vpdpbusd, one conversion and FMA per 64
  * weights (groups of 64), ran q4 at 30.0 against 30.5-30.7 G weights/s for this loop. */
 static inline __attribute__((always_inline)) __m256i stream_codes(const uint8_t *p, int bits) {
+#if !AVX512_BUILD
+    /* Groups 0 and 1 of 8 codes from the lower lane, bytes 0.. of the block; 2 and 3 from the upper,
+     * where byte 2 * bits sits at `at`: a 16-byte load ending at the block's end, or (4 * bits < 16
+     * bytes) the lower lane's bytes again. Loads stay inside the block. After packus (lane by lane:
+     * the first register's 8 bytes, then the second's) the codes are in order. */
+    __m128i lo, hi;
+    int at;
+    if (bits >= 4) {
+        lo = _mm_loadu_si128((const __m128i *)p);
+        hi = _mm_loadu_si128((const __m128i *)(p + 4 * bits - 16));
+        at = 16 - 2 * bits;
+    } else {
+        lo = _mm_loadl_epi64((const __m128i *)p);
+        if (bits == 3) { int32_t w; memcpy(&w, p + 8, 4); lo = _mm_insert_epi32(lo, w, 2); }
+        hi = lo;
+        at = 2 * bits;
+    }
+    const __m256i v = _mm256_set_m128i(hi, lo), mul = _mm256_setr_epi16(FIELD_MULS(bits), FIELD_MULS(bits));
+    const __m256i r0 = gather_fields(v, _mm256_setr_epi8(FIELD_GROUP(bits, 0), FIELD_GROUP(bits, at)), mul);
+    const __m256i r1 = gather_fields(v, _mm256_setr_epi8(FIELD_GROUP(bits, bits), FIELD_GROUP(bits, at + bits)), mul);
+    return _mm256_and_si256(_mm256_packus_epi16(r0, r1), _mm256_set1_epi8((char)((1 << bits) - 1)));
+#else
     const uint64_t fields = 0x0101010101010101ULL * ((1u << bits) - 1);
     uint64_t w[4];
     for (int i = 0; i < 4; i++) {
@@ -151,6 +274,7 @@ static inline __attribute__((always_inline)) __m256i stream_codes(const uint8_t 
         w[i] = _pdep_u64(u, fields);
     }
     return _mm256_set_epi64x((long long)w[3], (long long)w[2], (long long)w[1], (long long)w[0]);
+#endif
 }
 
 /* ggml's 6-bit (scale, min) of sub-block j from a K-quant's 12 scale bytes */
@@ -168,20 +292,40 @@ static inline float hsum8(__m256 v) {
 /* Formats with a float16 step and min per group of weights (tierlm's own), not per GGUF block. */
 static inline int is_tq(int fmt) { return fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H; }
 
+/* Whether decode gives the block's codes as signed bytes c - 128 (the AVX2 build's 8-bit formats;
+ * see the header): then wm includes + 128 wd. */
+static inline int signed_codes(int fmt) { return !AVX512_BUILD && (fmt == TQ8 || fmt == Q8_0); }
+
+/* int32 lane i = sum over bytes 4i..4i+3 of the codes c (unsigned, or signed_codes) times x's bytes q */
+static inline __attribute__((always_inline)) __m256i dot4(int fmt, __m256i c, __m256i q) {
+#if AVX512_BUILD
+    (void)fmt;
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (signed_codes(fmt)) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(q, c)), ones);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
+#endif
+}
+
 #define ROWS 4  /* rows of W per pass over x: 4 independent accumulator chains, x loaded once for all */
 
 /* One block of one row: unsigned codes c, scale wd and (wm - off * wd). fmt is a literal at every call site. */
 static inline __attribute__((always_inline)) __m256i decode(int fmt, const uint8_t *row, int b, float *wd, float *wm) {
     switch (fmt) {
-    case TQ8: return _mm256_loadu_si256((const __m256i *)(row + 32 * b));
+    case TQ8: { const __m256i c = _mm256_loadu_si256((const __m256i *)(row + 32 * b));
+                return signed_codes(fmt) ? _mm256_xor_si256(c, _mm256_set1_epi8((char)0x80)) : c; }
     case TQ4: return nibbles(row + 16 * b);
     case TQ3H: return q3h_codes(row + 14 * b);
     case TQ6: return stream_codes(row + 24 * b, 6);
     case TQ5: return stream_codes(row + 20 * b, 5);
     case TQ3: return stream_codes(row + 12 * b, 3);
     case TQ2: return stream_codes(row + 8 * b, 2);
-    case Q8_0: { const uint8_t *p = row + 34 * b; *wd = fp16(p); *wm = -128.f * *wd;
-                 return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80)); }
+    case Q8_0: { const uint8_t *p = row + 34 * b; *wd = fp16(p);
+                 const __m256i s = _mm256_loadu_si256((const __m256i *)(p + 2));
+                 if (signed_codes(fmt)) { *wm = 0.f; return s; }
+                 *wm = -128.f * *wd;
+                 return _mm256_xor_si256(s, _mm256_set1_epi8((char)0x80)); }
     case Q4_0: { const uint8_t *p = row + 18 * b; *wd = fp16(p); *wm = -8.f * *wd; return nibbles(p + 2); }
     case Q4_1: { const uint8_t *p = row + 20 * b; *wd = fp16(p); *wm = fp16(p + 2); return nibbles(p + 4); }
     case Q5_0: { const uint8_t *p = row + 22 * b; *wd = fp16(p); *wm = -16.f * *wd;
@@ -239,25 +383,29 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
         if (prefetch)
             for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + ((b * pf_inc) >> 16)), _MM_HINT_T1);
         if (tq && in_group == 0)
-            for (int r = 0; r < ROWS; r++) { wd[r] = _cvtsh_ss(steps[r * G + g]); wm[r] = _cvtsh_ss(mins[r * G + g]); }
+            for (int r = 0; r < ROWS; r++) {
+                wd[r] = _cvtsh_ss(steps[r * G + g]);
+                wm[r] = _cvtsh_ss(mins[r * G + g]);
+                if (signed_codes(fmt)) wm[r] += 128.f * wd[r];
+            }
         if (++in_group == bpg) { in_group = 0; g++; }
         const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * b));
         const float xd = xb->xd[b], xs = xb->xs[b];
         if (fmt == Q6_K) {
             /* lane-wise 32 * sum(q) over each 4 bytes of x: the -32 offset of every code */
-            const __m256i xoff = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(32), xq);
+            const __m256i xoff = dot4(fmt, _mm256_set1_epi8(32), xq);
             const __m256 vxd = _mm256_set1_ps(xd);
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *row = codes + r * row_bytes;
                 __m256i c = decode(fmt, row, b, &wd[r], &wm[r]);
-                __m256i dot = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xq), xoff);
+                __m256i dot = _mm256_sub_epi32(dot4(fmt, c, xq), xoff);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(q6k_scales(row, b), vxd), acc[r]);
             }
             continue;
         }
         for (int r = 0; r < ROWS; r++) {
             __m256i c = decode(fmt, codes + r * row_bytes, b, &wd[r], &wm[r]);
-            __m256 dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xq));
+            __m256 dot = _mm256_cvtepi32_ps(dot4(fmt, c, xq));
             acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(wd[r] * xd), acc[r]);
             sv[r] += wm[r] * xs;
         }
@@ -309,6 +457,7 @@ DEFINE_RUN(TQ5)
 DEFINE_RUN(TQ3)
 DEFINE_RUN(TQ2)
 
+#if AVX512_BUILD
 /* Tiles are read as one sequential stream each, which the hardware prefetcher follows by itself.
  * q3h's first tiles (p in 16-bit lanes) ran at 22-23 G weights/s from DRAM against 52 in cache, and
  * software prefetches 4 KiB ahead brought them to 42-43 (the same prefetches made the bit-plane
@@ -607,6 +756,7 @@ DEFINE_TILES(tiles_tq5, TQX16, 5)
 DEFINE_TILES(tiles_tq4, TQX16, 4)
 DEFINE_TILES(tiles_tq3, TQX16, 3)
 DEFINE_TILES(tiles_tq2, TQX16, 2)
+#endif
 
 typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int,
                        int, int64_t, int64_t, int);
@@ -614,6 +764,7 @@ typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, 
 static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, run_Q5_0, run_Q5_1, run_Q4_K,
                               run_Q5_K, run_Q6_K, run_TQ3H, run_TQ6, run_TQ5, run_TQ3, run_TQ2};
 
+#if AVX512_BUILD
 /* Which q3h tile kernel runs: -1 (the default) the VBMI one where the CPU has it, 0 the other one
  * (what CPUs without VBMI run; the tests call this to check it here too). */
 static int q3h_split_choice = -1;
@@ -621,12 +772,13 @@ static int q3h_split_choice = -1;
 void tierlm_quant_q3h_split(int choice) { q3h_split_choice = choice; }
 
 static int q3h_vbmi(void) { return q3h_split_choice != 0 && __builtin_cpu_supports("avx512vbmi"); }
+#endif
 
-/* Returns 0, or -1 for an unknown format or a shape the kernel does not take. */
+/* Returns 0, or -1 for an unknown format (the AVX2 build: row tiles too) or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > TQ3HX16 || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
+    if (fmt < 0 || fmt > (AVX512_BUILD ? TQ3HX16 : TQ2) || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
         || ((is_tq(fmt) || fmt == TQX16 || fmt == TQ3HX16) && (group < 32 || group % 32 || K % group))
         || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
         return -1;
@@ -642,8 +794,11 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         xbs[m] = (XBlocks){q + (int64_t)m * K, f + (4 * m) * nb, f + (4 * m + 1) * nb, f + (4 * m + 2) * nb,
                            x3h ? x3h + (int64_t)8 * m * nb : NULL};
         quantize_x(x + (int64_t)m * K, K, &xbs[m]);
+#if AVX512_BUILD
         if (x3h) q3h_x(xbs[m].q, K, xbs[m].x3h);
+#endif
     }
+#if AVX512_BUILD
     /* Tiles: codes is the tiles; steps, mins and scale_stride unused; for TQX16, row_bytes is the bits
      * per code and group the weights per group. */
     if (fmt == Q4_0X16) tiles_q4_0(xbs, M, codes, group, y, N, K, num_threads);
@@ -660,6 +815,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         }
     }
     else
+#endif
         RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
     free(x3h); free(f); free(q); free(xbs);
     return 0;
