@@ -51,7 +51,7 @@ def test_quantized_kv_cache_keeps_logits_close(hf_model, kv_quant, tol):
     ids = list(range(3, 60))
     ref = LLM(folder).score(ids)
     llm = LLM(folder, kv_quant=kv_quant, max_num_batched_tokens=16)  # chunks: later ones read the cache
-    assert llm.config.kv_quant == kv_quant
+    assert llm.config.cache.kv_quant == kv_quant
     assert _rel(llm.score(ids), ref) < tol
     # generation runs through the decode path, reading every earlier token back from the cache
     out = llm.generate([ids[:10]], SamplingParams(max_tokens=5, temperature=0))[0]
@@ -69,7 +69,8 @@ def test_llm_quantizes_on_load_and_computes_with_exactly_those_weights(hf_model,
             setattr(lw, name, q.dequantize(q.quantize(getattr(lw, name))))
     ref.model.w.lm_head = q.dequantize(q.quantize(ref.model.w.lm_head))  # untied heads are quantized too
     llm = LLM(folder, quant=quant, quant_group=32)
-    assert llm.config.quant == quant and llm.config.quant_group == 32 and "quant=" + quant in llm.config.describe()
+    assert llm.config.quant.quant == quant and llm.config.quant.quant_group == 32
+    assert "quant=" + quant in llm.config.describe()
     from tierlm.model.kernels import quant_gemv
     from tierlm.quant.tiles import TILE_FORMATS, RowTiles
 
@@ -148,7 +149,7 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     assert _rel(llm.score(ids[:4]), ref.score(ids[:4])) < 3e-2
     # quant_int8_prompts: prompt chunks through the int8 kernel too (the model's config says so)
     fast = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=True)
-    assert fast.config.quant_int8_prompts and "quant_int8_prompts=True" in fast.config.describe()
+    assert fast.config.quant.quant_int8_prompts and "quant_int8_prompts=True" in fast.config.describe()
     if kernel is not None:
         fast_scores = fast.score(ids)
         assert not torch.equal(fast_scores, llm.score(ids)) and _rel(fast_scores, ref.score(ids)) < 3e-2

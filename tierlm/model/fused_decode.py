@@ -37,7 +37,7 @@ from operator import attrgetter
 import torch
 
 from tierlm.model.attention import AttentionBatch, KVCache
-from tierlm.model.spec import ModelConfig
+from tierlm.model.spec import ArchConfig
 
 
 class _Part(ctypes.Structure):
@@ -109,7 +109,7 @@ class FusedDecodePlan:
 class FusedDecode:
     """The C structs describing one model's layers, built once; ``__call__`` runs a step."""
 
-    def __init__(self, cfg: ModelConfig, layers: list, layer_types: list[str], rope_keys: list[str],
+    def __init__(self, cfg: ArchConfig, layers: list, layer_types: list[str], rope_keys: list[str],
                  windows: dict[str, int | None], parts: list[list[list[_PartSpec]]], kernels: dict, max_rows: int):
         self.cfg = cfg
         self.max_rows = max_rows
@@ -191,7 +191,7 @@ _SOURCE_FIELDS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm",
 _source_fields = attrgetter(*_SOURCE_FIELDS)
 
 
-def plan_fused_decode(cfg: ModelConfig, weights, linear, dtype: torch.dtype, device: torch.device, tiered: bool,
+def plan_fused_decode(cfg: ArchConfig, weights, linear, dtype: torch.dtype, device: torch.device, tiered: bool,
                       layer_windows: dict[str, int | None], enabled: bool = True) -> FusedDecodePlan:
     """A FusedDecode for this model if the C step implements it (module docstring), else why not."""
     from tierlm.model import kernels as K

@@ -360,5 +360,3 @@ def find_family(*, hf_config: Mapping[str, Any] | None = None, gguf_arch: str | 
         f"Add a family file (see tierlm/model/specs/*.toml) and pass its folder as spec_dirs.")
 
 
-
-ModelConfig = ArchConfig  # the old name, until tierlm/model/fused_decode.py (being edited elsewhere) moves to the new
