@@ -17,6 +17,10 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM.from_config(config)
     prompts = [llm.chat_token_ids([{"role": "user", "content": t}]) if args.chat else t for t in texts]
+    if args.chat:  # a plain transcript template (base models) must stop where the next turn would begin
+        from tierlm.commands.chat import with_template_stops
+
+        params = with_template_stops(llm, params)
     t0 = time.perf_counter()
     if args.stream:
         outputs = []
