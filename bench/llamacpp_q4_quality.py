@@ -10,9 +10,10 @@ is the same block), so only the layer matrices change, as with tierlm's q4. Perp
 llama.cpp's, same protocol and text as tests/data/llamacpp_reference.json (tools/llamacpp_reference.py),
 and the delta is against llama.cpp on the original file. In the same run tierlm's round-to-nearest
 q4 at group 32 (Q4_1's layout with float16 step and min) and group 64 are measured against tierlm's
-float model; tierlm's GPTQ q4 row is quoted from bench/results/quant_quality.json.
+float model; tierlm's q4 by its default method is quoted from bench/results/quant_quality.json (run
+that first), and bench/results/quant_table.md is rewritten with the Q4_0 rows.
 
-    .venv/bin/python bench/llamacpp_q4_quality.py [--models smollm2 gemma3]
+    flock /tmp/tierlm-bench.lock .venv/bin/python bench/llamacpp_q4_quality.py [--models smollm2 gemma3]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, RESULTS_DIR, write_results
-from bench.quant_quality import MODELS, REFERENCE, measure
+from bench.quant_quality import MODELS, REFERENCE, measure, write_tables
 from tierlm.eval import brown
 
 NAME = "llamacpp_q4_quality"
@@ -78,21 +79,24 @@ def main() -> None:
                          "ppl": round(ppl, 4), "baseline_ppl": round(base, 4), "baseline": "llama.cpp, original file",
                          "delta_pct": round(100 * (ppl / base - 1), 3), "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
-        t0 = time.perf_counter()
-        float_ppl, _ = measure(src, text)
+        float_ppl = measure(src, text, quant="float")["ppl"]
         for group in (32, 64):
-            ppl, seconds = measure(src, text, quant="q4", quant_group=group)
+            m = measure(src, text, quant="q4", quant_group=group, quant_method="rtn")
             rows.append({"model": key, "engine": "tierlm", "format": f"q4 g{group} (round to nearest)",
-                         "bits_per_weight": 4 + 32 / group, "ppl": round(ppl, 4), "baseline_ppl": round(float_ppl, 4),
-                         "baseline": "tierlm float", "delta_pct": round(100 * (ppl / float_ppl - 1), 3),
-                         "seconds": round(seconds, 1)})
+                         "bits_per_weight": 4 + 32 / group, "ppl": round(m["ppl"], 4),
+                         "baseline_ppl": round(float_ppl, 4), "baseline": "tierlm float",
+                         "delta_pct": round(100 * (m["ppl"] / float_ppl - 1), 3),
+                         "seconds": round(m["load_s"] + m["eval_s"], 1)})
             print(json.dumps(rows[-1]), flush=True)
-        gptq = next(r for r in quality if r["model"] == key and r["setting"] == "q4 gptq")
-        rows.append({"model": key, "engine": "tierlm", "format": "q4 g64 GPTQ (quoted from quant_quality.json)",
-                     "bits_per_weight": 4.5, "ppl": gptq["ppl"], "baseline_ppl": round(float_ppl, 4),
-                     "baseline": "tierlm float", "delta_pct": gptq["delta_pct"], "seconds": gptq["seconds"]})
+        default = next(r for r in quality if r["model"] == key and r["setting"] == f"q4 {r['method']}" and r["default"])
+        rows.append({"model": key, "engine": "tierlm",
+                     "format": f"q4 g64, default method: {default['method']} (quoted from quant_quality.json)",
+                     "bits_per_weight": default["bits_per_weight"], "ppl": default["ppl"],
+                     "baseline_ppl": round(float_ppl, 4), "baseline": "tierlm float", "delta_pct": default["delta_pct"],
+                     "seconds": round(default["load_s"] + default["eval_s"], 1)})
     write_results(NAME, rows, {"protocol": "Brown ca excerpt, 6 windows x 512 tokens (BOS + 511)",
                                "requantized_files": str(out_dir)})
+    write_tables()  # quant_table.md quotes the Q4_0 rows
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
 """GPTQ (tierlm.quant.gptq): with uncorrelated inputs it is exactly the importance-weighted search;
 with correlated inputs its output error is far below rounding alone; on load it gives a working
-quantized model; a GPTQ store, built one layer at a time, holds exactly what GPTQ on load gives."""
+quantized model, read from a store built one layer at a time, which `tierlm quantize` finds again.
+
+The SmolLM2 model is conftest's ``smollm2_q4``: calibrated once a session, on 2 of the 14 windows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.conftest import SMOLLM2_Q4
 from tierlm import LLM, SamplingParams
 from tierlm.cli import main
 from tierlm.config import ConfigError
 from tierlm.loader.model_loader import default_model_path
 from tierlm.memory.store import WeightStore
-from tierlm.quant.store import StoreQuant
-from tierlm.quant import get_quantizer, imatrix
+from tierlm.quant import get_quantizer
 from tierlm.quant.base import QuantError, minmax_dequantize
 from tierlm.quant.gptq import InputMoments, gptq_quantize
 from tierlm.quant.imatrix import MATRICES
-from tierlm.quant.store import read_quantized
+from tierlm.quant.store import StoreQuant, default_store_dir, read_quantized
 from tierlm.quant.tiles import RowTiles, tile_rows
 
 
@@ -53,23 +55,14 @@ def test_correlated_inputs_lower_the_output_error(act_order):
         return (u @ d.T).square().sum().item()
 
     rounded = output_error(q.quantize(w, moments.importance))
-    assert output_error(gptq_quantize(q, w, moments, act_order=act_order)) < 0.6 * rounded  # measured: 0.56 act-order, 0.53 in order
-
-
-KW = {"max_model_len": 128, "kv_cache_tokens": 256, "max_num_seqs": 1, "quant": "q4", "quant_method": "gptq"}
-
-
-@pytest.fixture(scope="module")
-def two_windows():
-    """Calibrate on 2 of the 8 windows (the time of these tests is mostly calibration)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(imatrix, "CALIB_CATEGORIES", imatrix.CALIB_CATEGORIES[:2])
-        yield
+    # measured: 0.56 act-order, 0.53 in order
+    assert output_error(gptq_quantize(q, w, moments, act_order=act_order)) < 0.6 * rounded
 
 
 @pytest.fixture(scope="module")
-def resident(two_windows):
-    return LLM(None, **KW)
+def resident(smollm2_q4):
+    assert smollm2_q4.config.quant.quant_method == "gptq"  # the default for this model (tierlm.quant.methods)
+    return smollm2_q4
 
 
 def test_gptq_on_load_runs_and_rejects_what_it_cannot_do(resident, tmp_path):
@@ -87,14 +80,18 @@ def test_gptq_on_load_runs_and_rejects_what_it_cannot_do(resident, tmp_path):
         StoreQuant("gguf", method="gptq")
 
 
-def test_gptq_store_equals_gptq_on_load(resident, tmp_path):
-    """`tierlm quantize --method gptq` runs the same sequential GPTQ one layer at a time from the
-    checkpoint: the store holds exactly the codes, steps and mins of GPTQ on the resident model, and
-    a model streaming it (weight_memory) generates what the resident one does."""
-    folder = tmp_path / "store"
-    assert main(["quantize", str(default_model_path()), str(folder), "--format", "q4", "--method", "gptq"]) == 0
+def test_quantize_command_finds_the_store_the_model_was_loaded_from(resident):
+    """`tierlm quantize` (method auto) picks GPTQ for this model as the load did and, pointed at the
+    store the load built (calibrated layer by layer from the checkpoint), reuses it; the resident model
+    holds exactly that store's codes, steps and mins, and a model streaming it (weight_memory)
+    generates what the resident one does."""
+    folder = default_store_dir(resident.checkpoint, torch.float32, StoreQuant("q4", 64, method="gptq"))
+    built = (folder / "manifest.json").stat().st_mtime_ns
+    assert main(["quantize", str(default_model_path()), str(folder), "--format", "q4"]) == 0
+    assert (folder / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
     store = WeightStore(folder)
     assert store.meta["method"] == "gptq" and store.meta["quant"] == "q4"
+    assert store.meta["calibration"]["categories"] == ["cb", "cc"]  # conftest's short calibration
     for i, lw in enumerate(resident.model.w.layers):
         for m in MATRICES:
             got, want = read_quantized(store, f"layers.{i}.{m}"), getattr(lw, m)
@@ -104,9 +101,8 @@ def test_gptq_store_equals_gptq_on_load(resident, tmp_path):
             assert torch.equal(got.codes, want.codes), f"layers.{i}.{m}"
             assert torch.equal(got.scales, want.scales) and torch.equal(got.mins, want.mins)
     store.close()
-    built = (folder / "manifest.json").stat().st_mtime_ns
-    streamed = LLM(None, **KW, weight_memory="30%", store_dir=folder)
-    assert (folder / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+    streamed = LLM(None, **SMOLLM2_Q4, weight_memory="30%", store_dir=folder)
+    assert (folder / "manifest.json").stat().st_mtime_ns == built
     ids = resident.tokenizer.encode("The capital of France is Paris, and the capital of Germany is")
     torch.testing.assert_close(streamed.score(ids), resident.score(ids), rtol=0, atol=1e-4)
     params = SamplingParams(max_tokens=8, temperature=0)

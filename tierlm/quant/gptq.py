@@ -122,6 +122,16 @@ from tierlm.quant.base import QuantError, QuantizedWeight, minmax_quantize
 BLOCK = 128  # columns per batched update; groups must divide it
 DAMP = 0.01  # fraction of H's mean diagonal added to it: keeps the factorisation stable
 ACT_ORDER = True  # quantize the columns with the loudest inputs first (the paper's "act-order")
+CALIB_CTX = 512  # tokens per calibration sequence (BOS + 511), or the model's context if shorter
+
+
+def calibration_meta(max_position: int) -> dict:
+    """What a GPTQ store's codes depend on besides the checkpoint, format and group: recorded in its
+    manifest (tierlm.quant.store), so a store calibrated otherwise is rebuilt, not reused."""
+    from tierlm.quant import imatrix
+
+    return {"text": "brown", "categories": list(imatrix.CALIB_CATEGORIES), "ctx": min(CALIB_CTX, max_position),
+            "act_order": ACT_ORDER, "damp": DAMP, "block": BLOCK}
 
 
 @dataclass
@@ -260,7 +270,8 @@ class SequentialGPTQ:
         for m in MATRICES:
             w = getattr(lw, m)
             moments = InputMoments.zeros(plain_weight(w).shape[1])
-            self.model.linear = _Recorder(self.method, {id(w): f"layers.{i}.{m}"}, lambda _n, x, mom=moments: mom.add(x))
+            self.model.linear = _Recorder(self.method, {id(w): f"layers.{i}.{m}"},
+                                          lambda _n, x, mom=moments: mom.add(x))
             try:
                 self._run_layer(i)
             finally:
@@ -268,19 +279,6 @@ class SequentialGPTQ:
             setattr(lw, m, self.method.prepare(gptq_quantize(self.method.quantizer, plain_weight(w), moments)))
         self.steps = [(b, rope, h) for (b, rope, _), h in zip(self.steps, self._run_layer(i), strict=True)]
         self.next_layer += 1
-
-
-def gptq_quantize_layers_(llm, method, sequences: list[list[int]]) -> None:
-    """Replace every layer matrix of ``llm``'s resident float model in place by its GPTQ
-    quantization (``SequentialGPTQ``), calibrated on ``sequences`` (token ids, each at most the
-    KV capacity); ``method`` becomes the model's linear method."""
-    from tierlm.quant.imatrix import ImportanceError
-
-    if llm.model.tiers is not None:
-        raise ImportanceError("calibrate on the float model with all weights resident (no weight_memory)")
-    gptq = SequentialGPTQ(llm.model, method, sequences)
-    for i in range(len(llm.model.w.layers)):
-        gptq.quantize_layer(i)
 
 
 def gptq_store_tensors(opened, dtype: torch.dtype, method, sequences: list[list[int]]):

@@ -77,12 +77,16 @@ def record_inputs(llm, sequences: list[list[int]], record: Callable[[str, torch.
     model = llm.model
     if model.tiers is not None:
         raise ImportanceError("calibrate on the float model with all weights resident (no weight_memory)")
+    from tierlm.progress import progress_bar
+
     names = {id(getattr(lw, m)): f"layers.{i}.{m}" for i, lw in enumerate(model.w.layers) for m in MATRICES}
     base = model.linear
     model.linear = _Recorder(base, names, record)
     try:
-        for seq in sequences:
-            llm.score(seq)
+        with progress_bar(len(sequences), "calibrating", "sequence") as bar:
+            for seq in sequences:
+                llm.score(seq)
+                bar.update(1)
     finally:
         model.linear = base
 

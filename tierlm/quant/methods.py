@@ -1,32 +1,68 @@
 """Which method makes a tierlm format when the user names only the format (``quant_method="auto"``).
 
-GPTQ (tierlm.quant.gptq) loses far less than rounding each group on its own (rtn): q4 g64 on the
-Brown press excerpt, SmolLM2-135M +2.70% perplexity against +26% for rtn, Gemma-3-270m +8.0%
-against +43% (bench/results/quant_quality.md). Its price is a one-off calibration: a few forward
-passes of 7,168 calibration tokens plus a Cholesky solve per matrix, about 1.5 minutes for
-SmolLM2 on two cores, growing with the parameter count. The result is cached as a weight store
-(tierlm.quant.store), so it is paid once per model and format.
+GPTQ (tierlm.quant.gptq) loses far less than rounding each group on its own (rtn) below 8 bits:
+q4 g64 on the Brown press excerpt, SmolLM2-135M +2.70% perplexity against +25.1% for rtn,
+Gemma-3-270m +8.03% against +31.5%; q6 SmolLM2 -0.10% against +2.55%, Gemma-3 +0.36% against
++0.31%; q8 rtn is within 0.4% on both (bench/results/quant_quality.md at commit d1d103f).
 
-Rule: GPTQ when the model has a tokenizer (the calibration text must be encoded), no importance
-file was given (rtn's weighted search is what that asks for), and at most
-``GPTQ_MAX_PARAMETERS`` parameters, where the one-off cost stays within minutes; rtn otherwise.
+Its price is a one-off calibration (7,168 tokens of Brown text through the model layer by layer, a
+Cholesky solve per matrix): at commit d1d103f on a 2-core AMD EPYC, the GPTQ rows took 80 s
+(SmolLM2, 106 M layer parameters) and 127 s (Gemma-3, 100 M) more than the rtn rows, about 1 s per
+million layer parameters, hence ``GPTQ_SECONDS_PER_M_LAYER_PARAMS``. The result is cached as a
+weight store (tierlm.quant.store), so it is paid once per model, format and group.
+
+Rule, in this order:
+
+* an importance file was given: rtn (rtn's weighted range search is what that file is for; GPTQ
+  computes its own);
+* the model has no tokenizer: rtn (GPTQ calibrates on text);
+* the format is one of ``RTN_FORMATS``, where GPTQ measured no better than rtn: rtn;
+* GPTQ's estimated one-off cost (``gptq_minutes``) above ``GPTQ_MAX_MINUTES``: rtn, with a log line
+  saying that ``quant_method="gptq"`` (or ``tierlm quantize --method gptq``) buys the quality;
+* otherwise GPTQ, its store cached under ``$TIERLM_CACHE`` (tierlm.quant.store), so the cost is paid
+  once per model, format and group.
 """
 
 from __future__ import annotations
 
-GPTQ_MAX_PARAMETERS = 1_500_000_000
+from typing import NamedTuple
+
+RTN_FORMATS = frozenset({"q8"})  # rtn already within 0.5% of float
+GPTQ_MAX_MINUTES = 15.0  # the longest first load tierlm takes on by itself for a better format
+GPTQ_SECONDS_PER_M_LAYER_PARAMS = 1.0
 
 
-def default_method(quant: str, arch, has_tokenizer: bool, has_importance: bool) -> tuple[str, str]:
-    """(method, why) for producing ``quant`` from a model of architecture ``arch``
-    (tierlm.model.spec.ArchConfig)."""
+class MethodChoice(NamedTuple):
+    """The method ``default_method`` picked and, for the log, why (unpacks as ``method, reason``)."""
+
+    method: str  # "rtn" or "gptq"
+    reason: str
+
+
+def layer_parameters(arch) -> int:
+    """Weights of the layer matrices (q/k/v, o, the MLP) of ``arch`` (tierlm.model.spec.ArchConfig):
+    what GPTQ calibrates and solves; the embeddings and an untied head are copied or rounded."""
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2)
+    return arch.num_parameters() - embeddings
+
+
+def gptq_minutes(arch) -> float:
+    """Estimated minutes of GPTQ's one-off calibration and quantization of ``arch`` into a store, on
+    the 2-core machine of the module docstring (a faster machine takes less)."""
+    return layer_parameters(arch) / 1e6 * GPTQ_SECONDS_PER_M_LAYER_PARAMS / 60
+
+
+def default_method(quant: str, arch, has_tokenizer: bool, has_importance: bool) -> MethodChoice:
+    """The method for producing tierlm format ``quant`` from a model of architecture ``arch``
+    (tierlm.model.spec.ArchConfig) by the rule of the module docstring."""
     if has_importance:
-        return "rtn", "an importance file weights rtn's range search"
+        return MethodChoice("rtn", "an importance file weights rtn's range search")
     if not has_tokenizer:
-        return "rtn", "gptq calibrates on text and this model has no tokenizer"
-    num_params = arch.num_parameters()
-    if num_params > GPTQ_MAX_PARAMETERS:
-        return "rtn", (f"{num_params / 1e9:.1f} B parameters: gptq's one-off calibration would take long "
-                       f"(above {GPTQ_MAX_PARAMETERS / 1e9:.1f} B rtn is the default; ask for quant_method='gptq')")
-    return "gptq", (f"{num_params / 1e6:.0f} M parameters: calibrated once on Brown text and cached as a "
-                    "weight store")
+        return MethodChoice("rtn", "gptq calibrates on text and this model has no tokenizer")
+    if quant in RTN_FORMATS:
+        return MethodChoice("rtn", f"gptq measured no better than rtn at {quant}")
+    minutes = gptq_minutes(arch)
+    if minutes > GPTQ_MAX_MINUTES:
+        return MethodChoice("rtn", f"gptq's one-off calibration would take about {minutes:.0f} minutes here "
+                                   f"(more than {GPTQ_MAX_MINUTES:.0f}); quant_method='gptq' asks for it")
+    return MethodChoice("gptq", f"calibrated once (about {max(minutes, 1):.0f} minutes) and cached as a weight store")

@@ -75,6 +75,10 @@ def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant 
             meta["importance"] = file_digest(quant.importance)
         if quant.method != "rtn":
             meta["method"] = quant.method
+        if quant.method == "gptq":  # another calibration text or setting makes other codes: another store
+            from tierlm.quant.gptq import calibration_meta
+
+            meta["calibration"] = calibration_meta(opened.config.max_position)
     return meta
 
 
@@ -119,6 +123,7 @@ def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir:
         try:
             store = WeightStore(folder)
             if {k: v for k, v in store.meta.items() if k != "matrices"} == meta:
+                log.info("reusing the weight store %s", folder)
                 return store
             store.close()
             reason = "it was built from a different checkpoint or dtype"
@@ -127,13 +132,30 @@ def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir:
     log.warning("building the weight store %s (%s)", folder, reason)
     t0 = time.perf_counter()
     if quant is None:
-        write_store(folder, store_tensors(opened, dtype), meta)
+        tensors, desc = store_tensors(opened, dtype), "weight store"
     else:
         # write_store writes the manifest after the last tensor, so ``matrices`` is complete by then.
         meta["matrices"] = {}
-        write_store(folder, _quantized_store_tensors(opened, dtype, quant, meta["matrices"]), meta)
+        tensors = _quantized_store_tensors(opened, dtype, quant, meta["matrices"])
+        desc = "weight store (GGUF blocks)" if quant.quant == GGUF_NATIVE else f"{quant.quant} by {quant.method}"
+    write_store(folder, _layer_progress(tensors, opened.config.num_layers, desc), meta)
     log.info("weight store written in %.1f s", time.perf_counter() - t0)
     return WeightStore(folder)
+
+
+def _layer_progress(tensors: Iterator[tuple[str, torch.Tensor]], num_layers: int,
+                    desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` unchanged, with a bar (tierlm.progress) of the layers reached: layer i counts when
+    its first tensor arrives, which for GPTQ is once the whole layer is calibrated and quantized."""
+    from tierlm.progress import progress_bar
+
+    with progress_bar(num_layers, desc, "layer") as bar:
+        for name, t in tensors:
+            if name.startswith("layers."):
+                reached = int(name.split(".", 2)[1]) + 1
+                if reached > bar.n:
+                    bar.update(reached - bar.n)
+            yield name, t
 
 
 def quantize_to_store(model: str | Path | None, out: str | Path, fmt: str, group: int = 64,
