@@ -37,6 +37,17 @@ def test_smollm2_says_paris():
     assert got[:5] == ref["ids"][:5]
 
 
+def test_smollm2_native_greedy_matches_llama_cpp():
+    """The default load keeps the file's blocks, the tied Q8_0 table included, and decode steps round
+    activations to int8 as llama.cpp's kernels do: all 8 tokens agree (the float load agrees on 5,
+    and so does a machine without the quantized kernel, whose products are float)."""
+    llm = LLM(max_model_len=256)
+    assert llm.config.quant.quant == "gguf" and llm.model.w.lm_head is llm.model.w.embed
+    ref = REFERENCE["smollm2-135m-instruct-q4_1"]["greedy"]
+    agree = 8 if llm.model.linear.kernel is not None else 5
+    assert llm.generate([ref["prompt_ids"]], GREEDY8)[0].token_ids[:agree] == ref["ids"][:agree]
+
+
 def test_gemma3_greedy_matches_llama_cpp():
     llm = LLM(_gemma_path(), dtype="float32", max_model_len=256)
     ref = REFERENCE["gemma-3-270m-q4_k_m"]["greedy"]

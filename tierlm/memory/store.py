@@ -73,6 +73,11 @@ class StoredTensor:
         return self.shape[0] if len(self.shape) > 1 else 1
 
 
+def parts_name(name: str, index: int) -> str:
+    """The store name of part ``index`` of a matrix stored as parts (``WeightStore.parts``)."""
+    return f"{name}.{index}"
+
+
 def aligned_buffer(nbytes: int) -> torch.Tensor:
     """A page-aligned uint8 tensor of ``nbytes`` (rounded up to ALIGN), as O_DIRECT requires.
 
@@ -190,6 +195,19 @@ class WeightStore:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def parts(self, name: str) -> list[str]:
+        """The stored tensors that hold matrix ``name``, in row order: ``[name]``, or for a matrix
+        stacked from parts of different quantized formats (a GGUF file's Q5_0 q and k with a Q8_0 v:
+        tierlm.quant.FusedWeight) its parts ``name.0``, ``name.1``, ... (parts_name)."""
+        if name in self.tensors:
+            return [name]
+        found = []
+        while parts_name(name, len(found)) in self.tensors:
+            found.append(parts_name(name, len(found)))
+        if not found:
+            raise StoreError(f"{self.path}: the store holds no tensor {name!r} (nor parts of it)")
+        return found
 
     def read_range(self, dest: torch.Tensor | np.ndarray, offset: int) -> None:
         """Fill the uint8 tensor or array ``dest`` with bytes from ``offset``. With O_DIRECT,

@@ -17,7 +17,11 @@ Quantized weights (``quant=``) tier the same way: the store holds each quantized
 rows that carry their own codes and group parameters (``QuantizedWeight.packed_rows``), so the plan
 splits and the streamer reads them by rows like float rows, only fewer bytes; a resident range or a
 ring slot is wrapped back into a ``QuantizedWeight`` view and multiplied by the quantized method.
-GGUF blocks (``quant="gguf"``) are such rows already.
+GGUF blocks (``quant="gguf"``) are such rows already. A matrix stacked from parts of different GGUF
+types (a FusedWeight: Gemma-3's Q5_0 q and k with a Q8_0 v) is stored and planned as its parts; its
+SplitMatrix lists each part's resident and streamed rows, every range wrapped in its own format.
+A GGUF embedding table stays as blocks too: lookups dequantize the rows asked for, and a tied head
+multiplies the blocks through the quantized method.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tierlm.loader.weights import LAYER_FIELDS, LayerWeights, ModelWeights
 from tierlm.memory.device import DeviceStage, copy_engine_for
@@ -35,7 +38,8 @@ from tierlm.memory.plan import MATRICES, ModelLayout, TensorInfo, TierPlan
 from tierlm.memory.prefetch import StreamedUnit, Streamer
 from tierlm.memory.store import WeightStore, aligned_buffer
 from tierlm.model.linear import DenseLinear, LinearMethod, StreamingLinear
-from tierlm.quant import QuantizedWeight
+from tierlm.model.transformer import embedding_rows, quantized_head_note
+from tierlm.quant import AnyQuantized, FusedWeight, QuantizedWeight
 from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
@@ -46,10 +50,11 @@ def model_layout(store: WeightStore, num_layers: int) -> ModelLayout:
         e = store.tensors[name]
         return TensorInfo(name, e.num_rows, e.row_bytes)
 
-    layers = tuple(tuple(info(f"layers.{i}.{m}") for m in MATRICES) for i in range(num_layers))
+    # a matrix stored as parts (WeightStore.parts) is planned as its parts, each split by rows on its own
+    layers = tuple(tuple(info(p) for m in MATRICES for p in store.parts(f"layers.{i}.{m}")) for i in range(num_layers))
     tied = "lm_head" not in store.tensors
     head = info("embed" if tied else "lm_head")
-    matrices = {f"layers.{i}.{m}" for i in range(num_layers) for m in MATRICES} | {head.name}
+    matrices = {t.name for layer in layers for t in layer} | {head.name}
     embed_bytes = 0 if tied else store.tensors["embed"].nbytes
     small = sum(e.nbytes for n, e in store.tensors.items() if n not in matrices and n != "embed")
     return ModelLayout(layers, head, small, embed_bytes)
@@ -162,11 +167,12 @@ class TieredWeights:
         self.tied = "lm_head" not in store.tensors
         # The embedding table is looked up where it is: on the device when it is the (tied) head and
         # all of it is there, else in RAM when the RAM plan keeps it, else row by row from the store.
-        self.embed: torch.Tensor | None = None
+        # A quantized table (a GGUF file's blocks) is looked up as blocks, whose rows are dequantized.
+        self.embed: torch.Tensor | QuantizedWeight | None = None
         if self.tied and self._fully_resident("embed"):
             self.embed = self._resident["embed"][0][2]
         elif (plan if host_plan is None else host_plan).embed_resident and not self.tied:
-            self.embed = store.read("embed", bounce=bounce)
+            self.embed = self._wrap("embed", store.read("embed", bounce=bounce))
         self.weights = ModelWeights(
             embed=torch.empty(0), final_norm=small("final_norm"), final_norm_bias=small("final_norm_bias"),
             lm_head=self._head_matrix(), lm_head_bias=small("lm_head_bias"), pos_embed=small("pos_embed"))
@@ -175,7 +181,7 @@ class TieredWeights:
             for name in LAYER_FIELDS:
                 key = f"layers.{i}.{name}"
                 if name in MATRICES:
-                    kw[name] = self._layer_matrix(i, MATRICES.index(name), key)
+                    kw[name] = self._layer_matrix(i, key)
                 else:
                     kw[name] = small(key)
             self.weights.layers.append(LayerWeights(**kw))
@@ -197,18 +203,29 @@ class TieredWeights:
         num_rows = self.store.tensors[name].num_rows
         return sum(b - a for a, b, _ in self._resident.get(name, [])) == num_rows
 
-    def _layer_matrix(self, layer: int, seg_index: int, name: str) -> SplitMatrix | torch.Tensor:
-        e = self.store.tensors[name]
-        seg = self._layer_units[layer].segments[seg_index]
-        (_, r, res), = self._resident[name]
-        if r == e.num_rows:
-            return res  # fully resident: the transformer prepares it like any weight
+    def _layer_matrix(self, layer: int, name: str) -> SplitMatrix | torch.Tensor | AnyQuantized:
+        """Matrix ``name`` of ``layer``: as a resident weight when all its rows are (the transformer
+        prepares it like any weight; a matrix stored as parts is their FusedWeight), else a SplitMatrix
+        of each stored part's resident rows and streamed rows, at the part's offset in the matrix."""
+        unit = self._layer_units[layer]
+        seg_index = {s.tensor.name: k for k, s in enumerate(unit.segments)}
+        stored = self.store.parts(name)
+        if all(self._fully_resident(p) for p in stored):
+            whole = [self._resident[p][0][2] for p in stored]
+            return whole[0] if len(whole) == 1 else FusedWeight(tuple(whole))
         parts = []
-        if r > 0:
-            parts.append(_Part(0, r, res, None))
-        parts.append(_Part(seg.resident_end, seg.row_end, None,
-                           lambda: self._wrap(name, self._current.segment(seg_index))))
-        return SplitMatrix(self._shape(name), parts)
+        offset = 0  # the part's first row in the matrix
+        for p in stored:
+            k = seg_index[p]
+            seg = unit.segments[k]
+            (_, r, res), = self._resident[p]
+            if r > 0:
+                parts.append(_Part(offset, offset + r, res, None))
+            if seg.row_end > r:
+                parts.append(_Part(offset + seg.resident_end, offset + seg.row_end, None,
+                                   lambda p=p, k=k: self._wrap(p, self._current.segment(k))))
+            offset += seg.row_end
+        return SplitMatrix((offset, self._shape(stored[0])[1]), parts)
 
     def _head_matrix(self) -> SplitMatrix | torch.Tensor:
         name = "embed" if self.tied else "lm_head"
@@ -243,11 +260,16 @@ class TieredWeights:
     def bind(self, inner: LinearMethod, device: torch.device | str) -> tuple[TieredLinear, TieredLinear]:
         """Prepare the resident parts for ``inner`` and return the methods that multiply this model's
         (layer matrices, head) for a Transformer running on ``device``. A tied head is the embedding
-        table and stays plain."""
+        table and stays as stored: plain float rows (DenseLinear), or a GGUF file's blocks, which
+        ``inner`` (the quantized method) multiplies as they are."""
         if torch.device(device) != self.device:
             raise ValueError(f"tiered weights were loaded for {self.device}, the model runs on {device}")
         self.prepare(inner)
-        return TieredLinear(inner, self), TieredLinear(DenseLinear() if self.tied else inner, self)
+        plain_head = self.tied and "embed" not in self._quantized
+        if self.tied and not plain_head:
+            e = self.store.tensors["embed"]
+            log.info("%s", quantized_head_note(self._resident["embed"][0][2], self._shape("embed"), e.nbytes, inner))
+        return TieredLinear(inner, self), TieredLinear(DenseLinear() if plain_head else inner, self)
 
     # -- used by the forward pass ------------------------------------------------------------------
     def acquire_layer(self, i: int) -> LayerWeights:
@@ -262,12 +284,12 @@ class TieredWeights:
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (N,) -> rows (N, hidden): from RAM when the table is resident, else read from the
-        store (a step needs N rows, a few KiB each)."""
+        store (a step needs N rows, a few KiB each); a quantized table's rows dequantized."""
         if self.embed is not None:
-            return F.embedding(ids.to(self.embed.device), self.embed).to(self.device)
+            return embedding_rows(self.embed, ids).to(self.device)
         uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
-        rows = self.store.read_row_set("embed", uniq.tolist())  # (U, hidden)
-        return rows[inverse].to(self.device)
+        rows = self._wrap("embed", self.store.read_row_set("embed", uniq.tolist()))  # (U, hidden)
+        return embedding_rows(rows, inverse).to(self.device)
 
     def close(self) -> None:
         if self.streamer is not None:

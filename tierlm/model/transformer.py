@@ -13,19 +13,30 @@ Block shapes (chosen by ArchConfig and by which weights exist):
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
-from tierlm.model.attention import (AttentionBatch, DecodeAttention, KVCache, PrefillAttention, alibi_slopes,
-                                    paged_attention)
+from tierlm.model.attention import (
+    AttentionBatch,
+    DecodeAttention,
+    KVCache,
+    PrefillAttention,
+    alibi_slopes,
+    paged_attention,
+)
 from tierlm.model.fused_decode import FusedDecodePlan, plan_fused_decode
 from tierlm.model.kernels import rms_norm_kernel, rope_bf16_kernel, rope_kernel
 from tierlm.model.linear import LinearMethod, default_linear_method
 from tierlm.model.rope import RotaryTable, apply_rope
 from tierlm.model.spec import ArchConfig
+from tierlm.quant import QuantizedWeight, method_for
+from tierlm.quant.linear import QuantLinear
+
+log = logging.getLogger("tierlm")
 
 
 class LayerStream(Protocol):
@@ -75,15 +86,21 @@ class Transformer:
             for lw in weights.layers:
                 for name in ("qkv", "o", "up", "down"):
                     setattr(lw, name, self.linear.prepare(getattr(lw, name)))
-            # A tied lm_head is also the embedding table, which must stay a plain tensor: it is never
-            # prepared, and every method's apply takes a plain tensor as it is (its kernels included).
+            # A tied lm_head is also the embedding table, which lookups read as it is stored: it is never
+            # prepared (a float table stays plain, which every method's apply takes as it is; a quantized
+            # one stays in the file's blocks, which the quantized method multiplies: repacking it into
+            # row tiles would be a second copy of the table).
             self.lm_head_linear = self.linear
             if not weights.tied:
                 weights.lm_head = self.linear.prepare(weights.lm_head)
+            elif isinstance(weights.embed, QuantizedWeight):
+                embed = weights.embed
+                log.info("%s", quantized_head_note(embed, embed.shape, embed.nbytes, self.linear))
         self.act = _ACTIVATIONS[cfg.activation]
         self._rms_kernel = rms_norm_kernel() if self.device.type == "cpu" and cfg.norm == "rmsnorm" else None
         # dtype -> the compiled in-place RoPE for it (kernels/rope.c), where built
-        kernels = {torch.float32: rope_kernel(), torch.bfloat16: rope_bf16_kernel()} if self.device.type == "cpu" else {}
+        on_cpu = self.device.type == "cpu"
+        kernels = {torch.float32: rope_kernel(), torch.bfloat16: rope_bf16_kernel()} if on_cpu else {}
         self._rope_kernels = {dt: k for dt, k in kernels.items() if k is not None}
         self.scale = cfg.effective_attn_scale
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -155,7 +172,8 @@ class Transformer:
         if self.tiers is not None:
             x = self.tiers.embedding(input_ids)  # (N, d)
         else:
-            x = F.embedding(input_ids, self.w.embed)  # (N, d)
+            x = embedding_rows(self.w.embed, input_ids)  # (N, d)
+        x = x.to(self.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if self.w.pos_embed is not None:
@@ -215,7 +233,8 @@ class Transformer:
         return y.to(x.dtype)
 
     def _attention(self, h: torch.Tensor, lw: LayerWeights, batch: AttentionBatch, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, layer_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                   v_cache: torch.Tensor, layer_type: str,
+                   rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         c = self.cfg
         n = h.shape[0]
         qkv = self.linear.apply(h, lw.qkv, lw.qkv_bias)  # (N, q_size + 2 * kv_size)
@@ -260,6 +279,36 @@ class Transformer:
         else:
             u = self.act(u)
         return self.linear.apply(u, lw.down, lw.down_bias)
+
+
+def embedding_rows(table: torch.Tensor | QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """ids (N,) -> rows (N, d) of ``table`` (vocab, d) on ``ids``'s device: a float table's rows as
+    they are; a quantized table's rows dequantized to float32, each distinct row once, nothing else
+    of the table expanded. The values are the format's dequantization of those rows (for a GGUF
+    type: the ``gguf`` package's), so they equal a float table loaded from the same blocks."""
+    if isinstance(table, torch.Tensor):
+        return F.embedding(ids.to(table.device), table).to(ids.device)
+    uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (N,)
+    rows = method_for(table.format, table.group).dequantize(table.take_rows(uniq.to(table.codes.device)))
+    return rows.to(ids.device)[inverse]  # (N, d)
+
+
+def quantized_head_note(sample: QuantizedWeight, shape: tuple[int, int], nbytes: int, linear: LinearMethod) -> str:
+    """The start-up line about a tied head kept as the embedding's blocks: how ``linear`` multiplies
+    it in decode steps. ``sample``: the head or some of its rows (their format decides), ``shape`` and
+    ``nbytes``: the whole head's.
+
+    Without a kernel for its type the head still stays as blocks, on purpose: expanding it would put
+    vocab x hidden float32 (4x to 8x the blocks) back in memory, and where the kernel is missing the
+    layers' matrices take the same slow tiled path anyway. ``dtype="float32"`` expands everything."""
+    rows, cols = shape
+    what = f"tied head: the embedding's {sample.format} blocks ({rows} x {cols}, {nbytes / 2**20:.0f} MiB)"
+    if isinstance(linear, QuantLinear) and linear.kernel_takes(sample):
+        return (f"{what}, multiplied by the {linear.kernel.isa} quantized kernel for up to "
+                f"{linear.max_kernel_rows} rows a step (more rows: dequantized a tile at a time)")
+    return (f"{what}, dequantized a tile at a time in every step: no quantized kernel for {sample.format} "
+            f"here (slow); kept as blocks so memory stays near the file's size; dtype='float32' would expand "
+            f"it to {rows * cols * 4 / 2**20:.0f} MiB of float32")
 
 
 def _move_(weights: ModelWeights, device: torch.device) -> None:

@@ -98,6 +98,13 @@ class QuantizedWeight:
         return QuantizedWeight(self.format, (r1 - r0, self.shape[1]), self.codes[r0:r1], self.group,
                                pick(self.scales), pick(self.mins))
 
+    def take_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """Rows ``index`` (int64 (R,), any order, repeats allowed) as a new (R, in) matrix: a copy of
+        those rows' bytes only (an embedding lookup needs a few rows of a large table)."""
+        pick = (lambda t: None if t is None else t.index_select(0, index))
+        return QuantizedWeight(self.format, (index.numel(), self.shape[1]), pick(self.codes), self.group,
+                               pick(self.scales), pick(self.mins))
+
 
 @dataclass(frozen=True)
 class FusedWeight:

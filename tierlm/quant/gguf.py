@@ -5,7 +5,9 @@ own float16 scale(s)), so ``QuantizedWeight.codes`` is simply the raw bytes, (ou
 and a band of rows decodes on its own. Decoding uses the ``gguf`` package's reference (numpy)
 dequantizers, a tile of rows at a time; the compiled kernel (tierlm/model/kernels/quant_gemv.c)
 reads every supported type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) directly for decode-sized
-batches.
+batches. A token embedding table of a supported type stays as blocks too: a lookup dequantizes only
+the rows it asks for (tierlm.model.transformer.embedding_rows), and a tied head multiplies the same
+blocks.
 
 Llama-family q/k rows are stored permuted for llama.cpp's RoPE; tierlm applies RoPE in the
 matching (interleaved) layout, so rows are used as stored (see tierlm/model/specs/llama.toml).

@@ -3,7 +3,9 @@
 A store (tierlm.memory.store) is what tiered weights stream from, and what ``tierlm quantize``
 writes. Every linear matrix and an untied head of a quantized store are packed quantized rows
 (``QuantizedWeight.packed_rows``: codes, then float16 steps, then mins, per row); everything else
-(embeddings, norms, biases, a tied head) is as loaded, in the store's dtype. The manifest's meta
+(embeddings, norms, biases, a tied head) is as loaded, in the store's dtype, except that a GGUF
+file's embedding table (and so a tied head) keeps its blocks, and a matrix stacked from parts of
+different GGUF types (``FusedWeight``) is stored as its parts (``WeightStore.parts``). The manifest's meta
 records the source checkpoint, the dtype, the format and group and, per quantized matrix, its
 format, group and width, so ``read_quantized`` rebuilds the exact ``QuantizedWeight`` and a store
 built from other settings is noticed and rebuilt (``open_or_build_store``).
@@ -24,9 +26,9 @@ import torch
 from tierlm.loader.model_loader import OpenedCheckpoint
 from tierlm.loader.weights import LAYER_FIELDS, LayerWeights, ModelWeights, store_tensors
 from tierlm.memory.plan import MATRICES
-from tierlm.memory.store import StoreError, WeightStore, write_store
+from tierlm.memory.store import StoreError, WeightStore, parts_name, write_store
 from tierlm.model.linear import DenseLinear
-from tierlm.quant import GGUF_NATIVE, FusedWeight, QuantError, QuantizedWeight, check_method, get_quantizer
+from tierlm.quant import GGUF_NATIVE, AnyQuantized, FusedWeight, QuantizedWeight, check_method, get_quantizer
 from tierlm.quant.imatrix import file_digest, importance_for, load_importance
 from tierlm.quant.linear import QuantLinear
 
@@ -34,6 +36,7 @@ log = logging.getLogger("tierlm")
 
 STORE_FORMAT = "dense-v1"
 QUANT_STORE_FORMAT = "rows-v1"  # matrices as packed quantized rows (module docstring)
+GGUF_STORE_LAYOUT = "blocks-v2"  # a GGUF file's blocks: embedding table included, mixed formats as parts
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ def _store_meta(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant 
             "num_layers": opened.config.num_layers, **opened.fingerprint()}
     if quant is not None:
         meta.update(format=QUANT_STORE_FORMAT, quant=quant.quant, group=quant.group)
+        if quant.quant == GGUF_NATIVE:
+            # the embedding table as blocks and mixed-format matrices as parts; stores built before
+            # held a float32 table and had no parts, and are rebuilt
+            meta["layout"] = GGUF_STORE_LAYOUT
         if quant.importance is not None:
             meta["importance"] = file_digest(quant.importance)
         if quant.method != "rtn":
@@ -100,16 +107,17 @@ def _quantized_store_tensors(opened: OpenedCheckpoint, dtype: torch.dtype, quant
         tensors = store_tensors(opened, dtype, native_quant=native)
     for name, t in tensors:
         is_matrix = name == "lm_head" or (name.startswith("layers.") and name.rsplit(".", 1)[-1] in MATRICES)
-        if isinstance(t, FusedWeight):
-            raise QuantError(f"{name} is stored in the GGUF file as parts of different types "
-                             f"({', '.join(p.format for p in t.parts)}), which cannot be streamed by rows yet: "
-                             f"use a tierlm format (quant='q8', 'q4', ...) with weight_memory")
         if is_matrix and quantizer is not None and isinstance(t, torch.Tensor):  # (GPTQ's come quantized)
             t = quantizer.quantize(t, None if name == "lm_head" else importance_for(importance, name, t.shape[1]))
-        if isinstance(t, QuantizedWeight):
-            matrices[name] = [t.format, t.group, t.shape[1]]
-            t = t.packed_rows()
-        yield name, t
+        # A matrix stacked from parts of different formats is stored as its parts, each streamed by rows
+        # on its own (WeightStore.parts); a GGUF embedding table comes as blocks (native_quant).
+        parts = list(t.parts) if isinstance(t, FusedWeight) else [t]
+        for k, part in enumerate(parts):
+            part_name = name if len(parts) == 1 else parts_name(name, k)
+            if isinstance(part, QuantizedWeight):
+                matrices[part_name] = [part.format, part.group, part.shape[1]]
+                part = part.packed_rows()
+            yield part_name, part
 
 
 def open_or_build_store(opened: OpenedCheckpoint, dtype: torch.dtype, store_dir: Path | None = None,
@@ -194,20 +202,25 @@ def read_quantized(store, name: str) -> QuantizedWeight:
 
 def resident_weights(store: WeightStore) -> ModelWeights:
     """Every tensor of ``store`` in memory, as the ModelWeights a resident model is built from (quantized
-    matrices as QuantizedWeight), then the store is closed. A tied head is the embedding table."""
+    matrices as QuantizedWeight, a matrix stored as parts as their FusedWeight), then the store is closed.
+    A tied head is the embedding table (quantized too where the store holds it so)."""
     from tierlm.memory.store import aligned_buffer
 
     bounce = aligned_buffer(16 << 20)
     matrices = store.meta.get("matrices", {})
 
-    def get(name: str) -> torch.Tensor | QuantizedWeight | None:
-        if name not in store.tensors:
-            return None
+    def read(name: str) -> torch.Tensor | QuantizedWeight:
         rows = store.read(name, bounce=bounce)
         if name not in matrices:
             return rows
         fmt, group, num_cols = matrices[name]
         return QuantizedWeight.from_packed_rows(rows, fmt, group, num_cols)
+
+    def get(name: str) -> torch.Tensor | AnyQuantized | None:
+        if name not in store.tensors and parts_name(name, 0) not in store.tensors:
+            return None
+        parts = [read(part) for part in store.parts(name)]  # a matrix stored as parts is their FusedWeight
+        return parts[0] if len(parts) == 1 else FusedWeight(tuple(parts))
 
     try:
         embed = get("embed")
