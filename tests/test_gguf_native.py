@@ -156,3 +156,26 @@ def test_gemma3_gguf_streams_its_blocks_with_the_resident_outputs(gemma, tmp_pat
         assert torch.equal(part.codes, reader.read_raw(f"blk.0.{name}.weight"))
     reader.close()
     assert weights.lm_head is weights.embed and weights.embed.format == "gguf:Q8_0"
+
+
+@pytest.mark.parametrize("budget", ["30%", "100%"])
+def test_an_untied_quantized_table_is_looked_up_in_the_store_or_in_memory(hf_model, tmp_path, budget):
+    """An untied Q8_0 table (a Llama exported by the gguf package) next to a Q8_0 head: below the whole
+    model's size its rows are read from the store per step, at 100% it is resident as blocks; either
+    way the tiered model's logits are the resident native model's."""
+    from bench.gguf_export import export
+
+    _, folder = hf_model("llama")
+    path = export(folder, tmp_path / "llama-q8_0.gguf", "q8_0")
+    ref = LLM(path, max_model_len=64)
+    assert isinstance(ref.model.w.embed, QuantizedWeight) and not ref.model.w.tied
+    llm = LLM(path, max_model_len=64, weight_memory=budget, store_dir=tmp_path / "store")
+    matrices = llm.tiers.store.meta["matrices"]
+    assert matrices["embed"][0] == matrices["lm_head"][0] == "gguf:Q8_0"
+    assert (llm.tiers.embed is None) == (budget == "30%") and llm.tiers.plan.streams == (budget == "30%")
+    if budget == "100%":
+        assert isinstance(llm.tiers.embed, QuantizedWeight) and llm.tiers.embed.nbytes == 384 * 64 // 32 * 34
+    ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150, 383]
+    assert torch.equal(llm.score(ids[:4]), ref.score(ids[:4]))  # decode-sized: the kernel, row by row
+    want = ref.score(ids)  # prompt-sized: dequantized bands of rows
+    assert torch.allclose(llm.score(ids), want, atol=1e-5 * want.abs().max().item(), rtol=0)
