@@ -24,7 +24,7 @@ tokenizer, so its GPTQ calibrates on random token ids, as many sequences and tok
 calibration text (the cost does not depend on which ids they are).
 
     flock /tmp/tierlm-bench.lock .venv/bin/python bench/gptq_cost.py [--models smollm2 gemma3 llama-1.1b]
-        [--formats q4 q8 q3h] [--methods rtn gptq] [--max-layers N]
+        [--formats q4 q8 q3h] [--methods rtn gptq] [--max-layers N] [--threads 1]
 """
 
 from __future__ import annotations
@@ -133,7 +133,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=("rtn", "gptq"), default=["rtn", "gptq"])
     parser.add_argument("--max-layers", type=int, metavar="N",
                         help="time only the first N GPTQ layers of each model and extrapolate the rest")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a machine shared with "
+                        "other work one thread is not held up waiting for a descheduled second one")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = []
     for key in args.models:
         opened = open_checkpoint(ALL_MODELS[key]())

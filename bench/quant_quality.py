@@ -28,7 +28,7 @@ within 0.5% of float, q4 within 3%, q3h strictly between q3 and q4, KV 8-bit wit
 native within 1% of llama.cpp.
 
     flock /tmp/tierlm-bench.lock .venv/bin/python bench/quant_quality.py [--models smollm2 gemma3]
-        [--settings 'q4 gptq' ...] [--keep-stores]
+        [--settings 'q4 gptq' ...] [--keep-stores] [--threads 1] [--table-only]
 
 Each model's rows replace that model's rows in bench/results/quant_quality.json (written after each
 model), so the models can be run one at a time.
@@ -311,7 +311,11 @@ def main() -> None:
                         help=f"reuse the weight stores of an earlier run in {STORES} (load_s is then no build time)")
     parser.add_argument("--table-only", action="store_true",
                         help="only mark each row's default method by the rule as it is now and rewrite quant_table.md")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a machine shared with "
+                        "other work one thread is not held up waiting for a descheduled second one")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.table_only:
         save = saver(True)
         save(mark_defaults(save()))
