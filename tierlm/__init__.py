@@ -6,13 +6,15 @@ tools) can be imported without paying for torch.
 
 from typing import TYPE_CHECKING
 
+from tierlm.config import ConfigError, TierlmConfig
+from tierlm.engine_args import EngineArgs
 from tierlm.outputs import RequestOutput, TokenLogprob
 from tierlm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tierlm.api import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "TokenLogprob"]
+__all__ = ["LLM", "ConfigError", "EngineArgs", "RequestOutput", "SamplingParams", "TierlmConfig", "TokenLogprob"]
 __version__ = "0.1.0"
 
 
