@@ -24,7 +24,7 @@ from tierlm.engine_args import add_cli_args, flag_of, from_cli_args
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-# What each command overrides of EngineArgs' defaults (set_defaults on its parser).
+# What each command overrides of EngineArgs' defaults (its flags' defaults, shown in its --help).
 COMMAND_DEFAULTS = {
     "serve": dict(max_num_batched_tokens="auto"),  # splitfuse measures its step budget at start-up
     "chat": dict(max_num_seqs=1),
@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if engine:  # each command its own actions: set_defaults changes an action's default in place
             p.add_argument("-v", "--verbose", action="store_true", help="log the configuration, progress and timings")
-            add_cli_args(p)
-        p.set_defaults(module=module or name, **COMMAND_DEFAULTS.get(name, {}))
+            add_cli_args(p, COMMAND_DEFAULTS.get(name))
+        p.set_defaults(module=module or name)
         return p
 
     gen = command("generate", "complete prompts")

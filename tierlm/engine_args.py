@@ -12,10 +12,24 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from tierlm.config import (AUTO, DTYPES, FORMATS, GROUPS, KV_FORMATS, LOCKINGS, METHODS, ORDERS, POLICIES,
-                           PROMPT_ORDERS, QUANTS, ConfigError, TierlmConfig)
+from tierlm.config import (
+    AUTO,
+    DTYPES,
+    FORMATS,
+    GROUPS,
+    KV_FORMATS,
+    LOCKINGS,
+    METHODS,
+    ORDERS,
+    POLICIES,
+    PROMPT_ORDERS,
+    QUANTS,
+    ConfigError,
+    TierlmConfig,
+)
 
 # config group -> the heading of its flags in `tierlm COMMAND --help`
 HEADINGS = {"model": "model", "cache": "KV cache", "scheduler": "scheduling (continuous batching)",
@@ -157,26 +171,28 @@ def flag_of(name: str) -> str:
     return (f is not None and f.metadata["flag"]) or "--" + name.replace("_", "-")
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
+def add_cli_args(parser: argparse.ArgumentParser, defaults: Mapping[str, object] | None = None) -> None:
     """Add every EngineArgs field as a flag (MODEL as the optional positional), grouped by config group,
-    with its default, so that ``from_cli_args`` gets them all back."""
+    with its default (``defaults`` replaces some for one command), so that ``from_cli_args`` gets them
+    all back."""
+    defaults = defaults or {}
     groups = {name: parser.add_argument_group(heading) for name, heading in HEADINGS.items()}
     for f in fields(EngineArgs):
         meta = f.metadata
-        default = f.default
+        default = defaults.get(f.name, f.default)
         kw = dict(help=meta["help"].replace("%", "%%"), default=default)
         if f.name == "model":
             groups["model"].add_argument("model", nargs="?", metavar=meta["metavar"], **kw)
             continue
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        elif isinstance(default, tuple):
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        elif isinstance(f.default, tuple):
             kw.update(action="append", default=None, metavar=meta["metavar"])
         else:
             kw.update(metavar=meta["metavar"], choices=meta["choices"], type=meta["type"])
             if meta["choices"] is not None and meta["metavar"] is None:
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
-        if not isinstance(default, bool) and kw["default"] is not None and "(default" not in kw["help"]:
+        if not isinstance(f.default, bool) and default is not None and "(default" not in kw["help"]:
             kw["help"] += f" (default: {default})"
         groups[meta["group"]].add_argument(flag_of(f.name), dest=f.name, **kw)
 

@@ -12,7 +12,8 @@ from tierlm.cli import engine_config, sampling
 def run(args: argparse.Namespace) -> int:
     params = sampling(args)  # invalid values fail before the model loads
     texts = args.prompt or [sys.stdin.read()]
-    config = engine_config(args, max_num_seqs=args.max_num_seqs or max(1, len(texts)))
+    num_seqs = max(1, len(texts)) if args.max_num_seqs is None else args.max_num_seqs
+    config = engine_config(args, max_num_seqs=num_seqs)
     from tierlm.api import LLM
 
     llm = LLM.from_config(config)
