@@ -37,6 +37,7 @@ from tierlm.model.spec import ArchConfig
 from tierlm.model.transformer import Transformer
 from tierlm.quant import QuantError
 from tierlm.runner import TorchModelRunner
+from tierlm.runtime import apply_runtime
 
 log = logging.getLogger("tierlm")
 
@@ -68,6 +69,7 @@ class Built:
 def build(config: TierlmConfig) -> Built:
     """Every stage in order; errors a user can fix (a bad setting, a budget that cannot work, a
     quantization that does not fit) come out as ConfigError naming the setting."""
+    apply_runtime(config.runtime)
     t0 = time.perf_counter()
     opened = open_checkpoint(config.model.model, tuple(Path(d) for d in config.model.spec_dirs))
     try:
@@ -230,8 +232,16 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None = None) -> None:
     """Choose the step budget by measuring steps here (tierlm.engine.budget) and set it on the engine
     and in ``built.config``; ``slo_tokens_per_s`` (default: the config's) also measures attention's
     cost for the SLO. The engine must be idle."""
-    from tierlm.engine.budget import (PROBE_CHUNKS, PROBE_CONTEXT, PROBE_DECODES, PROBE_PAIR_CHUNK,
-                                      latency_budget, measure_pair_ms, measure_step_ms, step_cost)
+    from tierlm.engine.budget import (
+        PROBE_CHUNKS,
+        PROBE_CONTEXT,
+        PROBE_DECODES,
+        PROBE_PAIR_CHUNK,
+        latency_budget,
+        measure_pair_ms,
+        measure_step_ms,
+        step_cost,
+    )
     from tierlm.engine.scheduler import SLO_COST_MARGIN
 
     cfg, s = built.config, built.config.scheduler

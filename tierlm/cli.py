@@ -21,11 +21,13 @@ from pathlib import Path
 
 from tierlm.config import FORMATS, METHODS, ConfigError
 from tierlm.engine_args import add_cli_args, flag_of, from_cli_args
+from tierlm.runtime import prepare_openmp
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # What each command overrides of EngineArgs' defaults (its flags' defaults, shown in its --help).
 COMMAND_DEFAULTS = {
+    "generate": dict(max_num_seqs=None),  # None: one sequence slot per prompt
     "serve": dict(max_num_batched_tokens="auto"),  # splitfuse measures its step budget at start-up
     "chat": dict(max_num_seqs=1),
     "perplexity": dict(max_num_seqs=1),
@@ -38,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("tierlm").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    prepare_openmp()  # before any command imports torch: libgomp reads its wait policy when it loads
     try:
         module = importlib.import_module(f"tierlm.commands.{args.module}")
         return module.run(args)
