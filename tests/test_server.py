@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,31 +33,36 @@ from tierlm.serve.async_engine import AsyncEngine, EngineStepError, QueueFullErr
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
+# A fixed step budget: these tests are about HTTP, and measuring the budget at start-up (serve's
+# default "auto", tested in test_budget.py) takes minutes on a busy 2-core machine.
+SERVER_ARGS = ("--port", "0", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256")
 STARTUP_TIMEOUT_S = 120
 CHAT = [{"role": "user", "content": "Name three colors."}]
+READY = re.compile(r"tierlm\.serve: ready in [0-9.]+ s: serving (\S+) on (http://127\.0\.0\.1:[0-9]+)/v1$", re.M)
 
 
 class Server:
-    def __init__(self, *args: str):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tierlm", "serve", "--port", str(self.port), *args],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """``tierlm serve`` on a port the OS picks; ``base`` is the address its readiness line names."""
 
-    def wait_healthy(self) -> None:
+    def __init__(self, *args: str):
+        self.base: str | None = None
+        fd, self.log_path = tempfile.mkstemp(prefix="tierlm-serve-", suffix=".log")
+        with os.fdopen(fd, "w") as log:  # the child keeps its own descriptor; output() opens the file anew
+            self.proc = subprocess.Popen([sys.executable, "-m", "tierlm", "serve", *SERVER_ARGS, *args], cwd=REPO,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_ready(self) -> None:
+        """Until the readiness line is logged, then /health must answer at the address it names."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while (ready := READY.search(self.output(tail=None))) is None:
             if self.proc.poll() is not None:
                 pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no readiness line within {STARTUP_TIMEOUT_S} s:\n{self.output()}")
             time.sleep(0.2)
-        pytest.fail(f"the server was not healthy within {STARTUP_TIMEOUT_S} s:\n{self.output()}")
+        self.base = ready.group(2)
+        assert httpx.get(f"{self.base}/health", timeout=5).status_code == 200, self.output()
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key="x", max_retries=0, timeout=60)
@@ -72,9 +77,9 @@ class Server:
                 out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
         return out
 
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-4000:]
+    def output(self, tail: int | None = 4000) -> str:
+        text = Path(self.log_path).read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -85,25 +90,19 @@ class Server:
             self.proc.wait(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def servers():
-    started = {"main": Server("--max-model-len", str(MAX_MODEL_LEN)),
-               "tight": Server("--max-model-len", str(MAX_MODEL_LEN), "--max-queue", "1")}
+    started = {"main": Server(), "tight": Server("--max-queue", "1")}
     try:
         for s in started.values():
-            s.wait_healthy()
+            s.wait_ready()
         yield started
     finally:
         for s in started.values():
             s.stop()
     for name, s in started.items():
         assert "Traceback" not in s.output(), f"{name} server logged a traceback:\n{s.output()}"
+        os.unlink(s.log_path)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +120,15 @@ def _wait_for(predicate, timeout_s: float = 3.0) -> bool:
 
 
 # -- generation -----------------------------------------------------------------------------------
+
+def test_progress_and_readiness_lines(server):
+    log = server.output(tail=None)
+    ready = READY.search(log)
+    assert ready.group(1) == "SmolLM2-135M-Instruct.Q4_1" and len(READY.findall(log)) == 1
+    progress = [log.index(line) for line in ("tierlm: loading the default model", "tierlm: runtime: ",
+                                             "tierlm: configuration:", "tierlm: loaded ")]
+    assert progress == sorted(progress) and progress[-1] < ready.start(), log
+
 
 def test_models_and_health(server):
     models = server.client().models.list().data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import time
 
 from tierlm.cli import engine_config
 from tierlm.config import ConfigError
@@ -13,17 +14,21 @@ log = logging.getLogger("tierlm")
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     config = engine_config(args)
     check_port_free(args.host, args.port)  # before minutes of loading, not after
-    # A server reports its progress: the configuration, each loading stage, and when it is ready.
+    # A server reports its progress, time-stamped: the configuration, each loading stage, and the
+    # readiness line with the address (tierlm.serve.server.serve).
     logging.getLogger("tierlm").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     log.info("loading %s ...", config.model.model or "the default model (SmolLM2-135M-Instruct)")
     from tierlm.api import LLM
     from tierlm.serve.server import serve  # fastapi and uvicorn load only for this command
 
     llm = LLM.from_config(config)
     serve(llm, args.host, args.port, max_queue=args.max_queue, served_model_name=args.served_model_name,
-          access_log=args.verbose)
+          access_log=args.verbose, started=started)
     return 0
 
 

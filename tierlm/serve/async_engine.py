@@ -28,8 +28,8 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tierlm.engine.engine import EngineCore
 from tierlm.outputs import RequestOutput

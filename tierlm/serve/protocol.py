@@ -18,7 +18,6 @@ from pydantic import BaseModel, Field
 from tierlm.outputs import TokenLogprob
 from tierlm.sampling_params import SamplingParams
 
-
 # -- requests -------------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):

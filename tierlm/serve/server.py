@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,13 +32,27 @@ from tierlm.engine.engine import RequestError
 from tierlm.loader.tokenizer import TokenizerError
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
-from tierlm.serve.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, QueueFullError,
-                                       RequestStream)
+from tierlm.serve.async_engine import AsyncEngine, EngineDeadError, EngineStepError, QueueFullError, RequestStream
 from tierlm.serve.metrics import ServerMetrics
-from tierlm.serve.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                   ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut, CompletionChoice,
-                                   CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-                                   ModelCard, ModelList, Usage)
+from tierlm.serve.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 
 log = logging.getLogger("tierlm.serve")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -193,7 +208,8 @@ def build_app(llm, served_model_name: str, max_queue: int = 64) -> FastAPI:
         out = await _collect(stream, request)
         choice = ChatChoice(message=ChatMessageOut(content=out.text), logprobs=logprobs_of(out, False),
                             finish_reason=_finish_reason(out))
-        return JSONResponse(ChatCompletionResponse(id=rid, model=name, choices=[choice], usage=_usage(out)).model_dump())
+        body = ChatCompletionResponse(id=rid, model=name, choices=[choice], usage=_usage(out))
+        return JSONResponse(body.model_dump())
 
     return app
 
@@ -311,12 +327,42 @@ def default_model_name(llm) -> str:
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 64,
-          served_model_name: str | None = None, access_log: bool = False) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM); open streams get 5 s to finish."""
+          served_model_name: str | None = None, access_log: bool = False, started: float | None = None) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM); open streams get 5 s to finish. Once the socket
+    listens and the engine thread runs, logs one readiness line with the address clients reach
+    (the port the OS chose, for port 0): ``ready in S s: serving NAME on http://HOST:PORT/v1``,
+    S counted from ``started`` (a perf_counter() time; None: from this call)."""
     import uvicorn
 
+    started = time.perf_counter() if started is None else started
     name = served_model_name or default_model_name(llm)
     app = build_app(llm, name, max_queue)
-    log.info("serving %s on http://%s:%d/v1", name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log,
+                            timeout_graceful_shutdown=5)
+    server = _announcing_server(config, lambda urls: log.info("ready in %.1f s: serving %s on %s",
+                                                              time.perf_counter() - started, name, ", ".join(urls)))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully; as uvicorn.run, end quietly
+        return
+    if not server.started:  # uvicorn logged why (the address went away between the check and the bind)
+        raise OSError(f"the server could not listen on {host}:{port}")
+
+
+def _announcing_server(config, announce: Callable[[list[str]], None]):
+    """A uvicorn.Server that calls ``announce`` with its URLs once it listens (uvicorn's own line
+    prints the address asked for, port 0 included)."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                announce([_url(sock.getsockname()) for srv in self.servers for sock in srv.sockets])
+
+    return AnnouncingServer(config)
+
+
+def _url(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
