@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -10,17 +14,62 @@ import torch
 
 from tierlm.memory.store import WeightStore, align_down, aligned_buffer
 
+READ_SOURCE = Path(__file__).with_name("read_bandwidth.c")
+READ_LIBRARY = Path(__file__).with_name("libtierlm_read.so")
+_READ_FLAGS = ["-O3", "-mavx2", "-fopenmp", "-shared", "-fPIC"]
 
-def memory_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 3) -> float:
-    """Bytes/s of a large fp32 reduction (an underestimate of peak; fine for a prediction)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()
+
+def memory_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s reading RAM with every compute thread: the best of ``repeats`` passes over an
+    ``nbytes`` buffer (far beyond the caches), after a warm-up pass.
+
+    Read by tierlm's read kernel (read_bandwidth.c: 256-bit loads, nothing else) where it builds; the
+    earlier measure, torch's float32 ``sum``, read 10-15% below what the quantized decode kernels
+    themselves stream on an AMD EPYC (bench/results/README.md), which made plans pessimistic and shares
+    of the limit exceed 1. Without AVX2 or gcc: the faster of torch's ``sum`` and ``mv``.
+    """
+    x = torch.ones(nbytes // 4, dtype=torch.float32)  # written once: its pages are resident
+    kernel = read_kernel()
+    if kernel is not None:
+        num_threads = torch.get_num_threads()
+        return nbytes / _best_seconds(lambda: kernel(x.data_ptr(), x.numel() * 4, num_threads), repeats)
+    mat = x[: x.numel() // 4096 * 4096].view(-1, 4096)
+    vec = torch.ones(4096)
+    return max(nbytes / _best_seconds(x.sum, repeats), mat.numel() * 4 / _best_seconds(lambda: mat @ vec, repeats))
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: excluded
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return best
+
+
+@functools.cache
+def read_kernel():
+    """``f(buf_ptr, nbytes, num_threads) -> int`` from read_bandwidth.c, compiled on first use (about
+    a second; the library sits beside the source, rebuilt when older), or None when this CPU lacks
+    AVX2 or the library cannot be built."""
+    from tierlm.model.kernels import cpu_has_avx2
+
+    if not cpu_has_avx2():
+        return None
+    if not READ_LIBRARY.exists() or READ_LIBRARY.stat().st_mtime < READ_SOURCE.stat().st_mtime:
+        # built under a temporary name and renamed: processes starting together never load a half-written file
+        tmp = READ_LIBRARY.with_name(f"{READ_LIBRARY.name}.{os.getpid()}.tmp")
+        try:
+            subprocess.run(["gcc", *_READ_FLAGS, str(READ_SOURCE), "-o", str(tmp)], check=True, capture_output=True)
+            os.replace(tmp, READ_LIBRARY)
+        except (OSError, subprocess.CalledProcessError):
+            tmp.unlink(missing_ok=True)
+            return None
+    # torch is loaded (imported above), so the library's libgomp.so.1 is torch's: one OpenMP pool
+    fn = ctypes.CDLL(str(READ_LIBRARY)).tierlm_read_bytes
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_uint64
+    return fn
 
 
 def disk_read_bandwidth(store: WeightStore, nbytes: int = 256 << 20, num_threads: int = 4,
