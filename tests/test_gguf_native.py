@@ -91,8 +91,11 @@ def test_gemma3_gguf_loads_natively_with_its_embedding_quantized(gemma):
     w = gemma.model.w
     assert isinstance(w.embed, QuantizedWeight) and w.lm_head is w.embed
     assert w.embed.format == "gguf:Q8_0" and w.embed.shape == (262144, 640) and w.embed.nbytes == 178257920
-    # every weight together is no larger than the file
+    # every weight together is no larger than the file, and the RoPE tables are made for short sequences
     assert sum(w.nbytes_by_group().values()) <= path.stat().st_size
+    from tierlm.model.transformer import ROPE_INITIAL_POSITIONS
+
+    assert {t.cos.shape for t in gemma.model.rope.values()} == {(ROPE_INITIAL_POSITIONS, 128)}
     ids = [2, 818, 262143, 5279, 2]
     rows = embedding_rows(w.embed, torch.tensor(ids))
     assert np.array_equal(rows.numpy(), _gguf_rows(path, "token_embd.weight", ids))
@@ -179,3 +182,17 @@ def test_an_untied_quantized_table_is_looked_up_in_the_store_or_in_memory(hf_mod
     assert torch.equal(llm.score(ids[:4]), ref.score(ids[:4]))  # decode-sized: the kernel, row by row
     want = ref.score(ids)  # prompt-sized: dequantized bands of rows
     assert torch.allclose(llm.score(ids), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_rotary_tables_start_small_and_grow_to_the_values_of_a_whole_table():
+    """Gemma-3's two RoPE tables for its 32,768 positions would hold 64 MiB, a quarter of its GGUF file:
+    the model makes ROPE_INITIAL_POSITIONS rows and a longer sequence grows them, to the same values."""
+    from tierlm.model.rope import RotaryTable
+    from tierlm.model.transformer import ROPE_INITIAL_POSITIONS
+
+    table = RotaryTable(256, 1e6, None, ROPE_INITIAL_POSITIONS)
+    whole = RotaryTable(256, 1e6, None, 32768)
+    positions = torch.tensor([0, 17, ROPE_INITIAL_POSITIONS - 1, ROPE_INITIAL_POSITIONS, 20000, 32767])
+    for got, want in zip(table.lookup(positions, torch.float32), whole.lookup(positions, torch.float32)):
+        assert torch.equal(got, want)
+    assert table.cos.shape[0] == 32768  # grown on demand: to max(positions needed, twice its rows)

@@ -208,6 +208,10 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
 
 # -- GGUF ---------------------------------------------------------------------------------------
 
+GGUF_VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                        "tokenizer.ggml.merges")
+
+
 class GGUFFile:
     """A GGUF file: metadata as plain Python values and tensors dequantized one at a time.
 
@@ -244,6 +248,12 @@ class GGUFFile:
 
     def names(self) -> set[str]:
         return set(self._tensors)
+
+    def drop_vocabulary(self) -> None:
+        """Forget the metadata's vocabulary arrays once a Tokenizer is built from them: the reader lives
+        as long as the model (OpenedCheckpoint), and Gemma-3's 262,144 entries hold 25 MiB."""
+        for key in GGUF_VOCABULARY_KEYS:
+            self.metadata.pop(key, None)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._tensors[name].shape

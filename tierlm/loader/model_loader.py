@@ -85,6 +85,7 @@ def open_checkpoint(path: str | Path | None, spec_dirs: tuple[Path, ...] = ()) -
         # Tokenizer first: building a 262k-entry vocabulary has a transient peak that should not
         # stack on top of the weights.
         tokenizer = Tokenizer.from_gguf(gg.metadata)
+        gg.drop_vocabulary()
         return OpenedCheckpoint(path, family, cfg, tokenizer, gg, "gguf")
     hf_config = read_hf_config(path)
     family = find_family(hf_config=hf_config, extra_dirs=spec_dirs)

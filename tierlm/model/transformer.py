@@ -38,6 +38,8 @@ from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
 
+ROPE_INITIAL_POSITIONS = 4096  # rows of cos/sin made at start-up; longer sequences grow the tables
+
 
 class LayerStream(Protocol):
     """Weights that are not all resident (tierlm.memory.tiered.TieredWeights): the forward pass brackets
@@ -114,14 +116,17 @@ class Transformer:
                                                             self.layer_windows)
         self.rope: dict[str, RotaryTable] = {}
         if cfg.position == "rope":
+            # The tables grow on demand (RotaryTable.lookup): made for the model's whole context up front,
+            # Gemma-3's two (32,768 positions x 128 pairs) would hold 64 MiB, a quarter of its GGUF file.
+            num_positions = min(cfg.max_position, ROPE_INITIAL_POSITIONS)
             global_table = RotaryTable(cfg.effective_rotary_dim, cfg.rope_theta, cfg.rope_scaling_dict,
-                                       cfg.max_position, self.device)
+                                       num_positions, self.device)
             self.rope["full"] = global_table
             self.rope["sliding"] = global_table
             if cfg.rope_local_theta is not None and cfg.rope_local_theta != cfg.rope_theta:
                 # Gemma 3's local layers use their own base and no scaling.
                 self.rope["sliding"] = RotaryTable(cfg.effective_rotary_dim, cfg.rope_local_theta, None,
-                                                   cfg.max_position, self.device)
+                                                   num_positions, self.device)
         self.fused_decode = fused_decode
         self._decode_plan: FusedDecodePlan | None = None
 
