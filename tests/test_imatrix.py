@@ -46,11 +46,12 @@ def _logits(llm):
 
 def test_the_file_gives_the_same_model_resident_and_streamed(importance_file, mid_model, tmp_path, caplog):  # noqa: F811
     path, _, _ = importance_file
-    plain = _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4"))
+    plain = _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4", quant_method="rtn"))
     weighted = _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4", quant_importance=path))
     assert not torch.equal(plain, weighted)  # the weighting changed the codes
     store = tmp_path / "store"
-    _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4", weight_memory="50%", store_dir=store))
+    _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4", quant_method="rtn", weight_memory="50%",
+                store_dir=store))
     with caplog.at_level(logging.WARNING, logger="tierlm"):
         streamed = _logits(LLM(mid_model, max_model_len=256, kv_cache_tokens=256, quant="q4", quant_importance=path,
                                weight_memory="50%", store_dir=store))
@@ -62,7 +63,7 @@ def test_bad_importance_files_are_config_errors(importance_file, mid_model, tmp_
     path, imp, _ = importance_file
     with pytest.raises(ConfigError, match="does not exist"):
         LLM(mid_model, max_model_len=256, quant="q4", quant_importance=tmp_path / "none.safetensors")
-    with pytest.raises(ConfigError, match="needs one"):
+    with pytest.raises(ConfigError, match="weights how a tierlm format .* is produced"):
         LLM(mid_model, max_model_len=256, quant_importance=path)
     other = tmp_path / "other.safetensors"
     save_importance(other, imp, path, 1)  # "made" for a different checkpoint (the importance file itself)

@@ -22,10 +22,11 @@ DELAY_S = 3.0  # seconds of work before a bar appears
 
 
 @contextmanager
-def progress_bar(total: int, desc: str, unit: str) -> Iterator[tqdm]:
-    """A bar of ``total`` ``unit``s (call ``update``); a no-op bar where the rule above hides it."""
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, delay=DELAY_S, leave=False,
-               dynamic_ncols=True)
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Iterator[tqdm]:
+    """A bar of ``total`` ``unit``s (call ``update``); a no-op bar where the rule above hides it, or
+    when not ``enabled``."""
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled else True, delay=DELAY_S,
+               leave=False, dynamic_ncols=True)
     # Only loggers that write to the console: tqdm would give the others a console handler of their own.
     loggers = [lg for lg in (logging.root, logging.getLogger("tierlm")) if any(_on_console(h) for h in lg.handlers)]
     try:

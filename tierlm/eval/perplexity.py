@@ -19,12 +19,13 @@ predictions, and the stride is ``ctx``).
 from __future__ import annotations
 
 import math
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
+
+from tierlm.progress import progress_bar
 
 if TYPE_CHECKING:
     from tierlm.api import LLM
@@ -71,7 +72,8 @@ def text_ids(llm: LLM, text: str) -> list[int]:
 
 def perplexity(llm: LLM, text: str, ctx: int = 512, num_windows: int | None = 6,
                progress: bool = False) -> PerplexityResult:
-    """Perplexity of ``text`` (see the module docstring); ``num_windows=None`` uses every full window."""
+    """Perplexity of ``text`` (see the module docstring); ``num_windows=None`` uses every full window;
+    ``progress``: a bar on a terminal (tierlm.progress)."""
     ids = text_ids(llm, text)
     return perplexity_from_ids(llm, ids, llm.tokenizer.bos_token_id, ctx, num_windows, progress)
 
@@ -96,8 +98,7 @@ def perplexity_from_ids(llm: LLM, ids: Sequence[int], bos_id: int | None, ctx: i
                          f"{num_windows * stride}")
 
     window_nll: list[torch.Tensor] = []
-    bar = tqdm(total=num_windows, desc="perplexity", unit="window", file=sys.stderr, disable=not progress)
-    try:
+    with progress_bar(num_windows, "perplexity", "window", enabled=progress) as bar:
         for w in range(num_windows):
             window = [int(t) for t in ids[w * stride:(w + 1) * stride]]
             seq = [bos_id, *window] if bos_id is not None else window  # (ctx,)
@@ -106,8 +107,6 @@ def perplexity_from_ids(llm: LLM, ids: Sequence[int], bos_id: int | None, ctx: i
             window_nll.append(nll_rows(logits[:-1], targets))
             bar.set_postfix(ppl=f"{math.exp(torch.cat(window_nll).mean().item()):.3f}", refresh=False)
             bar.update(1)
-    finally:
-        bar.close()
     all_nll = torch.cat(window_nll)  # (num_windows * (ctx - 1),) float64
     mean_nll = all_nll.mean().item()
     return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll,

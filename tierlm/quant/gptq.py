@@ -50,9 +50,11 @@ Two choices differ from the paper, both measured on SmolLM2 q4 g64 in column ord
   +5.3%, against +7.9% for that weighted search alone and +25% for the plain search.
 
 Layers are done in order, each calibrated on the output of the layers before it as quantized
-(``SequentialGPTQ``), which needs one layer's weights and one matrix's moments at a time: the same
-code quantizes a resident model on load and writes a store from a checkpoint larger than RAM
-(``tierlm quantize --method gptq``, ``LLM(..., quant_method="gptq", weight_memory=...)``).
+(``SequentialGPTQ``), which needs one layer's weights and one matrix's moments at a time. It always
+writes a weight store from the checkpoint (``gptq_store_tensors``; tierlm.quant.store), so a model
+larger than RAM can be done too (``tierlm quantize --method gptq``, ``weight_memory=...``), and a
+resident model reads that store whole: the calibration is paid on the first load only. The store's
+manifest records the calibration (``calibration_meta``), so changing it builds a new store.
 Against calibrating every layer on the float model (the first version, which held all matrices'
 moments: 400 MB for SmolLM2, about 8 GB for a 1.1B model), sequential calibration is as good on
 SmolLM2 (q4: +5.4% against +5.3%; q5 +0.9% against +1.6%) and better on Gemma-3 (q4: +6.8%

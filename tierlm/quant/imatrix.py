@@ -148,7 +148,13 @@ def load_importance(path: str | Path, model_path: str | Path | None = None) -> d
 
 def file_digest(path: str | Path) -> str:
     """First 10 hex digits of the file's SHA-1: names a store quantized with this importance."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:10]
+    path = Path(path)
+    if not path.is_file():
+        raise ImportanceError(f"importance file {path} does not exist (make one with `tierlm imatrix`)")
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    except OSError as e:
+        raise ImportanceError(f"importance file {path} cannot be read: {e.strerror}") from e
 
 
 def importance_for(importance: dict[str, torch.Tensor] | None, name: str, num_cols: int) -> torch.Tensor | None:
