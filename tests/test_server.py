@@ -200,7 +200,14 @@ def test_seed_reproducible_and_penalties(server):
 
 
 def test_concurrent_clients_share_the_engine(server):
-    """Four clients at once are batched by one engine loop; each gets its own greedy answer."""
+    """Four clients at once are batched by one engine loop; each gets its own greedy answer.
+
+    Not always token for token the answer it gets alone: the default model runs its GGUF blocks as
+    stored, and a product of up to 8 rows rounds the activations to int8 (as llama.cpp's kernels do)
+    while a larger one does not, so a prompt's numerics depend on what shares its step and greedy
+    answers can part at a near-tie ("Paris.\n\nThe United States" alone, "Paris.\n\nThe answer" in a
+    batch). Requests that mixed would differ from the first token: each concurrent answer starts as
+    its alone answer does, and the four differ."""
     prompts = ["The capital of France is", "1, 2, 3,", "My favourite food is", "def add(a, b):"]
 
     def ask(prompt: str) -> str:
@@ -210,7 +217,8 @@ def test_concurrent_clients_share_the_engine(server):
     alone = [ask(p) for p in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, prompts, timeout=60))
-    assert together == alone and len(set(alone)) == len(prompts)
+    assert all(len(a) >= 8 and t[:8] == a[:8] for t, a in zip(together, alone)), (together, alone)
+    assert len(set(alone)) == len(set(together)) == len(prompts)
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tierlm.loader.chat_templates import use_chat_template
 from tierlm.loader.model_loader import OpenedCheckpoint, open_checkpoint
 from tierlm.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
+from tierlm.memory.host import return_free_memory
 from tierlm.memory.plan import PlanError
 from tierlm.memory.tiered import TieredWeights, TierSettings, load_tiered
 from tierlm.model.attention import KVCache
@@ -79,6 +80,7 @@ def build(config: TierlmConfig) -> Built:
         weights = load_weights_stage(config, opened)
     finally:
         opened.reader.close()
+    return_free_memory()  # the read bands and any dequantization temporaries (tierlm.memory.host)
     model = build_model(config, opened, weights)
     cache = build_cache(config, opened.config)
     runner = TorchModelRunner(model, cache, config.model.device)

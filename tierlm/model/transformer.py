@@ -38,7 +38,7 @@ from tierlm.quant.linear import QuantLinear
 
 log = logging.getLogger("tierlm")
 
-ROPE_INITIAL_POSITIONS = 4096  # rows of cos/sin made at start-up; longer sequences grow the tables
+ROPE_INITIAL_POSITIONS = 1024  # rows of cos/sin made at start-up; longer sequences grow the tables (doubling)
 
 
 class LayerStream(Protocol):
