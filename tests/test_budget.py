@@ -81,7 +81,7 @@ def test_tune_token_budget_sets_the_budget_the_costs_give(llm, monkeypatch):
         seen.update(chunks=list(chunks), num_decodes=num_decodes)
         return {0: 40.0, 16: 56.0, 32: 72.0, 64: 104.0}  # 40 ms + 1 ms a token
 
-    monkeypatch.setattr("tierlm.api.measure_step_ms", fake)
+    monkeypatch.setattr("tierlm.engine.budget.measure_step_ms", fake)
     assert llm.tune_token_budget() == 40 + 3
     # 3 decodes (max_num_seqs 4 leaves one slot for the chunk); chunks that fit max_model_len 128 and the
     # KV cache (512 tokens less a 16-token block per decode and a spare: 448)
@@ -108,9 +108,9 @@ def test_tune_with_an_slo_measures_attention_and_sets_the_step_cost(llm, monkeyp
         seen.update(chunk=chunk, context=context)
         return 0.001
 
-    monkeypatch.setattr("tierlm.api.measure_step_ms",
+    monkeypatch.setattr("tierlm.engine.budget.measure_step_ms",
                         lambda engine, vocab_size, chunks, num_decodes: {0: 40.0, 16: 56.0, 32: 72.0, 64: 104.0})
-    monkeypatch.setattr("tierlm.api.measure_pair_ms", fake_pairs)
+    monkeypatch.setattr("tierlm.engine.budget.measure_pair_ms", fake_pairs)
     try:
         assert llm.tune_token_budget(slo_tokens_per_s=4.0) == 43
         # the longest context the engine takes with a 64-token chunk after it: max_model_len 128 - 1 - 64

@@ -17,7 +17,14 @@ from tokenizers.models import WordLevel
 from tierlm import cli
 from tierlm.commands import chat
 from tierlm.config import ConfigError
-from tierlm.loader.chat_templates import BUILTIN_TEMPLATES, PLAIN, load_chat_template, use_chat_template
+from tierlm.loader.chat_templates import (
+    BUILTIN_TEMPLATES,
+    PLAIN,
+    load_chat_template,
+    use_chat_template,
+    with_template_stops,
+)
+from tierlm.loader.model_loader import default_model_path
 from tierlm.loader.tokenizer import Tokenizer
 from tierlm.sampling_params import SamplingParams
 
@@ -307,6 +314,10 @@ def test_model_without_template_falls_back_to_plain_with_one_warning(caplog):
     assert len(warnings) == 1 and "no chat template" in warnings[0] and "plain" in warnings[0]
     llm = SimpleNamespace(tokenizer=tok)
     assert chat.with_template_stops(llm, SamplingParams(stop=["##"])).stop == ("##", "\nUser:", "\nSystem:")
+    # the server's chat completions add them the same way; a model's own template adds none
+    params = SamplingParams(stop=["\nUser:"])
+    assert with_template_stops(tok, params).stop == ("\nUser:", "\nSystem:")
+    assert with_template_stops(Tokenizer.from_gguf(default_model_path()), params) is params
 
 
 # -- the real model ----------------------------------------------------------------------------------

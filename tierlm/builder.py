@@ -94,7 +94,7 @@ def build(config: TierlmConfig) -> Built:
     log.info("loaded %s in %.2f s; KV cache %.1f MiB max (%d bytes/token)", opened.path, time.perf_counter() - t0,
              kv_bytes * config.kv_capacity_tokens / 2**20, kv_bytes)
     if config.scheduler.auto_budget:
-        measure_budget(built)
+        measure_budget(built, config.scheduler.slo_tokens_per_s)
     return built
 
 
@@ -230,9 +230,9 @@ def build_core(config: TierlmConfig, opened: OpenedCheckpoint, runner: TorchMode
                       max_model_len=config.model.max_model_len, eos_token_ids=eos, detokenizer_factory=detok)
 
 
-def measure_budget(built: Built, slo_tokens_per_s: float | None = None) -> None:
+def measure_budget(built: Built, slo_tokens_per_s: float | None) -> None:
     """Choose the step budget by measuring steps here (tierlm.engine.budget) and set it on the engine
-    and in ``built.config``; ``slo_tokens_per_s`` (default: the config's) also measures attention's
+    and in ``built.config``; with ``slo_tokens_per_s`` (None: no rate promise) also measure attention's
     cost for the SLO. The engine must be idle."""
     from tierlm.engine.budget import (
         PROBE_CHUNKS,
@@ -247,7 +247,7 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None = None) -> None:
     from tierlm.engine.scheduler import SLO_COST_MARGIN
 
     cfg, s = built.config, built.config.scheduler
-    slo = s.slo_tokens_per_s if slo_tokens_per_s is None else slo_tokens_per_s
+    slo = slo_tokens_per_s
     if s.policy != "splitfuse":
         raise ConfigError("max_num_batched_tokens", "the step budget is measured for the splitfuse policy only")
     num_decodes = min(PROBE_DECODES, s.max_num_seqs - 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tierlm.cli import engine_config, sampling
 from tierlm.sampling_params import SamplingParams
@@ -60,10 +60,9 @@ def load(config):
 
 def with_template_stops(llm, params: SamplingParams) -> SamplingParams:
     """``params`` plus the stop strings the chat template needs (the plain transcript's next "User:")."""
-    from tierlm.loader.chat_templates import stop_strings
+    from tierlm.loader.chat_templates import with_template_stops as add_stops
 
-    extra = tuple(s for s in stop_strings(llm.tokenizer) if s not in params.stop)
-    return replace(params, stop=params.stop + extra) if extra else params
+    return add_stops(llm.tokenizer, params)
 
 
 def answer_room(max_tokens: int, max_model_len: int) -> int:

@@ -19,14 +19,16 @@ A model with no template of its own gets ``plain``, with a warning the first tim
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
 from tierlm.config import ConfigError
 from tierlm.loader.tokenizer import Tokenizer, TokenizerError
+from tierlm.sampling_params import SamplingParams
 
 __all__ = ["BUILTIN_TEMPLATES", "PLAIN", "PLAIN_STOP_STRINGS", "load_chat_template", "stop_strings",
-           "use_chat_template"]
+           "use_chat_template", "with_template_stops"]
 
 PLAIN = "plain"
 
@@ -108,6 +110,13 @@ def use_chat_template(tokenizer: Tokenizer | None, setting: str | None) -> None:
         tokenizer.set_chat_template(source)
     except TokenizerError as err:
         raise ConfigError("chat_template", f"{setting}: {err}") from None
+
+
+def with_template_stops(tokenizer: Tokenizer | None, params: SamplingParams) -> SamplingParams:
+    """``params`` plus the stop strings the chat template needs (the plain transcript's next "User:"):
+    for every chat prompt, in ``tierlm chat``, ``generate --chat`` and the server's chat completions."""
+    extra = tuple(s for s in stop_strings(tokenizer) if s not in params.stop)
+    return replace(params, stop=params.stop + extra) if extra else params
 
 
 def stop_strings(tokenizer: Tokenizer | None) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierlm.engine.engine import RequestError
+from tierlm.loader.chat_templates import with_template_stops
 from tierlm.loader.tokenizer import TokenizerError
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
@@ -183,6 +184,7 @@ def build_app(llm, served_model_name: str, max_queue: int = 64) -> FastAPI:
         if max_tokens is None:
             max_tokens = max(1, max_model_len - len(ids))
         params = _sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        params = with_template_stops(llm.tokenizer, params)  # the plain transcript's next "User:" ends it
         stream = await submit(ids, params, None, "messages")
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", served_model_name
 
