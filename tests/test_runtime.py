@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_openmp_settings_are_added_only_when_the_user_chose_none():
-    assert OPENMP_SETTINGS == {"GOMP_SPINCOUNT": "10000"}
-    assert openmp_additions({}) == {"GOMP_SPINCOUNT": "10000"}
-    assert openmp_additions({"PATH": "/bin", "OMP_NUM_THREADS": "1"}) == {"GOMP_SPINCOUNT": "10000"}
+    assert OPENMP_SETTINGS == {"GOMP_SPINCOUNT": "1000"}
+    assert openmp_additions({}) == {"GOMP_SPINCOUNT": "1000"}
+    assert openmp_additions({"PATH": "/bin", "OMP_NUM_THREADS": "1"}) == {"GOMP_SPINCOUNT": "1000"}
     # either wait variable is the user's choice of policy: neither is touched
     assert openmp_additions({"OMP_WAIT_POLICY": "active"}) == {}
     assert openmp_additions({"GOMP_SPINCOUNT": "0"}) == {}
@@ -38,8 +38,8 @@ def test_openmp_settings_are_added_only_when_the_user_chose_none():
 
 def test_prepare_openmp_writes_only_before_libgomp_loads():
     env = {"HOME": "/root"}
-    assert prepare_openmp(env, loaded=False) == {"GOMP_SPINCOUNT": "10000"}
-    assert env == {"HOME": "/root", "GOMP_SPINCOUNT": "10000"}
+    assert prepare_openmp(env, loaded=False) == {"GOMP_SPINCOUNT": "1000"}
+    assert env == {"HOME": "/root", "GOMP_SPINCOUNT": "1000"}
     env = {"HOME": "/root"}
     assert prepare_openmp(env, loaded=True) == {} and env == {"HOME": "/root"}
     env = {"OMP_WAIT_POLICY": "passive"}
@@ -94,7 +94,7 @@ def test_apply_runtime_sets_torch_threads_and_reports_the_environment(monkeypatc
     assert settings == RuntimeSettings(num_cpus, num_cpus, "affinity", {}, "defaults")
     assert torch.get_num_threads() == num_cpus
     assert "spin ~3 ms, then sleep (defaults)" in caplog.messages[0]
-    assert "set GOMP_SPINCOUNT=10000 in the environment" in caplog.messages[1]  # how to fix it, for API users
+    assert "set GOMP_SPINCOUNT=1000 in the environment" in caplog.messages[1]  # how to fix it, for API users
 
 
 def test_apply_runtime_warns_about_more_threads_than_cores(restore_threads, caplog):
@@ -126,5 +126,5 @@ print(libgomp_loaded(), os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WA
 
 def test_the_command_sets_the_wait_policy_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in runtime.WAIT_VARIABLES}
-    assert _probe(CLI_PROBE, env)[-3:] == ["True", "10000", "None"]
+    assert _probe(CLI_PROBE, env)[-3:] == ["True", "1000", "None"]
     assert _probe(CLI_PROBE, {**env, "OMP_WAIT_POLICY": "active"})[-3:] == ["True", "None", "active"]

@@ -18,8 +18,10 @@ The expected ids hard-coded here were produced by llama.cpp.
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tierlm.loader.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError, read_gguf_metadata
@@ -350,6 +352,41 @@ def test_from_gguf_reader_matches_path(tmp_path):
     assert by_reader.encode("ab ba") == by_path.encode("ab ba") == [1, 259, 262, 259, 261, 260]
     assert by_reader.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
     assert (by_reader.bos_token_id, by_reader.eos_token_ids) == (by_path.bos_token_id, by_path.eos_token_ids)
+
+
+def test_sentencepiece_merges_are_derived_once_then_read_from_the_cache(tmp_path, monkeypatch, caplog):
+    from tierlm.loader import tokenizer as module
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TIERLM_CACHE", str(cache))
+    _write_toy_spm_gguf(tmp_path / "toy.gguf", {"▁": -1.0, "a": -2.0, "b": -2.0, "ab": -3.0})
+    _write_toy_spm_gguf(tmp_path / "other.gguf", {"▁": -1.0, "a": -2.0, "b": -2.0, "ab": -3.5})
+    want = [1, 259, 262, 259, 261, 260]  # "▁ab▁ba", as test_from_gguf_reader_matches_path
+    assert Tokenizer.from_gguf(tmp_path / "toy.gguf").encode("ab ba") == want
+    [cached] = (cache / "tokenizers").iterdir()
+    assert cached.name == module.gguf_tokenizer_key(read_gguf_metadata(tmp_path / "toy.gguf")) + "-merges.npy"
+    assert np.load(cached).tolist() == [[260, 261]]  # "▁", "a", "b", "ab" are ids 259-262: the one merge, a+b
+
+    derive = module._merges_from_scores
+
+    def no_derive(*args):
+        raise AssertionError("derived although cached")
+
+    monkeypatch.setattr(module, "_merges_from_scores", no_derive)
+    assert Tokenizer.from_gguf(tmp_path / "toy.gguf").encode("ab ba") == want  # read from the file
+    with pytest.raises(AssertionError, match="derived"):  # one score differs: another tokenizer
+        Tokenizer.from_gguf(tmp_path / "other.gguf")
+    monkeypatch.setattr(module, "_merges_from_scores", derive)
+
+    for damage in (b"not an array", np.array([[260, 9999]], np.int32)):  # unreadable; ids beyond the vocabulary
+        np.save(cached, damage) if isinstance(damage, np.ndarray) else cached.write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tierlm"):
+            assert Tokenizer.from_gguf(tmp_path / "toy.gguf").encode("ab ba") == want
+        assert f"cached merges {cached} do" in caplog.text  # ... derived again and replaced
+        assert np.load(cached).tolist() == [[260, 261]]
+    monkeypatch.setenv("TIERLM_CACHE", str(tmp_path / "toy.gguf"))  # not a folder: nothing cached, still built
+    assert Tokenizer.from_gguf(tmp_path / "toy.gguf").encode("ab ba") == want
 
 
 def test_read_gguf_metadata(smollm2):

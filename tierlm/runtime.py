@@ -4,10 +4,17 @@ torch's intra-op pool and the C kernels (tierlm.model.kernels, which get ``torch
 share one libgomp. At every barrier of a parallel region a libgomp thread that arrives early spins
 before it sleeps: about 3 ms (300,000 spins) by default. Alone on the machine that costs nothing;
 beside other work it burns the time slice a descheduled partner thread needs to reach the barrier,
-and a decode step is hundreds of such regions: batch-1 decode ran 2-3x slower than its fair share
-beside two busy processes (bench/contention.py measures it). ``OPENMP_SETTINGS`` is what
-bench/results/contention.md found to keep decode at its fair share when the cores are shared and
-at its full speed when they are not.
+and a decode step is hundreds of such regions. bench/contention.py measures batch-1 decode of the default
+model alone and beside two busy processes on this project's 2-core AMD EPYC (fair share: 0.5 of
+alone). With libgomp's defaults it kept 0.07-0.27 of its alone speed on the GGUF blocks and 0.33-0.37
+in float32; spinning 10,000 times 0.16 and 0.62; spinning 1,000 times 0.50 and 0.66, as good as not
+spinning at all (OMP_WAIT_POLICY=passive: 0.52-0.55 and 0.65-0.69). ``OPENMP_SETTINGS`` spins 1,000
+times (a few microseconds, about what putting a thread to sleep and waking it costs) before sleeping.
+The price, alone on the machine: the GGUF decode in-process (generate, chat) ran 15-27% slower than
+with the default spin, which bridges the Python overhead between its many small parallel regions;
+float32 decode and the server showed no difference beyond the noise (bench/results/contention.md,
+contention_spin.md, contention_passive_spin10k.md). A 14x collapse beside other work weighs more than
+that; on a machine that runs nothing else, GOMP_SPINCOUNT=300000 (libgomp's default) restores it.
 
 libgomp reads these variables once, when it is loaded, which is when torch is imported:
 
@@ -35,7 +42,7 @@ log = logging.getLogger("tierlm")
 # The variables that decide how libgomp threads wait; a user who set either chose the policy.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # What tierlm sets when the user set neither (bench/results/contention.md: why these values).
-OPENMP_SETTINGS: Mapping[str, str] = {"GOMP_SPINCOUNT": "10000"}
+OPENMP_SETTINGS: Mapping[str, str] = {"GOMP_SPINCOUNT": "1000"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ def apply_runtime(runtime: RuntimeConfig) -> RuntimeSettings:
         log.warning("%d compute threads on %d usable cores: threads will wait for a core at every barrier",
                     num_threads, num_cpus)
     if not current:
-        log.info("on cores shared with other work, OpenMP's spinning slows decode 2-3x: set %s in the environment "
+        log.info("on cores shared with other work, OpenMP's spinning slows decode 2-7x: set %s in the environment "
                  "before Python starts, or call tierlm.runtime.prepare_openmp() before importing torch (the tierlm "
                  "command does this)", " ".join(f"{k}={v}" for k, v in OPENMP_SETTINGS.items()))
     return settings

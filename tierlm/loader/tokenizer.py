@@ -20,10 +20,12 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +35,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from tierlm.cache_dir import cache_root
 from tierlm.loader.gguf import GGUFError, parse_gguf
 
 __all__ = ["Tokenizer", "TokenizerError", "IncrementalDetokenizer"]
@@ -179,7 +182,8 @@ class Tokenizer:
             if "tokenizer.ggml.scores" not in meta:
                 raise TokenizerError("SentencePiece GGUF without tokenizer.ggml.scores")
             backend = _build_sentencepiece_bpe(tokens, np.asarray(meta["tokenizer.ggml.scores"]), types,
-                                               bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+                                               bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                                               gguf_tokenizer_key(meta))
             add_bos_default = True  # llama.cpp's default for SPM vocabularies
         else:
             raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' and 'llama')")
@@ -280,6 +284,60 @@ class Tokenizer:
 
 # -- GGUF -> tokenizers.Tokenizer ------------------------------------------------------------------
 
+# The metadata a GGUF tokenizer is rebuilt from: equal values, equal tokenizer.
+_GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix",
+                        "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                        "tokenizer.ggml.merges")
+
+
+def gguf_tokenizer_key(meta: dict[str, Any]) -> str:
+    """A digest of the metadata the tokenizer is built from and of this module's source (a change in
+    how it is built is a different tokenizer): names what is cached of the build (``_cached_merges``)."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for key in _GGUF_TOKENIZER_KEYS:
+        value = meta.get(key)
+        h.update(f"\x00{key}\x00{type(value).__name__}\x00".encode())
+        if isinstance(value, np.ndarray):
+            h.update(f"{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, (list, tuple)):
+            h.update("\x00".join(map(str, value)).encode("utf-8", "surrogatepass"))
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()[:20]
+
+
+def _cached_merges(key: str, tokens: Sequence[str], vocab: dict[str, int],
+                   derive: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """``derive()``, kept as the pieces' ids (an (n, 2) int32 array) under $TIERLM_CACHE/tokenizers
+    (tierlm.cache_dir) and read from there next time: deriving Gemma-3's 515k merges from its piece
+    scores takes about 2 s of Python, reading them back a few milliseconds. Only the merges: a whole
+    tokenizer.json of that vocabulary loads no faster than ``BPE()`` builds and parsing it lifts the
+    load's peak memory by 25 MiB. An entry that does not read is derived again and replaced, with a
+    warning; a cache that cannot be written is skipped."""
+    path = cache_root() / "tokenizers" / f"{key}-merges.npy"
+    if path.is_file():
+        try:
+            ids = np.load(path, allow_pickle=False)
+            if ids.ndim == 2 and ids.shape[1] == 2 and ids.dtype == np.int32 and \
+                    (ids.size == 0 or 0 <= ids.min() <= ids.max() < len(tokens)):
+                return [(tokens[a], tokens[b]) for a, b in ids.tolist()]
+            log.warning("cached merges %s do not fit this vocabulary; deriving them again", path)
+        except (OSError, ValueError) as err:
+            log.warning("cached merges %s do not load (%s); deriving them again", path, err)
+    merges = derive()
+    ids = np.array([(vocab[a], vocab[b]) for a, b in merges], dtype=np.int32).reshape(-1, 2)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, ids)
+        os.replace(tmp, path)  # whole or not at all: processes starting together never read half a file
+    except OSError as err:
+        with contextlib.suppress(OSError):  # no folder to write into (NotADirectoryError), or no file
+            tmp.unlink()
+        log.info("merges not cached (%s): the next load derives them again", err)
+    return merges
+
+
 
 def _piece_ids(tokens: Sequence[str]) -> dict[str, int]:
     """piece -> id; for a duplicated piece the last id wins, as in llama.cpp's token_to_id."""
@@ -327,13 +385,17 @@ def _bpe_pre_tokenizer(name: str) -> _BpePreTokenizer:
 
 
 def _build_sentencepiece_bpe(tokens: Sequence[str], scores: np.ndarray, types: np.ndarray,
-                             add_space_prefix: bool) -> tokenizers.Tokenizer:
+                             add_space_prefix: bool, cache_key: str | None = None) -> tokenizers.Tokenizer:
     """SentencePiece-BPE as llama.cpp runs it: start from characters, repeatedly merge the adjacent
     pair whose concatenation is the highest-scoring piece, fall back to <0xXX> bytes for characters
     outside the vocabulary. A rank-ordered BPE does the same once merges are ranked by score."""
     vocab = _piece_ids(tokens)
     unk = next((tokens[i] for i in np.flatnonzero(types == TOKEN_UNKNOWN)), None)
-    model = BPE(vocab=vocab, merges=_merges_from_scores(vocab, scores, types),
+    if cache_key is None:
+        merges = _merges_from_scores(vocab, scores, types)
+    else:  # cached by the metadata's digest (gguf_tokenizer_key)
+        merges = _cached_merges(cache_key, tokens, vocab, lambda: _merges_from_scores(vocab, scores, types))
+    model = BPE(vocab=vocab, merges=merges,
                 byte_fallback=True, unk_token=unk, fuse_unk=True)
     backend = tokenizers.Tokenizer(model)
     spaces = [normalizers.Replace(" ", "▁")]

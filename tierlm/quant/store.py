@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tierlm.cache_dir import cache_root
 from tierlm.loader.model_loader import OpenedCheckpoint
 from tierlm.loader.weights import LAYER_FIELDS, LayerWeights, ModelWeights, store_tensors
 from tierlm.memory.plan import MATRICES
@@ -62,7 +62,7 @@ class StoreQuant:
 
 def default_store_dir(opened: OpenedCheckpoint, dtype: torch.dtype, quant: StoreQuant | None = None) -> Path:
     """``$TIERLM_CACHE`` (default ~/.cache/tierlm) / stores / <model>-<hash of its path>-<dtype>[-<quant>]."""
-    root = Path(os.environ.get("TIERLM_CACHE", Path.home() / ".cache" / "tierlm"))
+    root = cache_root()
     key = hashlib.sha1(str(opened.path.resolve()).encode()).hexdigest()[:10]
     name = opened.path.stem if opened.path.is_file() else opened.path.name
     suffix = "" if quant is None else f"-{quant.tag}"
