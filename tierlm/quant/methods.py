@@ -1,15 +1,18 @@
 """Which method makes a tierlm format when the user names only the format (``quant_method="auto"``).
 
 GPTQ (tierlm.quant.gptq) loses far less than rounding each group on its own (rtn) below 8 bits:
-q4 g64 on the Brown press excerpt, SmolLM2-135M +2.70% perplexity against +25.1% for rtn,
-Gemma-3-270m +8.03% against +31.5%; q6 SmolLM2 -0.10% against +2.55%, Gemma-3 +0.36% against
-+0.31%; q8 rtn is within 0.4% on both (bench/results/quant_quality.md at commit d1d103f).
+q4 g64 on the Brown press excerpt, SmolLM2-135M +3.5% perplexity against +25.1% for rtn,
+Gemma-3-270m +6.4% against +31.5% (llama.cpp's Q4_0 at the same 4.5 bits: +17.4% and +48.3%);
+q8 rtn is within 0.4% on both (bench/results/quant_quality.md, quant_table.md).
 
-Its price is a one-off calibration (7,168 tokens of Brown text through the model layer by layer, a
-Cholesky solve per matrix): at commit d1d103f on a 2-core AMD EPYC, the GPTQ rows took 80 s
-(SmolLM2, 106 M layer parameters) and 127 s (Gemma-3, 100 M) more than the rtn rows, about 1 s per
-million layer parameters, hence ``GPTQ_SECONDS_PER_M_LAYER_PARAMS``. The result is cached as a
-weight store (tierlm.quant.store), so it is paid once per model, format and group.
+Its price is a one-off calibration (7,168 tokens of Brown text through the model layer by layer, each
+layer on the quantized output of the ones before, a Cholesky solve per matrix). On the 2-core AMD EPYC
+with AVX2 of 2026-12-05 a q4 store took 427 s (SmolLM2, 106 M layer parameters) and 425 s (Gemma-3,
+100 M), 4.0-4.25 s per million layer parameters, hence ``GPTQ_SECONDS_PER_M_LAYER_PARAMS``; an
+AVX-512 EPYC took a quarter of that for the earlier, one-pass calibration (commit d1d103f). So both
+real models get GPTQ (about 7 minutes, once) and a 1.1B model (969 M layer parameters, about an hour)
+gets rtn unless asked. The result is cached as a weight store (tierlm.quant.store): a second load of
+the same model, format and group reads it in under a second.
 
 Rule, in this order:
 
@@ -29,7 +32,7 @@ from typing import NamedTuple
 
 RTN_FORMATS = frozenset({"q8"})  # rtn already within 0.5% of float
 GPTQ_MAX_MINUTES = 15.0  # the longest first load tierlm takes on by itself for a better format
-GPTQ_SECONDS_PER_M_LAYER_PARAMS = 1.0
+GPTQ_SECONDS_PER_M_LAYER_PARAMS = 4.0
 
 
 class MethodChoice(NamedTuple):
