@@ -247,7 +247,6 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None) -> None:
     from tierlm.engine.scheduler import SLO_COST_MARGIN
 
     cfg, s = built.config, built.config.scheduler
-    slo = slo_tokens_per_s
     if s.policy != "splitfuse":
         raise ConfigError("max_num_batched_tokens", "the step budget is measured for the splitfuse policy only")
     num_decodes = min(PROBE_DECODES, s.max_num_seqs - 1)
@@ -266,7 +265,7 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None) -> None:
     budget = latency_budget(costs, num_decodes)
     prefill = loaded_budget if s.max_num_prefill_tokens is None else s.max_num_prefill_tokens
     cost = None
-    if slo is not None:  # the pair term, from one chunk at the end of as long a context as the engine takes
+    if slo_tokens_per_s is not None:  # the pair term: one chunk after as long a context as the engine takes
         context = min(PROBE_CONTEXT, cfg.model.max_model_len - 1 - PROBE_PAIR_CHUNK,
                       cfg.kv_capacity_tokens - cfg.cache.block_size - PROBE_PAIR_CHUNK, prefill)
         if context < PROBE_PAIR_CHUNK // 2:
@@ -274,7 +273,7 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None) -> None:
                               f"{PROBE_PAIR_CHUNK // 2 + PROBE_PAIR_CHUNK + 1} tokens: max_model_len is "
                               f"{cfg.model.max_model_len}")
         cost = step_cost(costs, num_decodes, measure_pair_ms(built.core, vocab, PROBE_PAIR_CHUNK, context))
-    built.core.set_token_budget(budget, prefill, slo, cost)
+    built.core.set_token_budget(budget, prefill, slo_tokens_per_s, cost)
     built.config = replace(cfg, scheduler=built.core.scheduler.config)
     log.info("step budget: %d tokens, chosen by measurement (step ms with %d decodes, by chunk tokens: %s); "
              "%d in steps without decodes", budget, num_decodes,
@@ -282,4 +281,4 @@ def measure_budget(built: Built, slo_tokens_per_s: float | None) -> None:
     if cost is not None:
         log.info("SLO: %.3g tokens/s a stream; steps may grow to %d tokens while every decode is ahead of it, "
                  "planned at %.3g x the measured step cost: %.1f ms + %.3f ms/token + %.2e ms/query-key pair",
-                 slo, prefill, SLO_COST_MARGIN, cost.fixed_ms, cost.per_token_ms, cost.per_pair_ms)
+                 slo_tokens_per_s, prefill, SLO_COST_MARGIN, cost.fixed_ms, cost.per_token_ms, cost.per_pair_ms)
