@@ -61,13 +61,9 @@ def measure_memory_bandwidth(num_bytes: int = 1 << 30, passes: int = 5) -> float
 
 def _read_rate(read, nbytes: int, passes: int) -> float:
     """GB/s of ``read()``, which streams ``nbytes``: the best of ``passes`` after one warm-up."""
-    read()  # warm-up: excluded
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        read()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    from tierlm.memory.hardware import best_seconds
+
+    return nbytes / best_seconds(read, passes) / 1e9
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, passes: int = 5) -> float:

@@ -32,13 +32,14 @@ def memory_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     kernel = read_kernel()
     if kernel is not None:
         num_threads = torch.get_num_threads()
-        return nbytes / _best_seconds(lambda: kernel(x.data_ptr(), x.numel() * 4, num_threads), repeats)
+        return nbytes / best_seconds(lambda: kernel(x.data_ptr(), x.numel() * 4, num_threads), repeats)
     mat = x[: x.numel() // 4096 * 4096].view(-1, 4096)
     vec = torch.ones(4096)
-    return max(nbytes / _best_seconds(x.sum, repeats), mat.numel() * 4 / _best_seconds(lambda: mat @ vec, repeats))
+    return max(nbytes / best_seconds(x.sum, repeats), mat.numel() * 4 / best_seconds(lambda: mat @ vec, repeats))
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn()``, after one excluded warm-up call."""
     fn()  # warm-up: excluded
     best = float("inf")
     for _ in range(repeats):
