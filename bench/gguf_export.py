@@ -27,7 +27,10 @@ def _permute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, 2, rows // num_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def export(folder: Path, out: Path, kind: str = "f16") -> Path:
+def export(folder: Path, out: Path, kind: str = "f16", encode=None) -> Path:
+    """Write ``folder``'s model to ``out``: matrices as ``kind`` (f16, bf16; q8_0, q4_0 quantized by the
+    gguf package), unless ``encode(gguf_name, float32 array)`` returns ``(raw uint8 blocks, GGML type
+    name)`` for a matrix (tests use it to place other block types)."""
     import gguf
     from safetensors import safe_open
 
@@ -75,7 +78,11 @@ def export(folder: Path, out: Path, kind: str = "f16") -> Path:
             t = _permute(t, heads)
         elif gg.endswith("attn_k.weight"):
             t = _permute(t, kv_heads)
-        if t.dim() == 1:
+        encoded = encode(gg, t.float().numpy()) if encode is not None and t.dim() == 2 else None
+        if encoded is not None:
+            raw, type_name = encoded
+            w.add_tensor(gg, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+        elif t.dim() == 1:
             arr = t.float().numpy()
             w.add_tensor(gg, arr)
         elif kind == "f16":

@@ -50,7 +50,8 @@ PROMPT = list(range(100, 116))
 
 
 def gguf_file(kind: str) -> Path:
-    """The 1.1B Llama as a GGUF of ``kind`` (F16, Q8_0, Q4_0), made once."""
+    """The 1.1B Llama as a GGUF of ``kind`` (F16, or any of llama.cpp's quantizer recipes: Q8_0, Q4_K_M,
+    IQ4_XS, ...), made once."""
     f16 = GGUF_DIR / "llama-1.1b-f16.gguf"
     if not f16.exists():
         from bench.gguf_export import export
@@ -64,7 +65,7 @@ def gguf_file(kind: str) -> Path:
         import llama_cpp
 
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
         params.nthread = 2
         if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {f16} to {kind}")

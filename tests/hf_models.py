@@ -20,6 +20,10 @@ def _configs():
             num_key_value_heads=2, tie_word_embeddings=False,
             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **common)),
+        # wide enough for GGUF's 256-weight K-quant super-blocks (not one of FAMILIES)
+        "llama-256": (tf.LlamaForCausalLM, tf.LlamaConfig(
+            hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, **common)),
         "mistral": (tf.MistralForCausalLM, tf.MistralConfig(
             hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=1, head_dim=16, sliding_window=7, **common)),

@@ -127,7 +127,10 @@ def test_gemma3_gguf_streams_its_blocks_with_the_resident_outputs(gemma, tmp_pat
     lw = tiers.weights.layers[0]
     assert isinstance(lw.qkv, FusedWeight) and all(isinstance(getattr(lw, m), SplitMatrix) for m in ("o", "up", "down"))
     ids = gemma.tokenizer.encode("The capital of France is")
-    assert llm.generate([ids], GREEDY8)[0].token_ids == gemma.generate([ids], GREEDY8)[0].token_ids
+    # tiered weights decode layer by layer: the resident model's tokens on that path (the fused step's
+    # GELU, C's tanhf against torch's, can move a near tie once x is rounded to int8 per 256 values)
+    resident = LLM(path, max_model_len=64, kv_cache_tokens=256, fused_decode=False)
+    assert llm.generate([ids], GREEDY8)[0].token_ids == resident.generate([ids], GREEDY8)[0].token_ids
     assert torch.equal(llm.score(ids[:5]), gemma.score(ids[:5]))  # decode-sized: the kernel, row by row
     table = torch.tensor([2, 262143, 818, 2])
     assert torch.equal(tiers.embedding(table), embedding_rows(gemma.model.w.embed, table))

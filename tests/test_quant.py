@@ -210,9 +210,11 @@ def _gguf_weight(type_name: str, rows: int = 24, cols: int = 512, seed: int = 4)
         rng = np.random.default_rng(seed)
         raw = rng.integers(0, 256, (rows, cols // fmt.block * fmt.type_size), dtype=np.uint8)
         blocks = raw.reshape(rows, -1, fmt.type_size)
-        halves = blocks[..., :4].view(np.float16) if type_name != "Q6_K" else blocks[..., -2:].view(np.float16)
+        # the float16 scales: d (and dmin) first, or last (Q6_K, Q3_K: d; Q2_K: d, dmin)
+        at = {"Q6_K": slice(-2, None), "Q3_K": slice(-2, None), "Q2_K": slice(-4, None)}.get(type_name, slice(0, 4))
+        halves = blocks[..., at].view(np.float16)
         halves[...] = rng.uniform(1e-3, 1e-2, halves.shape).astype(np.float16)
-    return fmt.weight(torch.from_numpy(np.ascontiguousarray(raw)), (rows, cols))
+    return fmt.weight(torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)), (rows, cols))
 
 
 @pytest.mark.parametrize("type_name", SUPPORTED)
@@ -233,11 +235,23 @@ def test_gguf_blocks_decode_like_the_gguf_package_and_multiply_tile_by_tile(type
 
 # -- the compiled kernel ----------------------------------------------------------------------------
 
-def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the kernel rounds it: int8 in blocks of 32, scale max|x| / 127, float64."""
-    xb = x.double().view(x.shape[0], -1, 32)
+def _int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 in blocks of ``block``, scale max|x| / 127, float64."""
+    xb = x.double().view(x.shape[0], -1, block)
     d = xb.abs().amax(dim=-1, keepdim=True) / 127
     return (torch.round(xb / torch.where(d > 0, d, torch.ones_like(d))) * d).view_as(x)
+
+
+def _kernel_input(fmt: str, x: torch.Tensor, kernel) -> torch.Tensor:
+    """x as ``kernel`` multiplies it against ``fmt``, float64: as it is for float16 and bfloat16 rows,
+    rounded to int8 per 256 values for K-quants in the AVX2 build, else per 32."""
+    from tierlm.quant.linear import FLOAT_X_FORMATS, SUPER_BLOCK_X_FORMATS
+
+    if fmt in FLOAT_X_FORMATS:
+        return x.double()
+    if kernel.isa == "avx2" and fmt in SUPER_BLOCK_X_FORMATS:
+        return _int8_blocks(x, 256)
+    return _int8_blocks(x)
 
 
 def _kernel(isa: str | None = None):
@@ -274,12 +288,35 @@ def test_kernel_equals_dequantized_weight_times_int8_rounded_input(kernel, fmt, 
     x[0, :32] = 0  # an all-zero block of x: scale 0
     deq = method_for(qw.format, qw.group).dequantize(qw).double()
     y = kernel_matmul(kernel, x, qw, num_threads=2)
-    ref = _int8_blocks(x) @ deq.T
+    ref = _kernel_input(qw.format, x, kernel) @ deq.T
     assert y.shape == (m, rows)
     assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
     # and int8 rounding of x costs little against the float product
     exact = x.double() @ deq.T
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("fmt", ["gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K", "gguf:IQ4_XS"])
+def test_avx2_k_quants_per_super_block_and_per_block_are_each_exact_for_their_rounding_of_x(fmt):
+    """The AVX2 build's two K-quant paths: per 256-weight super-block (the default) against x rounded per
+    256, and block by block against x rounded per 32 (tierlm_quant_kquant_blocks32)."""
+    from tierlm.model.kernels import quant_kquant_blocks32
+
+    kernel, switch = _kernel("avx2"), quant_kquant_blocks32()
+    if kernel is None or switch is None:
+        return
+    qw = _gguf_weight(fmt[5:], rows=41, cols=768)
+    deq = method_for(qw.format, qw.group).dequantize(qw).double()
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(9))
+    x[1, 256:512] = 0  # a super-block of x all zero: scale 0
+    try:
+        for blocks32, block in ((0, 256), (1, 32)):
+            switch(blocks32)
+            ref = _int8_blocks(x, block) @ deq.T
+            y = kernel_matmul(kernel, x, qw, num_threads=2).double()
+            assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5), block
+    finally:
+        switch(0)
 
 
 def _extreme_weight(fmt: str, rows: int, cols: int) -> QuantizedWeight:
@@ -298,6 +335,27 @@ def _extreme_weight(fmt: str, rows: int, cols: int) -> QuantizedWeight:
         blocks[0::2, :, :192] = 255
         blocks[:, :, 192:208] = 127
         blocks[:, :, 208:] = one
+    elif fmt == "gguf:Q2_K":  # 2-bit codes 3 / 0, 4-bit scales and mins 15, d and dmin 1
+        blocks[:, :, :16] = 255
+        blocks[0::2, :, 16:80] = 255
+        blocks[:, :, 80:82] = one
+        blocks[:, :, 82:84] = one
+    elif fmt == "gguf:Q3_K":  # codes 7 (high bit and both low bits set) / 0 (weight -4 * scale), scales 63 - 32, d 1
+        blocks[0::2, :, :96] = 255
+        blocks[:, :, 96:108] = 255
+        blocks[:, :, 108:] = one
+    elif fmt == "gguf:IQ4_XS":  # block scales 63 - 32, nibbles 0 (value -127) / 15 (113), d 1
+        blocks[:, :, :2] = one
+        blocks[:, :, 2:8] = 255
+        blocks[1::2, :, 8:] = 255
+    elif fmt == "gguf:IQ4_NL":  # nibbles 0 (value -127) / 15 (113), d 1
+        blocks[:, :, :2] = one
+        blocks[1::2, :, 2:] = 255
+    elif fmt in ("gguf:F16", "gguf:BF16"):  # +-the largest finite values that keep sums finite
+        half = torch.float16 if fmt == "gguf:F16" else torch.bfloat16
+        big = torch.tensor([6e4 if fmt == "gguf:F16" else 1e30], dtype=half)
+        pair = torch.cat([big, -big]).view(torch.uint8).reshape(1, 1, 4)
+        blocks[...] = pair.repeat(rows, cols // 2, 1).view(rows, cols, 2)
     elif fmt in ("gguf:Q4_K", "gguf:Q5_K"):  # sub-block scales and mins 63: all 12 bytes set; codes 15 / 31 / 0
         blocks[:, :, :2] = one
         blocks[:, :, 4:16] = 255
@@ -326,7 +384,7 @@ def test_kernel_sums_extreme_codes_against_extreme_inputs_exactly(kernel, fmt):
     x[2, 0::2] = -1  # alternating signs: maddubs pairs of opposite signs
     x[3, :256] = -1
     y = kernel_matmul(kernel, x, qw, num_threads=2)
-    ref = _int8_blocks(x) @ deq.T
+    ref = _kernel_input(qw.format, x, kernel) @ deq.T
     assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
 
 

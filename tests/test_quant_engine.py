@@ -202,3 +202,66 @@ def test_cli_quantize_writes_a_store_that_reads_back_exactly(hf_model, tmp_path,
     assert main(["quantize", str(folder), str(tmp_path / "bad"), "--group", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     store.close()
+
+
+# Every natively executed GGUF type placed in one model (the 256-wide random Llama): the mixes llama.cpp's
+# recipes make (q, k, v of different types; gate and up too) and the rarer types of the same layers.
+_MIXED_TYPES = {
+    "blk.0.attn_q": "Q2_K", "blk.0.attn_k": "Q3_K", "blk.0.attn_v": "IQ4_XS", "blk.0.attn_output": "IQ4_NL",
+    "blk.0.ffn_gate": "F16", "blk.0.ffn_up": "BF16", "blk.0.ffn_down": "Q3_K",
+    "blk.1.attn_q": "Q3_K", "blk.1.attn_k": "Q3_K", "blk.1.attn_v": "Q3_K", "blk.1.attn_output": "Q2_K",
+    "blk.1.ffn_gate": "IQ4_XS", "blk.1.ffn_up": "IQ4_XS", "blk.1.ffn_down": "Q2_K",
+    "output": "IQ4_XS", "token_embd": "Q3_K",
+}
+
+
+def _blocks_like(name: str, w, seed: int):
+    """A matrix of ``_MIXED_TYPES``' type for ``name``: float16/bfloat16 of ``w``, or random blocks (the gguf
+    package quantizes none of these types) whose float16 scales are set so that the weights have ``w``'s
+    standard deviation (the model keeps unit-scale activations)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    type_name = _MIXED_TYPES[name.removesuffix(".weight")]
+    if type_name == "F16":
+        return w.astype(np.float16).view(np.uint8), type_name
+    if type_name == "BF16":
+        return torch.from_numpy(w).to(torch.bfloat16).view(torch.uint8).numpy(), type_name
+    from tierlm.quant.gguf import block_size
+
+    block, size = block_size(type_name)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
+    at = {"Q2_K": slice(-4, None), "Q3_K": slice(-2, None)}.get(type_name, slice(0, 2))  # d (and dmin)
+    scales = raw.reshape(w.shape[0], -1, size)[..., at]
+    scales.view(np.float16)[...] = 1.0
+    std = dequantize(raw, GGMLQuantizationType[type_name]).std()
+    scales.view(np.float16)[...] = np.float16(w.std() / std)
+    return raw, type_name
+
+
+def test_gguf_every_native_type_in_one_model_scores_like_its_float_load(hf_model, tmp_path):
+    from bench.gguf_export import export
+
+    _, folder = hf_model("llama-256")
+    names = iter(range(100))
+    path = export(folder, tmp_path / "mixed.gguf", "f16", encode=lambda n, w: _blocks_like(n, w, next(names)))
+    llm = LLM(path, quant="gguf", max_model_len=64)
+    w = llm.model.w
+    l0, l1 = w.layers
+    assert [p.format for p in l0.qkv.parts] == ["gguf:Q2_K", "gguf:Q3_K", "gguf:IQ4_XS"]
+    assert [p.format for p in l0.up.parts] == ["gguf:F16", "gguf:BF16"]
+    assert (l0.o.format, l0.down.format, l1.qkv.format, l1.up.format, l1.down.format) == (
+        "gguf:IQ4_NL", "gguf:Q3_K", "gguf:Q3_K", "gguf:IQ4_XS", "gguf:Q2_K")
+    assert (w.lm_head.format, w.embed.format) == ("gguf:IQ4_XS", "gguf:Q3_K")
+    assert w.embed.nbytes == 384 * 256 // 256 * 110  # nothing expanded: the file's blocks
+    ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
+    ref = LLM(path, max_model_len=64)  # the same file expanded to float32 at load
+    assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # > 8 tokens: dequantized bands, float products
+    assert _rel(llm.score(ids[:4]), ref.score(ids[:4])) < 3e-2  # the kernel: x rounded to int8 blocks
+    # decoding: the fused step (every format through the kernel) gives the layer-by-layer path's tokens
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    layered = LLM(path, quant="gguf", max_model_len=64, fused_decode=False)
+    assert llm.model.decode_plan().fused is not None, llm.model.decode_plan()
+    assert llm.generate([ids[:5]], greedy)[0].token_ids == layered.generate([ids[:5]], greedy)[0].token_ids

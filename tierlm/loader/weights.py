@@ -13,6 +13,7 @@ Layout decisions made here (and relied on by ``tierlm.model.transformer``):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,8 @@ from tierlm.model.spec import ArchConfig, FamilySpec
 from tierlm.quant import AnyQuantized, FusedWeight, QuantizedWeight
 from tierlm.quant.gguf import SUPPORTED as GGUF_NATIVE_TYPES
 from tierlm.quant.gguf import GGUFFormat
+
+log = logging.getLogger("tierlm")
 
 
 @dataclass
@@ -154,6 +157,7 @@ class WeightAssembler:
         self.spec, self.cfg, self.reader, self.dtype = spec, cfg, reader, dtype
         self.names = _Names(spec, reader)
         self.native_quant = native_quant and reader.source == "gguf"
+        self._expanded: set[str] = set()  # GGUF types read as float: logged once each
 
     def _native(self, canonicals: list[str], i: int) -> AnyQuantized | None:
         """These GGUF tensors' blocks stacked along the rows (one matrix when their types agree, else a
@@ -163,6 +167,11 @@ class WeightAssembler:
             return None
         names = [self.names.require(c, i) for c in canonicals]
         types = [self.reader.quant_type(n) for n in names]
+        foreign = {t for t in types if t not in GGUF_NATIVE_TYPES and t != "F32"} - self._expanded
+        for t in sorted(foreign):
+            log.info("GGUF type %s is not executed natively: its matrices are expanded to %s at load "
+                     "(native: %s)", t, self.dtype, ", ".join(GGUF_NATIVE_TYPES))
+        self._expanded |= foreign
         if any(t not in GGUF_NATIVE_TYPES for t in types):
             return None
         parts = [GGUFFormat(t).weight(self.reader.read_raw(n), self.reader.shape(n)) for n, t in zip(names, types)]

@@ -2,10 +2,14 @@
 
 A GGUF row of ``in`` weights is ``in / block`` blocks of ``type_size`` bytes (each block carries its
 own float16 scale(s)), so ``QuantizedWeight.codes`` is simply the raw bytes, (out, bytes_per_row),
-and a band of rows decodes on its own. Decoding uses the ``gguf`` package's reference (numpy)
-dequantizers, a tile of rows at a time; the compiled kernel (tierlm/model/kernels/quant_gemv.c)
-reads every supported type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) directly for decode-sized
-batches. A token embedding table of a supported type stays as blocks too: a lookup dequantizes only
+and a band of rows decodes on its own. The compiled kernel (tierlm/model/kernels/quant_gemv.c) reads
+every supported type directly for decode-sized batches, and dequantizes bands of rows for prompt
+chunks equal bit for bit to the ``gguf`` package's reference (numpy) dequantizers, which run instead
+where the kernel is not built. F16 and BF16 matrices are kept as they are too (a "block" of one weight,
+two bytes): the kernel multiplies them against float32 activations without rounding those to int8.
+
+Rarer types (IQ1-IQ3, TQ1/TQ2, MXFP4, Q8_1/Q8_K) are not in ``SUPPORTED``: the loader expands them to
+float at load and says so once in the start-up log (tierlm.loader.weights). A token embedding table of a supported type stays as blocks too: a lookup dequantizes only
 the rows it asks for (tierlm.model.transformer.embedding_rows), and a tied head multiplies the same
 blocks.
 
@@ -15,12 +19,15 @@ matching (interleaved) layout, so rows are used as stored (see tierlm/model/spec
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from tierlm.quant.base import QuantError, QuantizedWeight, tiled_matmul
 
-SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+             "F16", "BF16")
 
 
 def block_size(type_name: str) -> tuple[int, int]:
@@ -48,6 +55,16 @@ class GGUFFormat:
         return QuantizedWeight(self.name, (out, k), raw, self.block)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        out, k = qw.shape
+        kernel = _dequant_kernel() if qw.codes.device.type == "cpu" else None
+        if kernel is not None:
+            from tierlm.quant.linear import KERNEL_FORMATS
+
+            codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
+            values = torch.empty(out, k, dtype=torch.float32)
+            if kernel(KERNEL_FORMATS[self.name], codes.data_ptr(), codes.stride(0), out, k, values.data_ptr(),
+                      torch.get_num_threads()) == 0:
+                return values
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -57,3 +74,12 @@ class GGUFFormat:
 
     def matmul(self, x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
         return tiled_matmul(self, x, qw)
+
+
+@functools.cache
+def _dequant_kernel():
+    """quant_gemv.c's dequantizer (``QuantKernel.dequant``) of the build this CPU runs, or None."""
+    from tierlm.model.kernels import quant_gemv
+
+    kernel = quant_gemv()
+    return None if kernel is None else kernel.dequant

@@ -40,7 +40,13 @@ log = logging.getLogger("tierlm")
 # format name -> format id in quant_gemv.c
 KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6,
                   "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
-                  "q6": 11, "q5": 12, "q3": 13, "q2": 14}
+                  "q6": 11, "q5": 12, "q3": 13, "q2": 14, "gguf:Q2_K": 19, "gguf:Q3_K": 20, "gguf:IQ4_NL": 21,
+                  "gguf:IQ4_XS": 22, "gguf:F16": 23, "gguf:BF16": 24}
+# Formats whose products the AVX2 build computes against x rounded to int8 per 256 values (one scale
+# per K-quant super-block, as llama.cpp's Q8_K), not per 32 (quant_gemv.c: "K-quants against x rounded
+# per super-block"); F16 and BF16 take x unrounded.
+SUPER_BLOCK_X_FORMATS = ("gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K", "gguf:IQ4_XS")
+FLOAT_X_FORMATS = ("gguf:F16", "gguf:BF16")
 # source format -> format id of its row-tile kernel (tierlm.quant.tiles)
 TILE_KERNEL_FORMATS = {"gguf:Q4_0": 15, "gguf:Q6_K": 16, **{f: 17 for f in GROUPWISE_BITS}, "q3h": 18}
 

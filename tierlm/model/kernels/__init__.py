@@ -245,6 +245,9 @@ class QuantKernel:
     gemv: Callable[..., int]  # the ctypes function
     isa: str  # "avx512-vnni" or "avx2"
     row_tiles: bool  # takes row tiles (tierlm.quant.tiles); the AVX2 build returns -1 for them
+    # ``dequant(fmt, codes_ptr, row_bytes, N, K, out_ptr, num_threads) -> int``: GGUF block types to
+    # float32, equal to the gguf package's (0 = done, -1 = a format or shape it does not take)
+    dequant: Callable[..., int]
 
     def __call__(self, *args) -> int:
         return self.gemv(*args)
@@ -255,6 +258,15 @@ def quant_q3h_split():
     """``f(choice)`` from quant_gemv.c: which q3h tile kernel runs, -1 the VBMI one where the CPU has
     it (the default), 0 the one CPUs without VBMI run; or None when the kernel is unavailable."""
     return _load(cpu_has_avx512_vnni(), QUANT_LIBRARY, QUANT_SOURCE, "tierlm_quant_q3h_split", [ctypes.c_int], None)
+
+
+@functools.cache
+def quant_kquant_blocks32():
+    """``f(on)`` from the AVX2 build of quant_gemv.c: 1 runs K-quants (and IQ4_XS) block by block against x
+    rounded per 32 values, 0 (the default) per 256-weight super-block against x rounded per 256 (the
+    header says why); None where that build is unavailable."""
+    return _load(cpu_is_x86_64_v3(), QUANT_AVX2_LIBRARY, QUANT_SOURCE, "tierlm_quant_kquant_blocks32",
+                 [ctypes.c_int], None)
 
 
 def quant_gemv(isa: str | None = None) -> QuantKernel | None:
@@ -269,4 +281,9 @@ def quant_gemv(isa: str | None = None) -> QuantKernel | None:
                  [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                   ctypes.c_int], ctypes.c_int)
-    return None if gemv is None else QuantKernel(gemv, build.isa, build.row_tiles)
+    if gemv is None:
+        return None
+    dequant = _load(build.supported(), build.library, QUANT_SOURCE, "tierlm_quant_dequant",
+                    [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_int], ctypes.c_int)
+    return QuantKernel(gemv, build.isa, build.row_tiles, dequant)

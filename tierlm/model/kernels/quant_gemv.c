@@ -31,6 +31,18 @@
  *                lanes of vpdpbusd, so the scale becomes a per-lane vector and the -32 offset is a
  *                lane-wise dot of 32 with x, computed once per block of x for all rows.
  *
+ *   Q2_K  84 B: 16 B of 4-bit (scale, min) pairs per 16 weights, 64 B 2-bit codes, fp16 d, fp16 dmin;
+ *                block j: bits 2(j%4).. of bytes 32(j/4)..; weight = d*sc*c - dmin*m per 16 weights
+ *   Q3_K  110 B: 32 B high bits (bit j of byte l: weight l of block j), 64 B 2-bit low codes as Q2_K,
+ *                12 B of 6-bit scales per 16 weights, fp16 d; weight = d*(sc - 32)*(c - 4)
+ *   IQ4_XS 136 B: fp16 d, 2 + 4 B of 6-bit block scales, 128 B nibbles as Q4_0's; weight =
+ *                d*(ls - 32) * kv[nibble], kv the 16 int8 values of IQ4_NL (18 B: fp16 d, 16 B nibbles)
+ * Q2_K, Q3_K and Q6_K scale every 16 weights: each half of the 32-byte block fills 4 of the 8 int32
+ * lanes of vpdpbusd, so the scale becomes a per-lane vector (Q2_K's mins use x's sums per half).
+ * IQ4's values are signed bytes (a pshufb of the nibbles): unsigned c = v + 128 with off 128 in the
+ * AVX512 build, signed products as for Q8_0 in the AVX2 one.
+ * F16 and BF16 rows multiply float32 x directly (converted 8 at a time, no int8 rounding of x).
+ *
  * which is exactly the product of the dequantized W with the int8-rounded x (the tests check that).
  * Per block the vector part accumulates lane-wise (no horizontal sum per block) and the scalar part
  * uses per-block sums xd * sum q computed once per call.
@@ -75,7 +87,13 @@
 #error "build with -march=x86-64-v4 -mavx512vnni, or with -march=x86-64-v3 (tierlm.model.kernels)"
 #endif
 
-enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18 };
+enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18,
+       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, NUM_FORMATS = 25 };
+
+/* K-quants (256 weights a super-block) */
+static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS; }
+/* Row-tile formats: the AVX512 build only */
+static inline int is_tile(int fmt) { return fmt >= Q4_0X16 && fmt <= TQ3HX16; }
 
 typedef struct {
     int8_t *q;    /* (K,) x quantized */
@@ -290,11 +308,18 @@ static inline float hsum8(__m256 v) {
 }
 
 /* Formats with a float16 step and min per group of weights (tierlm's own), not per GGUF block. */
-static inline int is_tq(int fmt) { return fmt == TQ8 || fmt == TQ4 || fmt >= TQ3H; }
+static inline int is_tq(int fmt) { return fmt == TQ8 || fmt == TQ4 || (fmt >= TQ3H && fmt <= TQ2); }
 
 /* Whether decode gives the block's codes as signed bytes c - 128 (the AVX2 build's 8-bit formats;
  * see the header): then wm includes + 128 wd. */
-static inline int signed_codes(int fmt) { return !AVX512_BUILD && (fmt == TQ8 || fmt == Q8_0); }
+static inline int signed_codes(int fmt) { return !AVX512_BUILD && (fmt == TQ8 || fmt == Q8_0 || fmt == IQ4_NL || fmt == IQ4_XS); }
+
+static inline __m256i iq4_values(__m256i nib) {  /* nibbles -> IQ4_NL's int8 values */
+    const __m256i kv = _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                                        -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    const __m256i v = _mm256_shuffle_epi8(kv, nib);
+    return AVX512_BUILD ? _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)) : v;
+}
 
 /* int32 lane i = sum over bytes 4i..4i+3 of the codes c (unsigned, or signed_codes) times x's bytes q */
 static inline __attribute__((always_inline)) __m256i dot4(int fmt, __m256i c, __m256i q) {
@@ -342,6 +367,27 @@ static inline __attribute__((always_inline)) __m256i decode(int fmt, const uint8
         if (fmt == Q4_K) return nibbles32(p + 16 + 32 * (j >> 1), 4 * (j & 1));
         return _mm256_or_si256(nibbles32(p + 48 + 32 * (j >> 1), 4 * (j & 1)), bit_field32(p + 16, j, 1, 4));
     }
+    case Q2_K: {  /* *wd, *wm unused (per-lane scales and mins, see k16_scales) */
+        const int j = b & 7;
+        return bit_field32(row + 84 * (b >> 3) + 16 + 32 * (j >> 2), 2 * (j & 3), 3, 0);
+    }
+    case Q3_K: {
+        const int j = b & 7;
+        const uint8_t *p = row + 110 * (b >> 3);
+        return _mm256_or_si256(bit_field32(p + 32 + 32 * (j >> 2), 2 * (j & 3), 3, 0), bit_field32(p, j, 1, 2));
+    }
+    case IQ4_NL: { const uint8_t *p = row + 18 * b; *wd = fp16(p); *wm = AVX512_BUILD ? -128.f * *wd : 0.f;
+                   return iq4_values(nibbles(p + 2)); }
+    case IQ4_XS: {
+        const int j = b & 7;
+        const uint8_t *p = row + 136 * (b >> 3);
+        uint16_t sh;
+        memcpy(&sh, p + 2, 2);
+        const int ls = ((p[4 + j / 2] >> (4 * (j & 1))) & 0xF) | (((sh >> (2 * j)) & 3) << 4);
+        *wd = fp16(p) * (float)(ls - 32);
+        *wm = AVX512_BUILD ? -128.f * *wd : 0.f;
+        return iq4_values(nibbles(p + 8 + 16 * j));
+    }
     default: {  /* Q6_K: block k of half n; *wd, *wm unused (per-lane scales, see q6k_scales) */
         const int j = b & 7, n = j >> 2, k = j & 3;
         const uint8_t *p = row + 210 * (b >> 3);
@@ -357,6 +403,31 @@ static inline __m256 q6k_scales(const uint8_t *row, int b) {
     const int8_t *sc = (const int8_t *)(p + 192) + 8 * n + 2 * k;
     const float d = fp16(p + 208);
     return _mm256_set_m128(_mm_set1_ps(d * (float)sc[1]), _mm_set1_ps(d * (float)sc[0]));
+}
+
+/* Q3_K's 6-bit scale i (0..15) of a super-block's 12 scale bytes, minus 32 */
+static inline int q3k_scale(const uint8_t *s, int i) {
+    const int low = i < 8 ? s[i] & 0xF : s[i - 8] >> 4;
+    return (low | (((s[8 + (i & 3)] >> (2 * (i >> 2))) & 3) << 4)) - 32;
+}
+
+/* Q2_K, Q3_K, Q6_K block b: the weight scale of each 16-weight half, broadcast to the 4 int32 lanes
+ * that half fills (Q2_K: and its two mins times dmin, in mins[0..1]) */
+static inline __m256 k16_scales(int fmt, const uint8_t *row, int b, float *mins) {
+    if (fmt == Q6_K) return q6k_scales(row, b);
+    const int j = b & 7;
+    float lo, hi;
+    if (fmt == Q2_K) {
+        const uint8_t *p = row + 84 * (b >> 3), s0 = p[2 * j], s1 = p[2 * j + 1];
+        const float d = fp16(p + 80), dmin = fp16(p + 82);
+        lo = d * (float)(s0 & 0xF); hi = d * (float)(s1 & 0xF);
+        mins[0] = dmin * (float)(s0 >> 4); mins[1] = dmin * (float)(s1 >> 4);
+    } else {  /* Q3_K */
+        const uint8_t *p = row + 110 * (b >> 3);
+        const float d = fp16(p + 108);
+        lo = d * (float)q3k_scale(p + 96, 2 * j); hi = d * (float)q3k_scale(p + 96, 2 * j + 1);
+    }
+    return _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo));
 }
 
 /* ROWS rows of W (row r at codes + r * row_bytes; its steps/mins at steps + r * G) against one
@@ -391,15 +462,18 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
         if (++in_group == bpg) { in_group = 0; g++; }
         const __m256i xq = _mm256_loadu_si256((const __m256i *)(xb->q + 32 * b));
         const float xd = xb->xd[b], xs = xb->xs[b];
-        if (fmt == Q6_K) {
-            /* lane-wise 32 * sum(q) over each 4 bytes of x: the -32 offset of every code */
-            const __m256i xoff = dot4(fmt, _mm256_set1_epi8(32), xq);
+        if (fmt == Q6_K || fmt == Q3_K || fmt == Q2_K) {
+            /* lane-wise off * sum(q) over each 4 bytes of x: the offset of every code (Q2_K: none) */
+            const __m256i xoff = fmt == Q2_K ? _mm256_setzero_si256()
+                                             : dot4(fmt, _mm256_set1_epi8(fmt == Q6_K ? 32 : 4), xq);
             const __m256 vxd = _mm256_set1_ps(xd);
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *row = codes + r * row_bytes;
+                float mins[2];
                 __m256i c = decode(fmt, row, b, &wd[r], &wm[r]);
                 __m256i dot = _mm256_sub_epi32(dot4(fmt, c, xq), xoff);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(q6k_scales(row, b), vxd), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(k16_scales(fmt, row, b, mins), vxd), acc[r]);
+                if (fmt == Q2_K) sv[r] -= mins[0] * xb->xs16[2 * b] + mins[1] * xb->xs16[2 * b + 1];
             }
             continue;
         }
@@ -456,6 +530,233 @@ DEFINE_RUN(TQ6)
 DEFINE_RUN(TQ5)
 DEFINE_RUN(TQ3)
 DEFINE_RUN(TQ2)
+DEFINE_RUN(Q2_K)
+DEFINE_RUN(Q3_K)
+DEFINE_RUN(IQ4_NL)
+DEFINE_RUN(IQ4_XS)
+
+
+#if !AVX512_BUILD
+/* ---- K-quants against x rounded per super-block (the AVX2 build) ------------------------------------
+ * Without VNNI each 32-weight block above pays a float conversion and FMA of its own product, and the
+ * K-quants also decode their sub-block scales block by block: Q4_K ran at ~5 G weights/s on this
+ * project's AVX2 EPYC, a third of what memory delivers. As llama.cpp does (its Q8_K), x is rounded to
+ * int8 with one scale per 256 values instead, so a super-block's integer products are summed in
+ * int32 lanes with the sub-block scales as 16-bit integers (vpmaddwd), one conversion and FMA per
+ * super-block, and the mins become integer dot products of the (scale-free) sums of x per 16:
+ *
+ *   sum_j w_j x_j ~= d * xd * sum_i sc_i sum_{j in i} (c_j - off) q_j  -  dmin * xd * sum_i m_i sum_{j in i} q_j
+ *
+ * exactly the product of the dequantized W with x rounded per 256 (coarser than per 32: what
+ * llama.cpp's K-quant dot products cost too). Integer ranges: a vpmaddubsw pair is at most
+ * 2 * 63 * 127 (Q6_K), 2 * 127 * 127 (IQ4_XS, as signed magnitudes); the int32 sums stay below 2^25. */
+typedef struct {
+    int8_t *q;      /* (K,) */
+    float *d;       /* (K/256,) scales */
+    int16_t *bsum;  /* (K/16,) sums of q per 16 */
+} XSuper;
+
+static void quantize_x_super(const float *x, int K, XSuper *xs) {
+    for (int s = 0; s < K / 256; s++) {
+        float amax = 0.f;
+        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(x[256 * s + i]));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        xs->d[s] = d;
+        for (int g = 0; g < 16; g++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) {
+                const int q = (int)nearbyintf(x[256 * s + 16 * g + i] * id);
+                xs->q[256 * s + 16 * g + i] = (int8_t)q;
+                sum += q;
+            }
+            xs->bsum[16 * s + g] = (int16_t)sum;
+        }
+    }
+}
+
+static inline int is_super_fmt(int fmt) { return fmt == Q2_K || fmt == Q3_K || fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS; }
+
+static inline int super_bytes(int fmt) {
+    return fmt == Q4_K ? 144 : fmt == Q5_K ? 176 : fmt == Q6_K ? 210 : fmt == Q3_K ? 110 : fmt == Q2_K ? 84 : 136;
+}
+
+/* int16 lanes 0-7 (the first 16 weights of a 32-byte block) s0, lanes 8-15 s1 */
+static inline __m256i pair16(int s0, int s1) { return _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0)); }
+
+/* One super-block of one row: int32 lanes of sum_i sc_i * sum (c - off) q, and (*mins) sum_i m_i * bsum_i;
+ * *d and *dmin its float16 scales. */
+static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const uint8_t *p, const int8_t *xq,
+                                                               const int16_t *bs, float *d, float *dmin, int *mins) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sumi = _mm256_setzero_si256();
+    *mins = 0;
+    *dmin = 0.f;
+    if (fmt == Q4_K || fmt == Q5_K) {
+        *d = fp16(p); *dmin = fp16(p + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            scale_min_k4(j, p + 4, &sc, &m);
+            *mins += m * (bs[2 * j] + bs[2 * j + 1]);
+            __m256i c = fmt == Q4_K ? nibbles32(p + 16 + 32 * (j >> 1), 4 * (j & 1))
+                                    : _mm256_or_si256(nibbles32(p + 48 + 32 * (j >> 1), 4 * (j & 1)), bit_field32(p + 16, j, 1, 4));
+            const __m256i prod = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(xq + 32 * j)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, _mm256_set1_epi16((short)sc)));
+        }
+        return sumi;
+    }
+    if (fmt == IQ4_XS) {
+        *d = fp16(p);
+        uint16_t sh;
+        memcpy(&sh, p + 2, 2);
+        for (int j = 0; j < 8; j++) {
+            const int ls = ((p[4 + j / 2] >> (4 * (j & 1))) & 0xF) | (((sh >> (2 * j)) & 3) << 4);
+            const __m256i v = iq4_values(nibbles(p + 8 + 16 * j));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * j));
+            const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, _mm256_set1_epi16((short)(ls - 32))));
+        }
+        return sumi;
+    }
+    /* Q6_K, Q3_K, Q2_K: a scale per 16 weights */
+    for (int j = 0; j < 8; j++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * j));
+        __m256i c, sc;
+        if (fmt == Q6_K) {
+            const int n = j >> 2, k = j & 3;
+            c = _mm256_or_si256(nibbles32(p + 64 * n + 32 * (k & 1), 4 * (k >> 1)), bit_field32(p + 128 + 32 * n, 2 * k, 3, 4));
+            const int8_t *scs = (const int8_t *)(p + 192);
+            sc = pair16(scs[2 * j], scs[2 * j + 1]);
+        } else if (fmt == Q3_K) {
+            c = _mm256_or_si256(bit_field32(p + 32 + 32 * (j >> 2), 2 * (j & 3), 3, 0), bit_field32(p, j, 1, 2));
+            sc = pair16(q3k_scale(p + 96, 2 * j), q3k_scale(p + 96, 2 * j + 1));
+        } else {  /* Q2_K */
+            c = bit_field32(p + 16 + 32 * (j >> 2), 2 * (j & 3), 3, 0);
+            sc = pair16(p[2 * j] & 0xF, p[2 * j + 1] & 0xF);
+            *mins += (p[2 * j] >> 4) * bs[2 * j] + (p[2 * j + 1] >> 4) * bs[2 * j + 1];
+        }
+        __m256i prod = _mm256_maddubs_epi16(c, x);
+        if (fmt != Q2_K)  /* the codes' offset: 32 (Q6_K) or 4 (Q3_K) times x */
+            prod = _mm256_sub_epi16(prod, _mm256_maddubs_epi16(_mm256_set1_epi8(fmt == Q6_K ? 32 : 4), x));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, sc));
+    }
+    (void)ones;
+    if (fmt == Q6_K) *d = fp16(p + 208);
+    else if (fmt == Q3_K) *d = fp16(p + 108);
+    else { *d = fp16(p + 80); *dmin = fp16(p + 82); }
+    return sumi;
+}
+
+static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes, int K,
+                                                                 const XSuper *xs, float *out, int prefetch) {
+    __m256 acc[ROWS];
+    float sv[ROWS];
+    for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; }
+    const int sb = super_bytes(fmt);
+    const uint8_t *next = codes + ROWS * row_bytes;
+    for (int s = 0; s < K / 256; s++) {
+        if (prefetch)  /* the next tile's super-block s, in step (see rows_dot) */
+            for (int r = 0; r < ROWS; r++)
+                for (int off = 0; off < sb; off += 64) _mm_prefetch((const char *)(next + r * row_bytes + s * sb + off), _MM_HINT_T1);
+        const float xd = xs->d[s];
+        for (int r = 0; r < ROWS; r++) {
+            float d, dmin;
+            int mins;
+            const __m256i sumi = super_dot(fmt, codes + r * row_bytes + s * sb, xs->q + 256 * s, xs->bsum + 16 * s, &d, &dmin, &mins);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * xd), acc[r]);
+            sv[r] -= dmin * xd * (float)mins;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
+}
+
+#define DEFINE_SUPER_RUN(F)                                                                                 \
+    static void super_run_##F(const XSuper *xs, int M, const uint8_t *codes, float *y, int N, int K,        \
+                              int64_t row_bytes, int num_threads) {                                         \
+        const int num_tiles = (N + ROWS - 1) / ROWS;                                                       \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
+        for (int t = 0; t < num_tiles; t++) {                                                              \
+            const int n0 = N < ROWS ? 0 : (t * ROWS + ROWS > N ? N - ROWS : t * ROWS);                      \
+            const int nr = N < ROWS ? N : ROWS;                                                            \
+            float out[ROWS];                                                                               \
+            for (int m = 0; m < M; m++) {                                                                  \
+                if (nr == ROWS) {                                                                          \
+                    super_rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, K, &xs[m], out, m == 0);  \
+                    for (int r = 0; r < ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
+                } else {                                                                                   \
+                    for (int r = 0; r < nr; r++) {                                                         \
+                        super_rows_dot(F, codes + (int64_t)r * row_bytes, 0, K, &xs[m], out, 0);           \
+                        y[(int64_t)m * N + r] = out[0];                                                    \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+DEFINE_SUPER_RUN(Q2_K)
+DEFINE_SUPER_RUN(Q3_K)
+DEFINE_SUPER_RUN(Q4_K)
+DEFINE_SUPER_RUN(Q5_K)
+DEFINE_SUPER_RUN(Q6_K)
+DEFINE_SUPER_RUN(IQ4_XS)
+
+static int run_super(int fmt, const float *x, int M, int K, const uint8_t *codes, int64_t row_bytes, float *y, int N,
+                     int num_threads) {
+    XSuper *xs = malloc(sizeof(XSuper) * M);
+    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *d = malloc(sizeof(float) * (size_t)M * (K / 256));
+    int16_t *bsum = malloc(sizeof(int16_t) * (size_t)M * (K / 16));
+    for (int m = 0; m < M; m++) {
+        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
+        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
+    }
+    switch (fmt) {
+    case Q2_K: super_run_Q2_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q3_K: super_run_Q3_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q4_K: super_run_Q4_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q5_K: super_run_Q5_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q6_K: super_run_Q6_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    default: super_run_IQ4_XS(xs, M, codes, y, N, K, row_bytes, num_threads); break;
+    }
+    free(bsum); free(d); free(q); free(xs);
+    return 0;
+}
+#endif
+
+/* F16 and BF16 rows: 8 weights at a time widened to float32 against x as it is. */
+static inline __m256 load8_half(const uint8_t *p, int bf16) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+static inline __attribute__((always_inline)) void half_rows(int bf16, const uint8_t *codes, int64_t row_bytes,
+                                                            int nr, const float *x, int K, float *out, int prefetch) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    const uint8_t *next = codes + ROWS * row_bytes;
+    for (int k = 0; k < K; k += 8) {
+        if (prefetch && (k & 31) == 0)  /* one 64-byte line of each next row per 32 weights */
+            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(next + r * row_bytes + 2 * k), _MM_HINT_T1);
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        for (int r = 0; r < ROWS; r++)
+            if (r < nr) acc[r] = _mm256_fmadd_ps(load8_half(codes + r * row_bytes + 2 * k, bf16), xv, acc[r]);
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]);
+}
+
+static void run_half(int bf16, const float *x, int M, const uint8_t *codes, float *y, int N, int K, int64_t row_bytes,
+                     int num_threads) {
+    const int num_tiles = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int t = 0; t < num_tiles; t++) {
+        const int n0 = N < ROWS ? 0 : (t * ROWS + ROWS > N ? N - ROWS : t * ROWS);
+        const int nr = N < ROWS ? N : ROWS;
+        float out[ROWS];
+        for (int m = 0; m < M; m++) {
+            if (bf16) half_rows(1, codes + (int64_t)n0 * row_bytes, row_bytes, nr, x + (int64_t)m * K, K, out, m == 0);
+            else half_rows(0, codes + (int64_t)n0 * row_bytes, row_bytes, nr, x + (int64_t)m * K, K, out, m == 0);
+            for (int r = 0; r < nr; r++) y[(int64_t)m * N + n0 + r] = out[r];
+        }
+    }
+}
 
 #if AVX512_BUILD
 /* Tiles are read as one sequential stream each, which the hardware prefetcher follows by itself.
@@ -761,8 +1062,9 @@ DEFINE_TILES(tiles_tq2, TQX16, 2)
 typedef void (*run_fn)(const XBlocks *, int, const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int,
                        int, int64_t, int64_t, int);
 /* indexed by the format ids of the enum; GGUF types ignore steps, mins and group (their blocks hold them) */
-static const run_fn RUNS[] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, run_Q5_0, run_Q5_1, run_Q4_K,
-                              run_Q5_K, run_Q6_K, run_TQ3H, run_TQ6, run_TQ5, run_TQ3, run_TQ2};
+static const run_fn RUNS[NUM_FORMATS] = {run_TQ8, run_TQ4, run_Q8_0, run_Q4_0, run_Q4_1, run_Q5_0, run_Q5_1, run_Q4_K,
+                                         run_Q5_K, run_Q6_K, run_TQ3H, run_TQ6, run_TQ5, run_TQ3, run_TQ2,
+                                         [Q2_K] = run_Q2_K, run_Q3_K, run_IQ4_NL, run_IQ4_XS};
 
 #if AVX512_BUILD
 /* Which q3h tile kernel runs: -1 (the default) the VBMI one where the CPU has it, 0 the other one
@@ -774,14 +1076,27 @@ void tierlm_quant_q3h_split(int choice) { q3h_split_choice = choice; }
 static int q3h_vbmi(void) { return q3h_split_choice != 0 && __builtin_cpu_supports("avx512vbmi"); }
 #endif
 
+/* Whether the AVX2 build runs K-quants block by block against x rounded per 32 (1) instead of per
+ * super-block (0, the default; the tests set 1 to check that path too). */
+static int kquant_blocks32 = 0;
+
+void tierlm_quant_kquant_blocks32(int on) { kquant_blocks32 = on; }
+
 /* Returns 0, or -1 for an unknown format (the AVX2 build: row tiles too) or a shape the kernel does not take. */
 int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *codes, const uint16_t *steps,
                       const uint16_t *mins, int group, int64_t row_bytes, int64_t scale_stride, float *y, int N,
                       int num_threads) {
-    if (fmt < 0 || fmt > (AVX512_BUILD ? TQ3HX16 : TQ2) || K % 32 || M < 1 || (((fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16) && K % 256)
+    if (fmt < 0 || fmt >= NUM_FORMATS || (!AVX512_BUILD && is_tile(fmt)) || K % 32 || M < 1 || (is_k_quant(fmt) && K % 256)
         || ((is_tq(fmt) || fmt == TQX16 || fmt == TQ3HX16) && (group < 32 || group % 32 || K % group))
         || (fmt == TQX16 && (row_bytes < 2 || row_bytes > 8 || row_bytes == 7)))
         return -1;
+    if (fmt == F16 || fmt == BF16) {
+        run_half(fmt == BF16, x, M, codes, y, N, K, row_bytes, num_threads);
+        return 0;
+    }
+#if !AVX512_BUILD
+    if (is_super_fmt(fmt) && !kquant_blocks32) return run_super(fmt, x, M, K, codes, row_bytes, y, N, num_threads);
+#endif
     int nb = K / 32;
     /* steps/mins of row r start at r * G: K / group when stored on their own, larger when they sit
      * inside packed rows (codes, steps, mins per row: tierlm.quant.base.QuantizedWeight.packed_rows) */
@@ -818,5 +1133,117 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
 #endif
         RUNS[fmt](xbs, M, codes, steps, mins, group, y, N, K, row_bytes, G, num_threads);
     free(x3h); free(f); free(q); free(xbs);
+    return 0;
+}
+
+/* ---- dequantization (prompt chunks: a band of rows to float32 for a GEMM) ----------------------------
+ * The GGUF block types to float32, equal bit for bit to the gguf package's numpy reference (which the
+ * tests check): the same float32 operations in the same order, and no contraction into FMAs (which
+ * would round once instead of twice). Plain C that the compiler vectorizes; a band of rows is a few
+ * times a row's bytes of work, small against the GEMM that follows. */
+static const int8_t IQ4_KV[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+__attribute__((optimize("fp-contract=off")))
+static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
+    switch (fmt) {
+    case Q8_0: for (int b = 0; b < K / 32; b++, p += 34) { const float d = fp16(p);
+                   for (int l = 0; l < 32; l++) y[32 * b + l] = (float)(int8_t)p[2 + l] * d; } break;
+    case Q4_0: case Q4_1: case IQ4_NL: {
+        const int sz = fmt == Q4_1 ? 20 : 18, at = fmt == Q4_1 ? 4 : 2;
+        for (int b = 0; b < K / 32; b++, p += sz) {
+            const float d = fp16(p), m = fmt == Q4_1 ? fp16(p + 2) : 0.f;
+            for (int l = 0; l < 32; l++) {
+                const int c = (p[at + (l & 15)] >> (l < 16 ? 0 : 4)) & 0xF;
+                y[32 * b + l] = fmt == Q4_0 ? d * (float)(c - 8) : fmt == IQ4_NL ? d * (float)IQ4_KV[c] : d * (float)c + m;
+            }
+        }
+        break;
+    }
+    case Q5_0: case Q5_1: {
+        const int sz = fmt == Q5_1 ? 24 : 22, at = fmt == Q5_1 ? 4 : 2;
+        for (int b = 0; b < K / 32; b++, p += sz) {
+            const float d = fp16(p), m = fmt == Q5_1 ? fp16(p + 2) : 0.f;
+            uint32_t h;
+            memcpy(&h, p + at, 4);
+            for (int l = 0; l < 32; l++) {
+                const int c = ((p[at + 4 + (l & 15)] >> (l < 16 ? 0 : 4)) & 0xF) | (((h >> l) & 1) << 4);
+                y[32 * b + l] = fmt == Q5_0 ? d * (float)(c - 16) : d * (float)c + m;
+            }
+        }
+        break;
+    }
+    case Q2_K: for (int s = 0; s < K / 256; s++, p += 84, y += 256) {
+        const float d = fp16(p + 80), dmin = fp16(p + 82);
+        for (int i = 0; i < 16; i++) {  /* 16 weights a scale: bits 2(i/2 % 4).. of bytes 32(i/8) + 16(i%2).. */
+            const float dl = d * (float)(p[i] & 0xF), ml = dmin * (float)(p[i] >> 4);
+            const uint8_t *q = p + 16 + 32 * (i >> 3) + 16 * (i & 1);
+            for (int l = 0; l < 16; l++) y[16 * i + l] = dl * (float)((q[l] >> (2 * ((i >> 1) & 3))) & 3) - ml;
+        }
+    } break;
+    case Q3_K: for (int s = 0; s < K / 256; s++, p += 110, y += 256) {
+        const float d = fp16(p + 108);
+        for (int i = 0; i < 16; i++) {
+            const float dl = d * (float)q3k_scale(p + 96, i);
+            const int j = i >> 1;  /* the 32-weight block */
+            const uint8_t *q = p + 32 + 32 * (j >> 2) + 16 * (i & 1), *hm = p + 16 * (i & 1);
+            for (int l = 0; l < 16; l++) {
+                const int c = ((q[l] >> (2 * (j & 3))) & 3) - (((hm[l] >> j) & 1) ? 0 : 4);
+                y[16 * i + l] = dl * (float)c;
+            }
+        }
+    } break;
+    case Q4_K: case Q5_K: {
+        const int sz = fmt == Q4_K ? 144 : 176, at = fmt == Q4_K ? 16 : 48;
+        for (int s = 0; s < K / 256; s++, p += sz, y += 256) {
+            const float d = fp16(p), dmin = fp16(p + 2);
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                scale_min_k4(j, p + 4, &sc, &m);
+                const float dl = d * (float)sc, ml = dmin * (float)m;
+                const uint8_t *q = p + at + 32 * (j >> 1);
+                for (int l = 0; l < 32; l++) {
+                    int c = (q[l] >> (4 * (j & 1))) & 0xF;
+                    if (fmt == Q5_K) c |= ((p[16 + l] >> j) & 1) << 4;
+                    y[32 * j + l] = dl * (float)c - ml;
+                }
+            }
+        }
+        break;
+    }
+    case Q6_K: for (int s = 0; s < K / 256; s++, p += 210, y += 256) {
+        const float d = fp16(p + 208);
+        for (int i = 0; i < 16; i++) {  /* block j = i/2 is block k = j%4 of half n = j/4 (see decode) */
+            const int j = i >> 1, n = j >> 2, k = j & 3;
+            const float dl = d * (float)((const int8_t *)(p + 192))[i];
+            const uint8_t *ql = p + 64 * n + 32 * (k & 1) + 16 * (i & 1), *qh = p + 128 + 32 * n + 16 * (i & 1);
+            for (int l = 0; l < 16; l++) {
+                const int c = (((ql[l] >> (4 * (k >> 1))) & 0xF) | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+                y[16 * i + l] = dl * (float)c;
+            }
+        }
+    } break;
+    case IQ4_XS: for (int s = 0; s < K / 256; s++, p += 136, y += 256) {
+        const float d = fp16(p);
+        uint16_t sh;
+        memcpy(&sh, p + 2, 2);
+        for (int j = 0; j < 8; j++) {
+            const int ls = ((p[4 + j / 2] >> (4 * (j & 1))) & 0xF) | (((sh >> (2 * j)) & 3) << 4);
+            const float dl = d * (float)(ls - 32);
+            for (int l = 0; l < 32; l++) y[32 * j + l] = dl * (float)IQ4_KV[(p[8 + 16 * j + (l & 15)] >> (l < 16 ? 0 : 4)) & 0xF];
+        }
+    } break;
+    case F16: for (int k = 0; k < K; k++) y[k] = fp16(p + 2 * k); break;
+    default: /* BF16 */ for (int k = 0; k < K; k++) { uint32_t u = (uint32_t)(p[2 * k] | p[2 * k + 1] << 8) << 16; memcpy(y + k, &u, 4); } break;
+    }
+}
+
+/* out (N x K, fp32) = the N rows of W (row n at codes + n * row_bytes) dequantized. Returns 0, or -1 for
+ * a format that is not a GGUF block type (tierlm's own formats dequantize in torch) or a shape it does
+ * not take. */
+int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N, int K, float *out, int num_threads) {
+    const int gguf = (fmt >= Q8_0 && fmt <= Q6_K) || (fmt >= Q2_K && fmt <= BF16);
+    if (!gguf || K % 32 || N < 0 || (is_k_quant(fmt) && K % 256)) return -1;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int n = 0; n < N; n++) dequant_row(fmt, codes + (int64_t)n * row_bytes, K, out + (int64_t)n * K);
     return 0;
 }
