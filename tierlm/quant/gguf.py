@@ -9,9 +9,10 @@ where the kernel is not built. F16 and BF16 matrices are kept as they are too (a
 two bytes): the kernel multiplies them against float32 activations without rounding those to int8.
 
 Rarer types (IQ1-IQ3, TQ1/TQ2, MXFP4, Q8_1/Q8_K) are not in ``SUPPORTED``: the loader expands them to
-float at load and says so once in the start-up log (tierlm.loader.weights). A token embedding table of a supported type stays as blocks too: a lookup dequantizes only
-the rows it asks for (tierlm.model.transformer.embedding_rows), and a tied head multiplies the same
-blocks.
+float at load and says so once in the start-up log (tierlm.loader.weights).
+
+A token embedding table of a supported type stays as blocks too: a lookup dequantizes only the rows it
+asks for (tierlm.model.transformer.embedding_rows), and a tied head multiplies the same blocks.
 
 Llama-family q/k rows are stored permuted for llama.cpp's RoPE; tierlm applies RoPE in the
 matching (interleaved) layout, so rows are used as stored (see tierlm/model/specs/llama.toml).
