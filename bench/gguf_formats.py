@@ -10,7 +10,8 @@ each engine in a fresh process (2 threads, the file in the page cache):
 
 Each process measures prefill of a 512-token prompt (tok/s: 512 / the time to the end of the prompt's
 evaluation; tierlm: to its first output token), then batch-1 decode after a 16-token prompt (the median
-step time of ``--tokens`` steps after 2 warm-ups), and reports its peak RSS (``ru_maxrss``) at the end.
+step time of ``--tokens`` steps after 2 warm-ups), and reports its peak RSS (VmHWM, which unlike
+``ru_maxrss`` does not inherit the parent's peak across fork and exec) at the end.
 Rounds: every (file, engine) pair once per round, llama.cpp and tierlm back to back for each file,
 the order within the pair flipping every round; ``*_vs_llama_cpp`` is the median over rounds of each
 round's own ratio (a slow spell of the shared host moves both engines of a pair alike), the tok/s
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO_ROOT, measure_memory_bandwidth, run_child, write_results
+from bench.common import REPO_ROOT, PeakRSS, measure_memory_bandwidth, run_child, write_results
 from bench.quant import gguf_file
 
 FILES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "gemma-3-270m Q4_K_M")
@@ -101,7 +101,7 @@ def _child(spec: str, num_tokens: int) -> dict:
                 times.append(now - last)
             last = now
     return {"prefill_tok_s": len(vocab_ids) / prefill_s, "step_s": statistics.median(times[2:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": PeakRSS.self_bytes() / 2**20,
             "decode_bytes": _decode_bytes(path), "file_mb": path.stat().st_size / 1e6}
 
 

@@ -612,3 +612,25 @@ def test_packed_rows_round_trip_as_views_and_multiply_exactly_like_the_original(
     if kernel is not None and fmt in KERNEL_FORMATS:
         x = torch.randn(2, 512, generator=torch.Generator().manual_seed(9))
         assert torch.equal(kernel_matmul(kernel, x, band), kernel_matmul(kernel, x, qw.rows(7, 30)))
+
+
+@pytest.mark.parametrize("fmt", ["gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K"])
+@pytest.mark.parametrize("rows", [41, 3])
+def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows):
+    """quant_gemv.c's prompt GEMM (tiles of W decoded once for many rows of x), which ``int8_prompts``
+    sends prompt chunks in these formats to."""
+    from tierlm.quant.linear import prompt_matmul
+
+    kernel = _kernel()
+    if kernel is None:
+        return
+    qw = _gguf_weight(fmt[5:], rows=rows, cols=768)
+    deq = method_for(qw.format, qw.group).dequantize(qw).double()
+    x = torch.randn(37, 768, generator=torch.Generator().manual_seed(3))
+    x[5, 256:512] = 0  # a super-block of x all zero
+    ref = _int8_blocks(x, 256) @ deq.T
+    y = prompt_matmul(kernel, x, qw, num_threads=2).double()
+    assert y.shape == (37, rows)
+    assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+    q = QuantLinear(None, DenseLinear(), kernel, int8_prompts=True)
+    assert torch.equal(q.apply(x, qw, None), prompt_matmul(kernel, x, qw))

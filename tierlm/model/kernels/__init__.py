@@ -248,6 +248,9 @@ class QuantKernel:
     # ``dequant(fmt, codes_ptr, row_bytes, N, K, out_ptr, num_threads) -> int``: GGUF block types to
     # float32, equal to the gguf package's (0 = done, -1 = a format or shape it does not take)
     dequant: Callable[..., int]
+    # ``prompt(fmt, x_ptr, M, K, codes_ptr, row_bytes, y_ptr, N, num_threads) -> int``: K-quant rows
+    # decoded once per tile against any number of rows of x (prompt chunks; -1 = not taken)
+    prompt: Callable[..., int]
 
     def __call__(self, *args) -> int:
         return self.gemv(*args)
@@ -286,4 +289,7 @@ def quant_gemv(isa: str | None = None) -> QuantKernel | None:
     dequant = _load(build.supported(), build.library, QUANT_SOURCE, "tierlm_quant_dequant",
                     [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                      ctypes.c_int], ctypes.c_int)
-    return QuantKernel(gemv, build.isa, build.row_tiles, dequant)
+    prompt = _load(build.supported(), build.library, QUANT_SOURCE, "tierlm_quant_prompt",
+                   [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return QuantKernel(gemv, build.isa, build.row_tiles, dequant, prompt)

@@ -536,8 +536,7 @@ DEFINE_RUN(IQ4_NL)
 DEFINE_RUN(IQ4_XS)
 
 
-#if !AVX512_BUILD
-/* ---- K-quants against x rounded per super-block (the AVX2 build) ------------------------------------
+/* ---- K-quants against x rounded per super-block (the AVX2 build's decode; prompts in both builds) ------------------------------------
  * Without VNNI each 32-weight block above pays a float conversion and FMA of its own product, and the
  * K-quants also decode their sub-block scales block by block: Q4_K ran at ~5 G weights/s on this
  * project's AVX2 EPYC, a third of what memory delivers. As llama.cpp does (its Q8_K), x is rounded to
@@ -583,24 +582,60 @@ static inline int super_bytes(int fmt) {
 /* int16 lanes 0-7 (the first 16 weights of a 32-byte block) s0, lanes 8-15 s1 */
 static inline __m256i pair16(int s0, int s1) { return _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0)); }
 
+/* A super-block's sub-block scales, vectorized once per super-block (scalar decoding per block cost more
+ * than the products): 8 (Q4_K, Q5_K: per 32 weights) or 16 (Q2_K, Q3_K, Q6_K: per 16) int16 scales, as
+ * bytes in a 128-bit vector; pick16 then broadcasts the two a 32-byte block needs to its int16 halves. */
+static inline __m128i k4_scales_mins(const uint8_t *q) {  /* bytes 0-7 the scales, 8-15 the mins */
+    uint32_t u[4];
+    memcpy(u, q, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3f;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+static inline __m128i q3k_scales16(const uint8_t *q) {  /* 16 signed bytes: the scales minus 32 */
+    uint32_t a[4];
+    memcpy(a, q, 12);
+    const uint32_t t = a[2];
+    a[2] = ((a[0] >> 4) & 0x0f0f0f0f) | (((t >> 4) & 0x03030303) << 4);
+    a[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((t >> 6) & 0x03030303) << 4);
+    a[0] = (a[0] & 0x0f0f0f0f) | ((t & 0x03030303) << 4);
+    a[1] = (a[1] & 0x0f0f0f0f) | (((t >> 2) & 0x03030303) << 4);
+    return _mm_sub_epi8(_mm_loadu_si128((const __m128i *)a), _mm_set1_epi8(32));
+}
+
+/* int16 lanes 0-7 = element e0, lanes 8-15 = element e1 of v's 8 int16 (both 128-bit halves of v equal) */
+static inline __attribute__((always_inline)) __m256i pick16(__m256i v, int e0, int e1) {
+    const __m256i ctrl = _mm256_set_m128i(_mm_set1_epi16((short)((2 * e1) | (2 * e1 + 1) << 8)),
+                                          _mm_set1_epi16((short)((2 * e0) | (2 * e0 + 1) << 8)));
+    return _mm256_shuffle_epi8(v, ctrl);
+}
+
 /* One super-block of one row: int32 lanes of sum_i sc_i * sum (c - off) q, and (*mins) sum_i m_i * bsum_i;
  * *d and *dmin its float16 scales. */
 static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const uint8_t *p, const int8_t *xq,
                                                                const int16_t *bs, float *d, float *dmin, int *mins) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i sumi = _mm256_setzero_si256();
     *mins = 0;
     *dmin = 0.f;
+    const __m256i b0 = _mm256_loadu_si256((const __m256i *)bs);  /* 16 int16 sums of x */
     if (fmt == Q4_K || fmt == Q5_K) {
         *d = fp16(p); *dmin = fp16(p + 2);
+        const __m256i sm = _mm256_cvtepu8_epi16(k4_scales_mins(p + 4));  /* lanes 0-7 scales, 8-15 mins */
+        /* mins: m_j times the sum of x over block j = bsum 2j + 2j+1 */
+        const __m128i pairs = _mm_hadd_epi16(_mm256_castsi256_si128(b0), _mm256_extracti128_si256(b0, 1));
+        __m128i mm = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs);
+        mm = _mm_add_epi32(mm, _mm_unpackhi_epi64(mm, mm));
+        *mins = _mm_cvtsi128_si32(_mm_add_epi32(mm, _mm_shuffle_epi32(mm, 1)));
+        const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);  /* the 8 scales in both halves */
         for (int j = 0; j < 8; j++) {
-            int sc, m;
-            scale_min_k4(j, p + 4, &sc, &m);
-            *mins += m * (bs[2 * j] + bs[2 * j + 1]);
             __m256i c = fmt == Q4_K ? nibbles32(p + 16 + 32 * (j >> 1), 4 * (j & 1))
                                     : _mm256_or_si256(nibbles32(p + 48 + 32 * (j >> 1), 4 * (j & 1)), bit_field32(p + 16, j, 1, 4));
             const __m256i prod = _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(xq + 32 * j)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, _mm256_set1_epi16((short)sc)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, pick16(sc, j, j)));
         }
         return sumi;
     }
@@ -617,32 +652,35 @@ static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const ui
         }
         return sumi;
     }
-    /* Q6_K, Q3_K, Q2_K: a scale per 16 weights */
+    /* Q6_K, Q3_K, Q2_K: a scale per 16 weights, 16 int16 in sc16 */
+    __m256i sc16;
+    if (fmt == Q6_K) sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+    else if (fmt == Q3_K) sc16 = _mm256_cvtepi8_epi16(q3k_scales16(p + 96));
+    else {  /* Q2_K: low nibbles the scales, high nibbles the mins */
+        const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F)));
+        const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F)));
+        *mins = hsum8_epi32(_mm256_madd_epi16(m16, b0));
+    }
+    const __m256i lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
     for (int j = 0; j < 8; j++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * j));
-        __m256i c, sc;
+        __m256i c;
         if (fmt == Q6_K) {
             const int n = j >> 2, k = j & 3;
             c = _mm256_or_si256(nibbles32(p + 64 * n + 32 * (k & 1), 4 * (k >> 1)), bit_field32(p + 128 + 32 * n, 2 * k, 3, 4));
-            const int8_t *scs = (const int8_t *)(p + 192);
-            sc = pair16(scs[2 * j], scs[2 * j + 1]);
         } else if (fmt == Q3_K) {
             c = _mm256_or_si256(bit_field32(p + 32 + 32 * (j >> 2), 2 * (j & 3), 3, 0), bit_field32(p, j, 1, 2));
-            sc = pair16(q3k_scale(p + 96, 2 * j), q3k_scale(p + 96, 2 * j + 1));
         } else {  /* Q2_K */
             c = bit_field32(p + 16 + 32 * (j >> 2), 2 * (j & 3), 3, 0);
-            sc = pair16(p[2 * j] & 0xF, p[2 * j + 1] & 0xF);
-            *mins += (p[2 * j] >> 4) * bs[2 * j] + (p[2 * j + 1] >> 4) * bs[2 * j + 1];
         }
-        __m256i prod = _mm256_maddubs_epi16(c, x);
-        if (fmt != Q2_K)  /* the codes' offset: 32 (Q6_K) or 4 (Q3_K) times x */
-            prod = _mm256_sub_epi16(prod, _mm256_maddubs_epi16(_mm256_set1_epi8(fmt == Q6_K ? 32 : 4), x));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, sc));
+        const __m256i prod = _mm256_maddubs_epi16(c, x);
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, pick16(j < 4 ? lo : hi, (2 * j) & 7, (2 * j + 1) & 7)));
     }
-    (void)ones;
-    if (fmt == Q6_K) *d = fp16(p + 208);
-    else if (fmt == Q3_K) *d = fp16(p + 108);
-    else { *d = fp16(p + 80); *dmin = fp16(p + 82); }
+    if (fmt == Q2_K) { *d = fp16(p + 80); *dmin = fp16(p + 82); return sumi; }
+    /* the codes' offset (Q6_K 32, Q3_K 4) as a min: off * sum_i sc_i bsum_i, times d */
+    *d = *dmin = fp16(p + (fmt == Q6_K ? 208 : 108));
+    *mins = (fmt == Q6_K ? 32 : 4) * hsum8_epi32(_mm256_madd_epi16(sc16, b0));
     return sumi;
 }
 
@@ -669,6 +707,7 @@ static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const 
     for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
 }
 
+#if !AVX512_BUILD
 #define DEFINE_SUPER_RUN(F)                                                                                 \
     static void super_run_##F(const XSuper *xs, int M, const uint8_t *codes, float *y, int N, int K,        \
                               int64_t row_bytes, int num_threads) {                                         \
@@ -720,6 +759,151 @@ static int run_super(int fmt, const float *x, int M, int K, const uint8_t *codes
     return 0;
 }
 #endif
+
+/* ---- prompt chunks: K-quant rows decoded once, then multiplied against many rows of x -----------------
+ * For M rows of x the kernels above decode every block of W once per row of x, which costs more than
+ * the products; the float path instead dequantizes bands for a float32 GEMM (MKL: 40-60 GFLOP/s on
+ * this project's AVX2 EPYC, below llama.cpp's prefill). This GEMM decodes a tile of 4 rows of W once into
+ * unsigned codes, 16-bit sub-block scales and per-16 float corrections, then runs every row of x (rounded
+ * per 256, XSuper) against it with vpmaddubsw/vpmaddwd:
+ *
+ *   y = sum_s d_s xd_s sum_j <c_j q_j>_{sc_j}  -  sum_s xd_s sum_i mn_i bsum_i
+ *
+ * mn_i the float correction of 16 weights: the codes' offset (d sc_i off: Q6_K 32, Q3_K 4) or the min
+ * (dmin m_i: Q2_K, Q4_K, Q5_K). The result is the product of the dequantized W with x rounded per 256,
+ * as for decode. IQ4_XS (signed values) is not taken here. */
+static inline int is_prompt_fmt(int fmt) { return fmt == Q2_K || fmt == Q3_K || fmt == Q4_K || fmt == Q5_K || fmt == Q6_K; }
+
+typedef struct {
+    uint8_t *c;     /* (ROWS, K) unsigned codes */
+    __m256i *sc;    /* (ROWS, K/32) int16 scales of each half block */
+    float *d;       /* (ROWS, K/256) super-block scales */
+    float *mn;      /* (ROWS, K/16) corrections */
+} DecodedTile;
+
+static inline __attribute__((always_inline)) void decode_super(int fmt, const uint8_t *p, uint8_t *c, __m256i *sc,
+                                                               float *d, float *mn) {
+    for (int j = 0; j < 8; j++) {
+        __m256i codes;
+        int s0, s1;
+        float m0, m1;
+        if (fmt == Q4_K || fmt == Q5_K) {
+            int scv, m;
+            scale_min_k4(j, p + 4, &scv, &m);
+            codes = fmt == Q4_K ? nibbles32(p + 16 + 32 * (j >> 1), 4 * (j & 1))
+                                : _mm256_or_si256(nibbles32(p + 48 + 32 * (j >> 1), 4 * (j & 1)), bit_field32(p + 16, j, 1, 4));
+            s0 = s1 = scv;
+            m0 = m1 = fp16(p + 2) * (float)m;
+        } else if (fmt == Q6_K) {
+            const int n = j >> 2, k = j & 3;
+            codes = _mm256_or_si256(nibbles32(p + 64 * n + 32 * (k & 1), 4 * (k >> 1)), bit_field32(p + 128 + 32 * n, 2 * k, 3, 4));
+            const int8_t *scs = (const int8_t *)(p + 192);
+            s0 = scs[2 * j]; s1 = scs[2 * j + 1];
+            const float dd = fp16(p + 208) * 32.f;
+            m0 = dd * (float)s0; m1 = dd * (float)s1;
+        } else if (fmt == Q3_K) {
+            codes = _mm256_or_si256(bit_field32(p + 32 + 32 * (j >> 2), 2 * (j & 3), 3, 0), bit_field32(p, j, 1, 2));
+            s0 = q3k_scale(p + 96, 2 * j); s1 = q3k_scale(p + 96, 2 * j + 1);
+            const float dd = fp16(p + 108) * 4.f;
+            m0 = dd * (float)s0; m1 = dd * (float)s1;
+        } else {  /* Q2_K */
+            codes = bit_field32(p + 16 + 32 * (j >> 2), 2 * (j & 3), 3, 0);
+            s0 = p[2 * j] & 0xF; s1 = p[2 * j + 1] & 0xF;
+            const float dmin = fp16(p + 82);
+            m0 = dmin * (float)(p[2 * j] >> 4); m1 = dmin * (float)(p[2 * j + 1] >> 4);
+        }
+        _mm256_storeu_si256((__m256i *)(c + 32 * j), codes);
+        sc[j] = pair16(s0, s1);
+        mn[2 * j] = m0; mn[2 * j + 1] = m1;
+    }
+    *d = fmt == Q4_K || fmt == Q5_K ? fp16(p) : fmt == Q6_K ? fp16(p + 208) : fmt == Q3_K ? fp16(p + 108) : fp16(p + 80);
+}
+
+static inline __attribute__((always_inline)) void prompt_tile(int fmt, const uint8_t *codes, int64_t row_bytes, int nr,
+                                                              int K, const XSuper *xs, const float *xs16, int M,
+                                                              DecodedTile *t, float *y, int N, int n0) {
+    const int nsb = K / 256, sb = super_bytes(fmt);
+    for (int r = 0; r < nr; r++)
+        for (int s = 0; s < nsb; s++)
+            decode_super(fmt, codes + r * row_bytes + (int64_t)s * sb, t->c + (int64_t)r * K + 256 * s,
+                         t->sc + (int64_t)r * (K / 32) + 8 * s, t->d + r * nsb + s, t->mn + (int64_t)r * (K / 16) + 16 * s);
+    for (int m = 0; m < M; m++) {
+        const int8_t *xq = xs[m].q;
+        const float *xsm = xs16 + (int64_t)m * (K / 16);
+        __m256 acc[ROWS], corr[ROWS];
+        for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); corr[r] = _mm256_setzero_ps(); }
+        for (int s = 0; s < nsb; s++) {
+            __m256i sumi[ROWS];
+            for (int r = 0; r < ROWS; r++) sumi[r] = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 256 * s + 32 * j));
+                for (int r = 0; r < ROWS; r++) {
+                    if (r >= nr) break;
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(t->c + (int64_t)r * K + 256 * s + 32 * j));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), t->sc[(int64_t)r * (K / 32) + 8 * s + j]));
+                }
+            }
+            const float xd = xs[m].d[s];
+            const __m256 x0 = _mm256_loadu_ps(xsm + 16 * s), x1 = _mm256_loadu_ps(xsm + 16 * s + 8);
+            for (int r = 0; r < ROWS; r++) {
+                if (r >= nr) break;
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(t->d[r * nsb + s] * xd), acc[r]);
+                const float *mn = t->mn + (int64_t)r * (K / 16) + 16 * s;
+                corr[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mn), x0, _mm256_fmadd_ps(_mm256_loadu_ps(mn + 8), x1, corr[r]));
+            }
+        }
+        for (int r = 0; r < nr; r++) y[(int64_t)m * N + n0 + r] = hsum8(acc[r]) - hsum8(corr[r]);
+    }
+}
+
+#define DEFINE_PROMPT_RUN(F)                                                                                  \
+    static void prompt_run_##F(const XSuper *xs, const float *xs16, int M, const uint8_t *codes, float *y,   \
+                               int N, int K, int64_t row_bytes, int num_threads) {                           \
+        const int num_tiles = (N + ROWS - 1) / ROWS;                                                         \
+        _Pragma("omp parallel num_threads(num_threads)")                                                     \
+        {                                                                                                    \
+            DecodedTile t = {aligned_alloc(64, (size_t)ROWS * K), aligned_alloc(32, sizeof(__m256i) * ROWS * (K / 32)), \
+                             malloc(sizeof(float) * ROWS * (K / 256)), malloc(sizeof(float) * ROWS * (K / 16))};      \
+            _Pragma("omp for schedule(static)")                                                             \
+            for (int i = 0; i < num_tiles; i++) {                                                            \
+                const int n0 = i * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;                                 \
+                prompt_tile(F, codes + (int64_t)n0 * row_bytes, row_bytes, nr, K, xs, xs16, M, &t, y, N, n0); \
+            }                                                                                                \
+            free(t.c); free(t.sc); free(t.d); free(t.mn);                                                    \
+        }                                                                                                    \
+    }
+DEFINE_PROMPT_RUN(Q2_K)
+DEFINE_PROMPT_RUN(Q3_K)
+DEFINE_PROMPT_RUN(Q4_K)
+DEFINE_PROMPT_RUN(Q5_K)
+DEFINE_PROMPT_RUN(Q6_K)
+
+/* y (M x N) = x (M x K) . W^T for a K-quant W, any M (see above). Returns 0, or -1 for another format or
+ * a shape it does not take. */
+int tierlm_quant_prompt(int fmt, const float *x, int M, int K, const uint8_t *codes, int64_t row_bytes, float *y, int N,
+                        int num_threads) {
+    if (!is_prompt_fmt(fmt) || K % 256 || M < 1 || N < 1) return -1;
+    XSuper *xs = malloc(sizeof(XSuper) * M);
+    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *d = malloc(sizeof(float) * (size_t)M * (K / 256));
+    int16_t *bsum = malloc(sizeof(int16_t) * (size_t)M * (K / 16));
+    float *xs16 = malloc(sizeof(float) * (size_t)M * (K / 16));  /* xd * bsum: the corrections' x side */
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int m = 0; m < M; m++) {
+        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
+        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
+        for (int i = 0; i < K / 16; i++) xs16[(int64_t)m * (K / 16) + i] = xs[m].d[i / 16] * (float)xs[m].bsum[i];
+    }
+    switch (fmt) {
+    case Q2_K: prompt_run_Q2_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q3_K: prompt_run_Q3_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q4_K: prompt_run_Q4_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
+    case Q5_K: prompt_run_Q5_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
+    default: prompt_run_Q6_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
+    }
+    free(xs16); free(bsum); free(d); free(q); free(xs);
+    return 0;
+}
 
 /* F16 and BF16 rows: 8 weights at a time widened to float32 against x as it is. */
 static inline __m256 load8_half(const uint8_t *p, int bf16) {
