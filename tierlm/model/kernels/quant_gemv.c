@@ -684,19 +684,22 @@ static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const ui
     return sumi;
 }
 
+#ifndef SUPER_ROWS
+#define SUPER_ROWS 4
+#endif
 static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes, int K,
                                                                  const XSuper *xs, float *out, int prefetch) {
-    __m256 acc[ROWS];
-    float sv[ROWS];
-    for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; }
+    __m256 acc[SUPER_ROWS];
+    float sv[SUPER_ROWS];
+    for (int r = 0; r < SUPER_ROWS; r++) { acc[r] = _mm256_setzero_ps(); sv[r] = 0.f; }
     const int sb = super_bytes(fmt);
-    const uint8_t *next = codes + ROWS * row_bytes;
+    const uint8_t *next = codes + SUPER_ROWS * row_bytes;
     for (int s = 0; s < K / 256; s++) {
         if (prefetch)  /* the next tile's super-block s, in step (see rows_dot) */
-            for (int r = 0; r < ROWS; r++)
+            for (int r = 0; r < SUPER_ROWS; r++)
                 for (int off = 0; off < sb; off += 64) _mm_prefetch((const char *)(next + r * row_bytes + s * sb + off), _MM_HINT_T1);
         const float xd = xs->d[s];
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < SUPER_ROWS; r++) {
             float d, dmin;
             int mins;
             const __m256i sumi = super_dot(fmt, codes + r * row_bytes + s * sb, xs->q + 256 * s, xs->bsum + 16 * s, &d, &dmin, &mins);
@@ -704,23 +707,23 @@ static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const 
             sv[r] -= dmin * xd * (float)mins;
         }
     }
-    for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
+    for (int r = 0; r < SUPER_ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
 }
 
 #if !AVX512_BUILD
 #define DEFINE_SUPER_RUN(F)                                                                                 \
     static void super_run_##F(const XSuper *xs, int M, const uint8_t *codes, float *y, int N, int K,        \
                               int64_t row_bytes, int num_threads) {                                         \
-        const int num_tiles = (N + ROWS - 1) / ROWS;                                                       \
+        const int num_tiles = (N + SUPER_ROWS - 1) / SUPER_ROWS;                                                       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
         for (int t = 0; t < num_tiles; t++) {                                                              \
-            const int n0 = N < ROWS ? 0 : (t * ROWS + ROWS > N ? N - ROWS : t * ROWS);                      \
-            const int nr = N < ROWS ? N : ROWS;                                                            \
-            float out[ROWS];                                                                               \
+            const int n0 = N < SUPER_ROWS ? 0 : (t * SUPER_ROWS + SUPER_ROWS > N ? N - SUPER_ROWS : t * SUPER_ROWS);                      \
+            const int nr = N < SUPER_ROWS ? N : SUPER_ROWS;                                                            \
+            float out[SUPER_ROWS];                                                                               \
             for (int m = 0; m < M; m++) {                                                                  \
-                if (nr == ROWS) {                                                                          \
+                if (nr == SUPER_ROWS) {                                                                          \
                     super_rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, K, &xs[m], out, m == 0);  \
-                    for (int r = 0; r < ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
+                    for (int r = 0; r < SUPER_ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
                 } else {                                                                                   \
                     for (int r = 0; r < nr; r++) {                                                         \
                         super_rows_dot(F, codes + (int64_t)r * row_bytes, 0, K, &xs[m], out, 0);           \
