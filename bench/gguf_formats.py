@@ -17,7 +17,10 @@ the order within the pair flipping every round; ``*_vs_llama_cpp`` is the median
 round's own ratio (a slow spell of the shared host moves both engines of a pair alike), the tok/s
 columns are medians over rounds. Achieved GB/s = bytes of the matrices a decode step reads (every
 layer's, plus the output head; not the embedding table) / step time, against RAM read bandwidth
-measured before every round (the fastest: bench.common.measure_memory_bandwidth).
+measured before every round (the fastest: bench.common.measure_memory_bandwidth). Prompts are
+compute-bound: ``prefill_share_of_gemm`` = prefill tok/s x 2 x those matrices' weights / the float32
+GEMM rate measured before every round (bench.common.measure_matmul_flops, 2048^3; the fastest), what
+a perfect engine multiplying at that rate would reach.
 
     .venv/bin/python bench/gguf_formats.py [--files Q4_K_M ...] [--rounds 3] [--tokens 24]
 """
@@ -57,6 +60,17 @@ def _decode_bytes(path: Path) -> int:
 
     _, infos = parse_gguf(path)
     mats = {t.name: t.nbytes for t in infos if len(t.shape) == 2}
+    head = mats.pop("output.weight", None)
+    embed = mats.pop("token_embd.weight", 0)
+    return sum(mats.values()) + (head if head is not None else embed)
+
+
+def _decode_params(path: Path) -> int:
+    """Weights one token multiplies (the same matrices as ``_decode_bytes``): 2 x this is its FLOPs."""
+    from tierlm.loader.gguf import parse_gguf
+
+    _, infos = parse_gguf(path)
+    mats = {t.name: t.shape[0] * t.shape[1] for t in infos if len(t.shape) == 2}
     head = mats.pop("output.weight", None)
     embed = mats.pop("token_embd.weight", 0)
     return sum(mats.values()) + (head if head is not None else embed)
@@ -118,10 +132,15 @@ def main() -> None:
         return
     for name in args.files:
         file_path(name)  # made before any timing
-    bandwidth = 0.0
+    import torch
+
+    from bench.common import measure_matmul_flops
+
+    bandwidth, flops = 0.0, 0.0
     runs: dict[tuple[str, str], list[dict]] = {(f, e): [] for f in args.files for e in ENGINES}
     for i in range(args.rounds):
         bandwidth = max(bandwidth, measure_memory_bandwidth())
+        flops = max(flops, measure_matmul_flops(torch.float32))  # prompts are products: the GEMM roofline
         for name in args.files:
             for engine in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
                 r = run_child(__file__, f"{engine}|{name}", "--tokens", str(args.tokens))
@@ -139,6 +158,8 @@ def main() -> None:
                    "achieved_gbps": round(rs[0]["decode_bytes"] / step / 1e9, 1),
                    "share_of_bandwidth": round(rs[0]["decode_bytes"] / step / 1e9 / bandwidth, 2),
                    "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs))}
+            row["prefill_share_of_gemm"] = round(
+                row["prefill_tok_s"] * 2 * _decode_params(file_path(name)) / flops, 2)
             if engine == "tierlm":
                 row["decode_vs_llama_cpp"] = round(statistics.median(
                     b["step_s"] / o["step_s"] for o, b in zip(ours, base, strict=True)), 2)
@@ -150,13 +171,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     write_results(args.name, rows, {
         "model": "random Llama 1.1B (bench/make_models.py) F16 GGUF quantized by llama.cpp; Gemma-3-270m's own file",
-        "bandwidth_gbps": round(bandwidth, 1), "prefill_tokens": len(PREFILL), "decode_prompt_tokens": len(PROMPT),
+        "bandwidth_gbps": round(bandwidth, 1), "fp32_gemm_gflops": round(flops / 1e9, 1),
+        "prefill_tokens": len(PREFILL), "decode_prompt_tokens": len(PROMPT),
         "decode_tokens": args.tokens, "threads": 2,
         "rounds": f"{args.rounds}; tok/s and RSS are medians over rounds, *_vs_llama_cpp medians of per-round ratios",
         "files": {n: str(file_path(n).relative_to(REPO_ROOT)) if not n.startswith("gemma") else str(file_path(n))
                   for n in args.files}},
         columns=["file", "engine", "file_mb", "decode_tok_s", "decode_vs_llama_cpp", "prefill_tok_s",
-                 "prefill_vs_llama_cpp", "achieved_gbps", "share_of_bandwidth", "peak_rss_mb", "rss_vs_llama_cpp"])
+                 "prefill_vs_llama_cpp", "prefill_share_of_gemm", "achieved_gbps", "share_of_bandwidth",
+                 "peak_rss_mb", "rss_vs_llama_cpp"])
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_unknown_formats_and_bad_groups_are_clear_errors():
     with pytest.raises(QuantError, match="not a whole number of groups of 128"):
         get_quantizer("q4", 128).quantize(torch.zeros(4, 576))
     with pytest.raises(QuantError, match="not executed natively"):
-        GGUFFormat("Q2_K")
+        GGUFFormat("IQ2_XS")
 
 
 # -- importance-weighted quantization ---------------------------------------------------------------
@@ -634,3 +634,34 @@ def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
     q = QuantLinear(None, DenseLinear(), kernel, int8_prompts=True)
     assert torch.equal(q.apply(x, qw, None), prompt_matmul(kernel, x, qw))
+
+
+@pytest.mark.parametrize("rows", [41, 3, 16])
+def test_avx2_q4_k_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(rows):
+    """The AVX2 build's Q4_K tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal to the gguf package's
+    dequantization, products equal to the rows' (both against x rounded per 256); the linear method makes
+    them for resident Q4_K matrices and runs them in the kernel."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from tierlm.quant.tiles import KX8_ROWS, dequantize_tiles, tile_rows_kx8
+
+    kernel = _kernel("avx2")
+    if kernel is None:
+        return
+    qw = _gguf_weight("Q4_K", rows=rows, cols=768)
+    ref_w = torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType.Q4_K))
+    tw = tile_rows_kx8(qw)
+    assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8) and tw.nbytes == tw.num_tiles * 3 * 1184
+    assert torch.equal(dequantize_tiles(tw, 0, tw.num_tiles)[:rows], ref_w)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(11))
+    x[1, 256:512] = 0
+    ref = _int8_blocks(x, 256) @ ref_w.double().T
+    y = kernel_matmul(kernel, x, tw, num_threads=2).double()
+    assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+    q = QuantLinear(None, DenseLinear(), kernel)
+    prepared = q.prepare(qw)
+    assert isinstance(prepared, RowTiles) and prepared.rows_per_tile == KX8_ROWS
+    assert torch.equal(q.apply(x, prepared, None), kernel_matmul(kernel, x, qw).to(x.dtype))  # same arithmetic
+    xs = torch.randn(20, 768, generator=torch.Generator().manual_seed(12))  # a prompt chunk: untiled bands
+    assert torch.allclose(q.apply(xs, prepared, None).double(), xs.double() @ ref_w.double().T, atol=1e-3, rtol=1e-4)

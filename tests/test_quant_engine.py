@@ -265,3 +265,36 @@ def test_gguf_every_native_type_in_one_model_scores_like_its_float_load(hf_model
     layered = LLM(path, quant="gguf", max_model_len=64, fused_decode=False)
     assert llm.model.decode_plan().fused is not None, llm.model.decode_plan()
     assert llm.generate([ids[:5]], greedy)[0].token_ids == layered.generate([ids[:5]], greedy)[0].token_ids
+
+
+def test_gguf_types_without_a_kernel_are_expanded_at_load_with_one_log_line(hf_model, tmp_path, caplog):
+    """IQ2_XXS (a grid-codebook type tierlm does not execute): its matrices are read as float, and the
+    start-up log names the type once, however many tensors have it."""
+    import logging
+
+    import numpy as np
+
+    from bench.gguf_export import export
+    from tierlm.quant.gguf import block_size
+
+    _, folder = hf_model("llama-256")
+    block, size = block_size("IQ2_XXS")
+
+    def encode(name, w):
+        if not name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight")):
+            return None
+        shape = (w.shape[0], w.shape[1] // block * size)
+        raw = np.random.default_rng(len(name)).integers(0, 256, shape, dtype=np.uint8)
+        raw.reshape(w.shape[0], -1, size)[..., :2].view(np.float16)[...] = 0.01  # d
+        return raw, "IQ2_XXS"
+
+    path = export(folder, tmp_path / "iq2.gguf", "f16", encode=encode)
+    with caplog.at_level(logging.INFO, logger="tierlm"):
+        llm = LLM(path, quant="gguf", max_model_len=64)
+    lines = [r.getMessage() for r in caplog.records if "IQ2_XXS" in r.getMessage()]
+    assert len(lines) == 1 and "not executed natively" in lines[0], lines
+    l0 = llm.model.w.layers[0]
+    assert isinstance(l0.qkv, torch.Tensor) and l0.qkv.dtype == torch.float32  # expanded
+    assert isinstance(l0.o, QuantizedWeight) and l0.o.format == "gguf:F16"  # the others stay as stored
+    ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
+    assert _rel(llm.score(ids), LLM(path, max_model_len=64).score(ids)) < 1e-5

@@ -33,7 +33,16 @@ from tierlm.quant import (
     Quantizer,
     method_for,
 )
-from tierlm.quant.tiles import GROUPWISE_BITS, TILE_FORMATS, RowTiles, tile_rows, tiled_tiles_matmul
+from tierlm.quant.tiles import (
+    GROUPWISE_BITS,
+    KX8_FORMATS,
+    KX8_ROWS,
+    TILE_FORMATS,
+    RowTiles,
+    tile_rows,
+    tile_rows_kx8,
+    tiled_tiles_matmul,
+)
 
 log = logging.getLogger("tierlm")
 
@@ -72,6 +81,8 @@ class KernelOperand:
 def kernel_operand(qw: QuantizedWeight | RowTiles) -> KernelOperand:
     """The kernel's arguments for ``qw``; the caller checks KERNEL_FORMATS (or, for row tiles,
     TILE_KERNEL_FORMATS)."""
+    if isinstance(qw, RowTiles) and qw.rows_per_tile == KX8_ROWS:
+        return KernelOperand(KX8_FORMATS[qw.format][2], qw.tiles, None, None, qw.group, qw.tiles.stride(0), 0)
     if isinstance(qw, RowTiles):
         return KernelOperand(TILE_KERNEL_FORMATS[qw.format], qw.tiles, None, None, qw.group,
                              GROUPWISE_BITS.get(qw.format, 0), 0)
@@ -150,9 +161,13 @@ class QuantLinear:
         return qw
 
     def _tile(self, qw: QuantizedWeight) -> QuantizedWeight | RowTiles:
-        on_cpu = qw.codes.device.type == "cpu"
-        tiles = self.kernel is not None and self.kernel.row_tiles
-        return tile_rows(qw) if tiles and on_cpu and qw.format in TILE_FORMATS else qw
+        if self.kernel is None or qw.codes.device.type != "cpu":
+            return qw
+        if self.kernel.row_tiles and qw.format in TILE_FORMATS:
+            return tile_rows(qw)
+        if self.kernel.kx8_tiles and qw.format in KX8_FORMATS:
+            return tile_rows_kx8(qw)
+        return qw
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor | AnyQuantized, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):
@@ -170,7 +185,9 @@ class QuantLinear:
         tiles are only made when it has them (``prepare``)."""
         if self.kernel is None:
             return False
-        return self.kernel.row_tiles if isinstance(qw, RowTiles) else qw.format in KERNEL_FORMATS
+        if isinstance(qw, RowTiles):
+            return self.kernel.kx8_tiles if qw.rows_per_tile == KX8_ROWS else self.kernel.row_tiles
+        return qw.format in KERNEL_FORMATS
 
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
         if (self.int8_prompts and x.shape[0] > self.max_kernel_rows and isinstance(qw, QuantizedWeight)

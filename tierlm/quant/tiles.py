@@ -14,9 +14,10 @@ Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 
 46, q3 16 -> 56, q2 21 -> 107 (one run); q3h 22 -> 42 (with software prefetch), 58-67 with its
 byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
-The repacking is done once, when the linear method prepares a resident matrix, and only for the
-kernel's AVX512-VNNI build: its AVX2 build (CPUs without AVX-512) has no tile kernels and runs every
-matrix from its rows (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
+The repacking is done once, when the linear method prepares a resident matrix, for the kernel's
+AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for Q4_K only
+(``KX8_FORMATS``: 8 rows, the layout and its measurements in quant_gemv.c "Q4_K in tiles of 8 rows")
+and runs every other matrix from its rows (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
 layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
 kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
 ceil(R / 16) * 16 rows' bytes (a tiered plan's resident slices of a few rows pay up to 15 rows of
@@ -232,10 +233,11 @@ TILE_FORMATS = (*_GGUF_LAYOUTS, *GROUPWISE_BITS, "q3h")  # formats with a row-ti
 class RowTiles:
     """A ``QuantizedWeight`` of format ``format`` repacked in tiles of TILE_ROWS rows (module docstring)."""
 
-    format: str  # the source format, one of TILE_FORMATS
+    format: str  # the source format, one of TILE_FORMATS (or KX8_FORMATS with rows_per_tile 8)
     shape: tuple[int, int]  # (out, in) of the float matrix
-    tiles: torch.Tensor  # uint8 (ceil(out / TILE_ROWS), bytes per tile)
+    tiles: torch.Tensor  # uint8 (ceil(out / rows_per_tile), bytes per tile)
     group: int  # the source's weights per group (GGUF: per block)
+    rows_per_tile: int = TILE_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -288,7 +290,9 @@ def _tile_band(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
-    """Tiles [t0, t1) as float32 (TILE_ROWS * (t1 - t0), in), padding rows included (zeros)."""
+    """Tiles [t0, t1) as float32 (rows_per_tile * (t1 - t0), in), padding rows included (zeros)."""
+    if tw.rows_per_tile == KX8_ROWS:
+        return _untile_kx8(tw, t0, t1)
     if tw.format == "q3h":
         return _untile_q3h(tw.tiles[t0:t1], tw.shape[1], tw.group)
     if tw.format in GROUPWISE_BITS:
@@ -299,9 +303,76 @@ def dequantize_tiles(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
 def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
     """x (N, in) @ W^T in x's dtype with float activations, dequantizing about TILE_BYTES of float32 at a
     time: prompt chunks, unless QuantLinear.int8_prompts sends them to the kernel."""
-    band = TILE_ROWS * max(1, TILE_BYTES // (4 * tw.shape[1] * TILE_ROWS))  # whole tiles per band
+    per = tw.rows_per_tile
+    band = per * max(1, TILE_BYTES // (4 * tw.shape[1] * per))  # whole tiles per band
 
     def rows(r0: int, r1: int) -> torch.Tensor:  # r0 is a whole tile's first row; drop the padding
-        return dequantize_tiles(tw, r0 // TILE_ROWS, -(-r1 // TILE_ROWS))[:r1 - r0]
+        return dequantize_tiles(tw, r0 // per, -(-r1 // per))[:r1 - r0]
 
     return banded_matmul(x, tw.shape, tw.format, band, rows)
+
+
+# -- the AVX2 build's Q4_K / Q5_K tiles of 8 rows ------------------------------------------------------------
+
+KX8_ROWS = 8
+# source format -> (bytes of a source super-block, bytes of a tile's super-block, kernel format id)
+KX8_FORMATS = {"gguf:Q4_K": (144, 1184, 25)}
+
+
+def _k_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant's 12 scale bytes (..., 12) -> its 8 six-bit scales and mins (..., 8) each (ggml's
+    get_scale_min_k4)."""
+    q = q.to(torch.int32)
+    lo, hi = q[..., :4], q[..., 4:8]
+    top = q[..., 8:12]
+    sc = torch.cat([lo & 63, (top & 0xF) | ((lo >> 6) << 4)], dim=-1)
+    m = torch.cat([hi & 63, (top >> 4) | ((hi >> 6) << 4)], dim=-1)
+    return sc.to(torch.uint8), m.to(torch.uint8)
+
+
+def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
+    """Repack a Q4_K matrix into the AVX2 build's tiles of 8 rows (quant_gemv.c's layout), band by
+    band like ``tile_rows``; the weights are unchanged (its dequantization is the file's, bit for bit)."""
+    if qw.format not in KX8_FORMATS:
+        raise QuantError(f"no 8-row tile layout for {qw.format} (have: {', '.join(KX8_FORMATS)})")
+    out, k = qw.shape
+    src, dst, _ = KX8_FORMATS[qw.format]
+    num_tiles, nsb = -(-out // KX8_ROWS), k // 256
+    tiles = torch.empty(num_tiles, nsb * dst, dtype=torch.uint8)
+    band = max(1, TILE_BYTES // (KX8_ROWS * nsb * src))  # tiles per band
+    for t0 in range(0, num_tiles, band):
+        t1 = min(num_tiles, t0 + band)
+        r0, r1 = t0 * KX8_ROWS, min(out, t1 * KX8_ROWS)
+        blocks = qw.codes[r0:r1].reshape(r1 - r0, nsb, src)
+        if (t1 - t0) * KX8_ROWS > r1 - r0:  # zero rows pad the last tile
+            blocks = torch.cat([blocks, blocks.new_zeros((t1 - t0) * KX8_ROWS - (r1 - r0), nsb, src)])
+        tiles[t0:t1] = _tile_kx8(blocks)
+    return RowTiles(qw.format, qw.shape, tiles, qw.group, KX8_ROWS)
+
+
+def _tile_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_K super-blocks uint8 (T * 8, nsb, 144) -> tiles (T, nsb * 1184)."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nsb, 144).permute(0, 2, 1, 3)  # (T, nsb, row, bytes)
+    d, dmin = b[..., 0:2].reshape(n, nsb, 16), b[..., 2:4].reshape(n, nsb, 16)
+    sc, m = _k_scales_mins(b[..., 4:16])  # (T, nsb, row, j)
+    sc, m = sc.transpose(2, 3).reshape(n, nsb, 64), m.transpose(2, 3).reshape(n, nsb, 64)
+    nib = b[..., 16:144].reshape(n, nsb, KX8_ROWS, 4, 32)  # byte l of pair p: weight l of sub-blocks 2p, 2p+1
+    codes = torch.stack([nib & 15, nib >> 4], dim=4).reshape(n, nsb, KX8_ROWS, 8, 2, 4, 4)  # (T, nsb, row, j, h, v, b)
+    packed = codes[:, :, :, :, 0] | (codes[:, :, :, :, 1] << 4)  # (T, nsb, row, j, v, b)
+    packed = packed.permute(0, 1, 3, 4, 2, 5).reshape(n, nsb, 1024)  # [j][v][row][b]
+    return torch.cat([d, dmin, sc, m, packed], dim=2).reshape(n, -1)
+
+
+def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
+    """Tiles [t0, t1) of an 8-row K-quant tiling as float32 (8 * (t1 - t0), in), through quant_gemv.c (the
+    tiles exist only where its AVX2 build is loaded)."""
+    from tierlm.model.kernels import quant_gemv
+
+    kernel = quant_gemv("avx2")
+    tiles = tw.tiles[t0:t1].contiguous()
+    out = torch.empty((t1 - t0) * KX8_ROWS, tw.shape[1], dtype=torch.float32)
+    if kernel is None or kernel.dequant(KX8_FORMATS[tw.format][2], tiles.data_ptr(), tiles.stride(0), t1 - t0,
+                                        tw.shape[1], out.data_ptr(), torch.get_num_threads()) != 0:
+        raise QuantError(f"{tw.format} 8-row tiles need the AVX2 build of the quantized kernel")
+    return out

@@ -251,6 +251,7 @@ class QuantKernel:
     # ``prompt(fmt, x_ptr, M, K, codes_ptr, row_bytes, y_ptr, N, num_threads) -> int``: K-quant rows
     # decoded once per tile against any number of rows of x (prompt chunks; -1 = not taken)
     prompt: Callable[..., int]
+    kx8_tiles: bool = False  # Q4_K / Q5_K in tiles of 8 rows (tierlm.quant.tiles.KX8_FORMATS): the AVX2 build
 
     def __call__(self, *args) -> int:
         return self.gemv(*args)
@@ -292,4 +293,4 @@ def quant_gemv(isa: str | None = None) -> QuantKernel | None:
     prompt = _load(build.supported(), build.library, QUANT_SOURCE, "tierlm_quant_prompt",
                    [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int], ctypes.c_int)
-    return QuantKernel(gemv, build.isa, build.row_tiles, dequant, prompt)
+    return QuantKernel(gemv, build.isa, build.row_tiles, dequant, prompt, kx8_tiles=build.isa == "avx2")
