@@ -18,7 +18,7 @@ round's own ratio (a slow spell of the shared host moves both engines of a pair 
 columns are medians over rounds. Achieved GB/s = bytes of the matrices a decode step reads (every
 layer's, plus the output head; not the embedding table) / step time, against RAM read bandwidth
 measured before every round (the fastest: bench.common.measure_memory_bandwidth). Prompts are
-compute-bound: ``prefill_share_of_gemm`` = prefill tok/s x 2 x those matrices' weights / the float32
+compute-bound: ``prefill_share_of_gemm`` = prefill tok/s x 2 x the layers' weights / the float32
 GEMM rate measured before every round (bench.common.measure_matmul_flops, 2048^3; the fastest), what
 a perfect engine multiplying at that rate would reach.
 
@@ -65,15 +65,14 @@ def _decode_bytes(path: Path) -> int:
     return sum(mats.values()) + (head if head is not None else embed)
 
 
-def _decode_params(path: Path) -> int:
-    """Weights one token multiplies (the same matrices as ``_decode_bytes``): 2 x this is its FLOPs."""
+def _prompt_params(path: Path) -> int:
+    """Weights a prompt token multiplies: every layer's matrices (2 x this is its FLOPs). Not the head:
+    both engines compute logits for a prompt's last token only."""
     from tierlm.loader.gguf import parse_gguf
 
     _, infos = parse_gguf(path)
-    mats = {t.name: t.shape[0] * t.shape[1] for t in infos if len(t.shape) == 2}
-    head = mats.pop("output.weight", None)
-    embed = mats.pop("token_embd.weight", 0)
-    return sum(mats.values()) + (head if head is not None else embed)
+    return sum(t.shape[0] * t.shape[1] for t in infos
+               if len(t.shape) == 2 and t.name not in ("output.weight", "token_embd.weight"))
 
 
 def _child(spec: str, num_tokens: int) -> dict:
@@ -159,7 +158,7 @@ def main() -> None:
                    "share_of_bandwidth": round(rs[0]["decode_bytes"] / step / 1e9 / bandwidth, 2),
                    "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs))}
             row["prefill_share_of_gemm"] = round(
-                row["prefill_tok_s"] * 2 * _decode_params(file_path(name)) / flops, 2)
+                row["prefill_tok_s"] * 2 * _prompt_params(file_path(name)) / flops, 2)
             if engine == "tierlm":
                 row["decode_vs_llama_cpp"] = round(statistics.median(
                     b["step_s"] / o["step_s"] for o, b in zip(ours, base, strict=True)), 2)

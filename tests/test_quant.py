@@ -549,14 +549,12 @@ def test_quant_linear_tiles_resident_q4_0_only_with_a_row_tile_kernel(kernel):
     lin = QuantLinear(None, DenseLinear(), kernel)
     fused = lin.prepare(FusedWeight((a, b)))
     assert isinstance(fused, FusedWeight) and fused.shape == (48, 256)
-    if kernel is None or not kernel.row_tiles:
+    if kernel is None:
         assert fused.parts == (a, b)
-        if kernel is not None:  # the AVX2 build: rows, through the kernel at decode sizes
-            expected = (_int8_blocks(x1) @ deq.double().T).float()
-            assert torch.allclose(lin.apply(x1, fused, None), expected, atol=1e-4)
-            assert lin.kernel_takes(a) and not lin.kernel_takes(tile_rows(a))
-            assert torch.allclose(lin.apply(x1, tile_rows(a), None), x1 @ deq[:40].T, atol=1e-4)  # float path
         return
+    if not kernel.row_tiles:  # the AVX2 build: Q4_0 in its own tiles of 8 rows, not the 16-row ones
+        assert not lin.kernel_takes(tile_rows(a))
+        assert torch.allclose(lin.apply(x1, tile_rows(a), None), x1 @ deq[:40].T, atol=1e-4)  # float path
     tiled, kept = fused.parts
     assert isinstance(tiled, RowTiles) and kept is b  # Q8_0 has no tile layout
     assert lin.prepare(tiled) is tiled and lin.prepare(fused.parts[0]) is tiled
@@ -637,10 +635,12 @@ def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows
 
 
 @pytest.mark.parametrize("rows", [41, 3, 16])
-def test_avx2_q4_k_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(rows):
-    """The AVX2 build's Q4_K tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal to the gguf package's
-    dequantization, products equal to the rows' (both against x rounded per 256); the linear method makes
-    them for resident Q4_K matrices and runs them in the kernel."""
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0"])
+def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_name, rows):
+    """The AVX2 build's Q4_K and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal to the gguf
+    package's dequantization, products equal to the dequantized weight times x rounded as for the rows
+    (per 256 / per 32), Q4_K's bit for bit equal to its rows'; the linear method makes them for resident
+    matrices, runs them in the kernel, and untiles bands for prompt chunks."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -649,19 +649,25 @@ def test_avx2_q4_k_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(r
     kernel = _kernel("avx2")
     if kernel is None:
         return
-    qw = _gguf_weight("Q4_K", rows=rows, cols=768)
-    ref_w = torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType.Q4_K))
+    qw = _gguf_weight(type_name, rows=rows, cols=768)
+    ref_w = torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType[type_name]))
     tw = tile_rows_kx8(qw)
-    assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8) and tw.nbytes == tw.num_tiles * 3 * 1184
+    assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8)
+    # Q4_0: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a super-block
+    assert tw.nbytes == tw.num_tiles * (3 * 1184 if type_name == "Q4_K" else 8 * qw.nbytes // rows)
     assert torch.equal(dequantize_tiles(tw, 0, tw.num_tiles)[:rows], ref_w)
     x = torch.randn(3, 768, generator=torch.Generator().manual_seed(11))
     x[1, 256:512] = 0
-    ref = _int8_blocks(x, 256) @ ref_w.double().T
+    ref = _int8_blocks(x, 256 if type_name == "Q4_K" else 32) @ ref_w.double().T
     y = kernel_matmul(kernel, x, tw, num_threads=2).double()
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
     q = QuantLinear(None, DenseLinear(), kernel)
     prepared = q.prepare(qw)
     assert isinstance(prepared, RowTiles) and prepared.rows_per_tile == KX8_ROWS
-    assert torch.equal(q.apply(x, prepared, None), kernel_matmul(kernel, x, qw).to(x.dtype))  # same arithmetic
+    rows_y = kernel_matmul(kernel, x, qw).to(x.dtype)
+    if type_name == "Q4_K":  # the same arithmetic: streamed rows and resident tiles agree exactly
+        assert torch.equal(q.apply(x, prepared, None), rows_y)
+    else:
+        assert torch.allclose(q.apply(x, prepared, None), rows_y, atol=1e-4 * rows_y.abs().max().item())
     xs = torch.randn(20, 768, generator=torch.Generator().manual_seed(12))  # a prompt chunk: untiled bands
     assert torch.allclose(q.apply(xs, prepared, None).double(), xs.double() @ ref_w.double().T, atol=1e-3, rtol=1e-4)

@@ -137,9 +137,10 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     path = export(folder, tmp_path / "llama-q4_0.gguf", "q4_0")
     llm = LLM(path, quant="gguf", max_model_len=64)
     w = llm.model.w
-    # resident Q4_0 matrices are repacked where the kernel has row tiles (its AVX-512 build); else they stay blocks
+    # resident Q4_0 matrices are repacked where the kernel has row tiles (16 rows in its AVX-512 build, 8 in
+    # its AVX2 one); else they stay blocks
     kernel = quant_gemv()
-    kind = RowTiles if kernel is not None and kernel.row_tiles else QuantizedWeight
+    kind = RowTiles if kernel is not None and (kernel.row_tiles or kernel.kx8_tiles) else QuantizedWeight
     assert all(isinstance(getattr(lw, m), kind) for lw in w.layers for m in ("qkv", "o", "up", "down"))
     assert isinstance(w.lm_head, kind) and w.lm_head.format == "gguf:Q4_0"
     ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
@@ -157,6 +158,7 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     tokens = llm.generate([ids[:5]], greedy)[0].token_ids
     monkeypatch.setattr("tierlm.quant.linear.TILE_FORMATS", ())
+    monkeypatch.setattr("tierlm.quant.linear.KX8_FORMATS", {})  # the AVX2 build's tiles
     rows = LLM(path, quant="gguf", max_model_len=64)
     assert isinstance(rows.model.w.layers[0].up, QuantizedWeight)
     assert rows.generate([ids[:5]], greedy)[0].token_ids == tokens

@@ -82,7 +82,7 @@ def kernel_operand(qw: QuantizedWeight | RowTiles) -> KernelOperand:
     """The kernel's arguments for ``qw``; the caller checks KERNEL_FORMATS (or, for row tiles,
     TILE_KERNEL_FORMATS)."""
     if isinstance(qw, RowTiles) and qw.rows_per_tile == KX8_ROWS:
-        return KernelOperand(KX8_FORMATS[qw.format][2], qw.tiles, None, None, qw.group, qw.tiles.stride(0), 0)
+        return KernelOperand(KX8_FORMATS[qw.format][3], qw.tiles, None, None, qw.group, qw.tiles.stride(0), 0)
     if isinstance(qw, RowTiles):
         return KernelOperand(TILE_KERNEL_FORMATS[qw.format], qw.tiles, None, None, qw.group,
                              GROUPWISE_BITS.get(qw.format, 0), 0)

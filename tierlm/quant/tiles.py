@@ -15,9 +15,10 @@ Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 
 byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix, for the kernel's
-AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for Q4_K only
-(``KX8_FORMATS``: 8 rows, the layout and its measurements in quant_gemv.c "Q4_K in tiles of 8 rows")
-and runs every other matrix from its rows (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
+AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for Q4_K and Q4_0
+(``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles of 8 rows"
+and "Q4_0 in tiles of 8 rows") and runs every other matrix from its rows
+(tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
 layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
 kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
 ceil(R / 16) * 16 rows' bytes (a tiered plan's resident slices of a few rows pay up to 15 rows of
@@ -315,8 +316,8 @@ def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
 # -- the AVX2 build's Q4_K / Q5_K tiles of 8 rows ------------------------------------------------------------
 
 KX8_ROWS = 8
-# source format -> (bytes of a source super-block, bytes of a tile's super-block, kernel format id)
-KX8_FORMATS = {"gguf:Q4_K": (144, 1184, 25)}
+# source format -> (weights and bytes of a source block, bytes of its tile block, kernel format id)
+KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26)}
 
 
 def _k_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,13 +332,13 @@ def _k_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
-    """Repack a Q4_K matrix into the AVX2 build's tiles of 8 rows (quant_gemv.c's layout), band by
+    """Repack a Q4_K or Q4_0 matrix into the AVX2 build's tiles of 8 rows (quant_gemv.c's layout), band by
     band like ``tile_rows``; the weights are unchanged (its dequantization is the file's, bit for bit)."""
     if qw.format not in KX8_FORMATS:
         raise QuantError(f"no 8-row tile layout for {qw.format} (have: {', '.join(KX8_FORMATS)})")
     out, k = qw.shape
-    src, dst, _ = KX8_FORMATS[qw.format]
-    num_tiles, nsb = -(-out // KX8_ROWS), k // 256
+    block, src, dst, _ = KX8_FORMATS[qw.format]
+    num_tiles, nsb = -(-out // KX8_ROWS), k // block
     tiles = torch.empty(num_tiles, nsb * dst, dtype=torch.uint8)
     band = max(1, TILE_BYTES // (KX8_ROWS * nsb * src))  # tiles per band
     for t0 in range(0, num_tiles, band):
@@ -346,7 +347,7 @@ def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
         blocks = qw.codes[r0:r1].reshape(r1 - r0, nsb, src)
         if (t1 - t0) * KX8_ROWS > r1 - r0:  # zero rows pad the last tile
             blocks = torch.cat([blocks, blocks.new_zeros((t1 - t0) * KX8_ROWS - (r1 - r0), nsb, src)])
-        tiles[t0:t1] = _tile_kx8(blocks)
+        tiles[t0:t1] = _tile_kx8(blocks) if qw.format == "gguf:Q4_K" else _tile_q4_0x8(blocks)
     return RowTiles(qw.format, qw.shape, tiles, qw.group, KX8_ROWS)
 
 
@@ -364,6 +365,16 @@ def _tile_kx8(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, dmin, sc, m, packed], dim=2).reshape(n, -1)
 
 
+def _tile_q4_0x8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks uint8 (T * 8, nb, 18) -> tiles (T, nb * 144): per block the 8 rows' d, then
+    [v][row][b] the nibble bytes 4v + b (a Q4_0 byte holds weights j and j + 16, as the tiles want)."""
+    n, nb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nb, 18).permute(0, 2, 1, 3)  # (T, nb, row, bytes)
+    d = b[..., 0:2].reshape(n, nb, 16)
+    q = b[..., 2:18].reshape(n, nb, KX8_ROWS, 4, 4).permute(0, 1, 3, 2, 4).reshape(n, nb, 128)
+    return torch.cat([d, q], dim=2).reshape(n, -1)
+
+
 def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
     """Tiles [t0, t1) of an 8-row K-quant tiling as float32 (8 * (t1 - t0), in), through quant_gemv.c (the
     tiles exist only where its AVX2 build is loaded)."""
@@ -372,7 +383,7 @@ def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:
     kernel = quant_gemv("avx2")
     tiles = tw.tiles[t0:t1].contiguous()
     out = torch.empty((t1 - t0) * KX8_ROWS, tw.shape[1], dtype=torch.float32)
-    if kernel is None or kernel.dequant(KX8_FORMATS[tw.format][2], tiles.data_ptr(), tiles.stride(0), t1 - t0,
+    if kernel is None or kernel.dequant(KX8_FORMATS[tw.format][3], tiles.data_ptr(), tiles.stride(0), t1 - t0,
                                         tw.shape[1], out.data_ptr(), torch.get_num_threads()) != 0:
         raise QuantError(f"{tw.format} 8-row tiles need the AVX2 build of the quantized kernel")
     return out

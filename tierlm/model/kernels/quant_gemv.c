@@ -88,7 +88,7 @@
 #endif
 
 enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18,
-       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, NUM_FORMATS = 26 };
+       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, NUM_FORMATS = 27 };
 
 /* K-quants (256 weights a super-block) */
 static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8; }
@@ -1008,6 +1008,63 @@ static void dequant_kx8(const uint8_t *tile, int K, float *y) {
     }
 }
 
+/* Q4_0 in tiles of 8 rows (the AVX2 build; tierlm.quant.tiles): per block of 32 weights (144 bytes, as
+ * the 8 rows' blocks), the 8 rows' fp16 d, then 4 x 32 bytes [v < 4][row][b < 4]: low nibble weight
+ * 4v + b of the row, high nibble weight 16 + 4v + b; weight = d * (nibble - 8). As for Q4_K, int32 lane
+ * i is row i and a block's 8 vpmaddubsw sums add in int16 before one vpmaddwd. */
+enum { Q40X8_BYTES = 144 };
+
+static void q4_0x8_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *t = tile + (int64_t)b * Q40X8_BYTES;
+        const int8_t *xq = xb->q + 32 * b;
+        __m256i p16 = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 16 + 32 * v));
+            int32_t x0, x1;
+            memcpy(&x0, xq + 4 * v, 4);
+            memcpy(&x1, xq + 16 + 4 * v, 4);
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m4), _mm256_set1_epi32(x0)));
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4),
+                                                             _mm256_set1_epi32(x1)));
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), _mm256_mul_ps(d, _mm256_set1_ps(xb->xd[b])), acc);
+        accm = _mm256_fmadd_ps(d, _mm256_set1_ps(8.f * xb->xs[b]), accm);  /* the -8 offset: 8 d sum(x) */
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+}
+
+static void run_q4_0x8(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
+    const int num_tiles = (N + KX8_ROWS - 1) / KX8_ROWS, nb = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int t = 0; t < num_tiles; t++) {
+        float out[KX8_ROWS];
+        const int nr = N - t * KX8_ROWS < KX8_ROWS ? N - t * KX8_ROWS : KX8_ROWS;
+        for (int m = 0; m < M; m++) {
+            q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m], out);
+            for (int r = 0; r < nr; r++) y[(int64_t)m * N + t * KX8_ROWS + r] = out[r];
+        }
+    }
+}
+
+__attribute__((optimize("fp-contract=off")))
+static void dequant_q4_0x8(const uint8_t *tile, int K, float *y) {
+    for (int b = 0; b < K / 32; b++) {
+        const uint8_t *t = tile + (int64_t)b * Q40X8_BYTES;
+        for (int r = 0; r < KX8_ROWS; r++) {
+            const float d = fp16(t + 2 * r);
+            for (int w = 0; w < 32; w++) {
+                const int h = w >> 4, v = (w & 15) >> 2, bb = w & 3;
+                const int c = (t[16 + 32 * v + 4 * r + bb] >> (4 * h)) & 0xF;
+                y[(int64_t)r * K + 32 * b + w] = d * (float)(c - 8);
+            }
+        }
+    }
+}
+
 /* F16 and BF16 rows: 8 weights at a time widened to float32 against x as it is. */
 static inline __m256 load8_half(const uint8_t *p, int bf16) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -1401,6 +1458,8 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         if (x3h) q3h_x(xbs[m].q, K, xbs[m].x3h);
 #endif
     }
+    if (fmt == Q4_0X8) run_q4_0x8(xbs, M, codes, y, N, K, num_threads);
+    else
 #if AVX512_BUILD
     /* Tiles: codes is the tiles; steps, mins and scale_stride unused; for TQX16, row_bytes is the bits
      * per code and group the weights per group. */
@@ -1529,10 +1588,13 @@ static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
  * a format that is not a GGUF block type (tierlm's own formats dequantize in torch) or a shape it does
  * not take. */
 int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N, int K, float *out, int num_threads) {
-    if (fmt == Q4_KX8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
-        if (K % 256 || N < 0) return -1;
+    if (fmt == Q4_KX8 || fmt == Q4_0X8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
+        if (K % (fmt == Q4_KX8 ? 256 : 32) || N < 0) return -1;
         #pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int t = 0; t < N; t++) dequant_kx8(codes + (int64_t)t * row_bytes, K, out + (int64_t)t * KX8_ROWS * K);
+        for (int t = 0; t < N; t++) {
+            if (fmt == Q4_KX8) dequant_kx8(codes + (int64_t)t * row_bytes, K, out + (int64_t)t * KX8_ROWS * K);
+            else dequant_q4_0x8(codes + (int64_t)t * row_bytes, K, out + (int64_t)t * KX8_ROWS * K);
+        }
         return 0;
     }
     const int gguf = (fmt >= Q8_0 && fmt <= Q6_K) || (fmt >= Q2_K && fmt <= BF16);
