@@ -4,7 +4,7 @@
 already quantized, such as a GGUF file's own blocks) and, with a kernel that has row tiles, repacks
 resident matrices into them (tierlm.quant.tiles); ``apply`` multiplies without expanding the whole
 matrix: on a CPU with a build of the compiled kernel (tierlm/model/kernels/quant_gemv.c: AVX512-VNNI
-with row tiles, or AVX2 without them, which runs every format from its rows), decode-sized batches (up
+with row tiles, or AVX2 with 8-row tiles for Q4_0 and Q4_K and rows for the rest), decode-sized batches (up
 to ``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of rows at a time and use
 ``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts`` sends them to the
 kernel too.
