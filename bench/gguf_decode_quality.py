@@ -55,15 +55,15 @@ def main() -> None:
     for name, path in _models().items():
         whole = LLM(path, max_model_len=512)
         steps8 = LLM(path, max_model_len=512, max_num_batched_tokens=8)
-        ref = perplexity(whole, text, num_windows=args.windows).perplexity
+        ref = perplexity(whole, text, num_windows=args.windows).ppl
         row = {"model": name, "float_path_ppl": round(ref, 3)}
-        ppl = perplexity(steps8, text, num_windows=args.windows).perplexity
+        ppl = perplexity(steps8, text, num_windows=args.windows).ppl
         row["kernel_ppl"] = round(ppl, 3)
         row["kernel_vs_float"] = f"{100 * (ppl / ref - 1):+.2f}%"
         if switch is not None:
             switch(1)
             try:
-                p32 = perplexity(steps8, text, num_windows=args.windows).perplexity
+                p32 = perplexity(steps8, text, num_windows=args.windows).ppl
             finally:
                 switch(0)
             row["kernel_per32_ppl"] = round(p32, 3)
