@@ -27,6 +27,10 @@ import torch
 
 from tierlm.quant.base import QuantError, QuantizedWeight, tiled_matmul
 
+# GGUF type -> format id in quant_gemv.c (tierlm.quant.linear.KERNEL_FORMATS holds these and tierlm's own)
+KERNEL_FORMATS = {"gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6, "gguf:Q4_K": 7,
+                  "gguf:Q5_K": 8, "gguf:Q6_K": 9, "gguf:Q2_K": 19, "gguf:Q3_K": 20, "gguf:IQ4_NL": 21,
+                  "gguf:IQ4_XS": 22, "gguf:F16": 23, "gguf:BF16": 24}
 SUPPORTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
              "F16", "BF16")
 
@@ -59,8 +63,6 @@ class GGUFFormat:
         out, k = qw.shape
         kernel = _dequant_kernel() if qw.codes.device.type == "cpu" else None
         if kernel is not None:
-            from tierlm.quant.linear import KERNEL_FORMATS
-
             codes = qw.codes if qw.codes.stride(-1) == 1 else qw.codes.contiguous()
             values = torch.empty(out, k, dtype=torch.float32)
             if kernel(KERNEL_FORMATS[self.name], codes.data_ptr(), codes.stride(0), out, k, values.data_ptr(),

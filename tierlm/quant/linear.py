@@ -33,6 +33,7 @@ from tierlm.quant import (
     Quantizer,
     method_for,
 )
+from tierlm.quant.gguf import KERNEL_FORMATS as GGUF_KERNEL_FORMATS
 from tierlm.quant.tiles import (
     GROUPWISE_BITS,
     KX8_FORMATS,
@@ -47,10 +48,7 @@ from tierlm.quant.tiles import (
 log = logging.getLogger("tierlm")
 
 # format name -> format id in quant_gemv.c
-KERNEL_FORMATS = {"q8": 0, "q4": 1, "gguf:Q8_0": 2, "gguf:Q4_0": 3, "gguf:Q4_1": 4, "gguf:Q5_0": 5, "gguf:Q5_1": 6,
-                  "gguf:Q4_K": 7, "gguf:Q5_K": 8, "gguf:Q6_K": 9, "q3h": 10,
-                  "q6": 11, "q5": 12, "q3": 13, "q2": 14, "gguf:Q2_K": 19, "gguf:Q3_K": 20, "gguf:IQ4_NL": 21,
-                  "gguf:IQ4_XS": 22, "gguf:F16": 23, "gguf:BF16": 24}
+KERNEL_FORMATS = {"q8": 0, "q4": 1, "q3h": 10, "q6": 11, "q5": 12, "q3": 13, "q2": 14, **GGUF_KERNEL_FORMATS}
 # Formats whose products the AVX2 build computes against x rounded to int8 per 256 values (one scale
 # per K-quant super-block, as llama.cpp's Q8_K), not per 32 (quant_gemv.c: "K-quants against x rounded
 # per super-block"); F16 and BF16 take x unrounded.
