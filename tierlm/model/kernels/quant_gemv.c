@@ -487,33 +487,40 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
     for (int r = 0; r < ROWS; r++) out[r] = hsum8(acc[r]) + sv[r];
 }
 
+/* The loop of every row kernel: tiles of R rows split over the threads, the last tile overlapping the
+ * one before it instead of running short, each row of x against the tile; FULL(n0, m) fills out[0..R)
+ * for rows n0.. (prefetching when m == 0), ONE(r, m) out[0] for row r alone (fewer than R rows in all). */
+#define ROW_TILES_LOOP(R, FULL, ONE)                                                                       \
+    const int num_tiles = (N + (R) - 1) / (R);                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                  \
+    for (int t = 0; t < num_tiles; t++) {                                                                  \
+        const int n0 = N < (R) ? 0 : (t * (R) + (R) > N ? N - (R) : t * (R));                              \
+        const int nr = N < (R) ? N : (R);                                                                  \
+        float out[R];                                                                                      \
+        for (int m = 0; m < M; m++) {                                                                      \
+            if (nr == (R)) {                                                                               \
+                FULL;                                                                                      \
+                for (int r = 0; r < (R); r++) y[(int64_t)m * N + n0 + r] = out[r];                         \
+            } else {                                                                                       \
+                for (int r = 0; r < nr; r++) {                                                             \
+                    ONE;                                                                                   \
+                    y[(int64_t)m * N + r] = out[0];                                                        \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
 /* One function per format, so that fmt is a literal inside OpenMP's outlined loop body (a parameter
  * would reach it as a variable, leaving the format switch inside the per-block loop). */
 #define DEFINE_RUN(F)                                                                                      \
     static void run_##F(const XBlocks *xbs, int M, const uint8_t *codes, const uint16_t *steps,            \
                         const uint16_t *mins, int group, float *y, int N, int K, int64_t row_bytes,        \
                         int64_t G, int num_threads) {                                                      \
-        const int num_tiles = (N + ROWS - 1) / ROWS;                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
-        for (int t = 0; t < num_tiles; t++) {                                                              \
-            /* the last tile overlaps the one before it instead of running short */                       \
-            const int n0 = N < ROWS ? 0 : (t * ROWS + ROWS > N ? N - ROWS : t * ROWS);                      \
-            const int nr = N < ROWS ? N : ROWS;                                                            \
-            float out[ROWS];                                                                               \
-            for (int m = 0; m < M; m++) {                                                                  \
-                if (nr == ROWS) {                                                                          \
-                    rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, steps ? steps + (int64_t)n0 * G : 0, \
-                             mins ? mins + (int64_t)n0 * G : 0, G, group, K, &xbs[m], out, m == 0);        \
-                    for (int r = 0; r < ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
-                } else {                                                                                   \
-                    for (int r = 0; r < nr; r++) { /* fewer than ROWS rows in all: one at a time */        \
-                        rows_dot(F, codes + (int64_t)r * row_bytes, 0, steps ? steps + (int64_t)r * G : 0,  \
-                                 mins ? mins + (int64_t)r * G : 0, 0, group, K, &xbs[m], out, 0);         \
-                        y[(int64_t)m * N + r] = out[0];                                                    \
-                    }                                                                                      \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
+        ROW_TILES_LOOP(ROWS,                                                                               \
+            rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, steps ? steps + (int64_t)n0 * G : 0,   \
+                     mins ? mins + (int64_t)n0 * G : 0, G, group, K, &xbs[m], out, m == 0),                \
+            rows_dot(F, codes + (int64_t)r * row_bytes, 0, steps ? steps + (int64_t)r * G : 0,             \
+                     mins ? mins + (int64_t)r * G : 0, 0, group, K, &xbs[m], out, 0))                      \
     }
 DEFINE_RUN(TQ8)
 DEFINE_RUN(TQ4)
@@ -571,6 +578,23 @@ static void quantize_x_super(const float *x, int K, XSuper *xs) {
             xs->bsum[16 * s + g] = (int16_t)sum;
         }
     }
+}
+
+/* M rows of x rounded per 256 (quantize_x_super), in one allocation (free() it): the M XSuper, then
+ * their int8 values (64-byte aligned), scales and sums. Rows are split over the threads for prompts. */
+static XSuper *x_super_rows(const float *x, int M, int K, int num_threads) {
+    const size_t head = (sizeof(XSuper) * M + 63) / 64 * 64, nq = ((size_t)M * K + 63) / 64 * 64;
+    const size_t size = head + nq + sizeof(float) * (size_t)M * (K / 256) + sizeof(int16_t) * (size_t)M * (K / 16);
+    XSuper *xs = aligned_alloc(64, (size + 63) / 64 * 64);
+    int8_t *q = (int8_t *)xs + head;
+    float *d = (float *)(q + nq);
+    int16_t *bsum = (int16_t *)(d + (size_t)M * (K / 256));
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 8)
+    for (int m = 0; m < M; m++) {
+        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
+        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
+    }
+    return xs;
 }
 
 static inline int is_super_fmt(int fmt) { return fmt == Q2_K || fmt == Q3_K || fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS; }
@@ -721,24 +745,9 @@ static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const 
 #define DEFINE_SUPER_RUN(F)                                                                                 \
     static void super_run_##F(const XSuper *xs, int M, const uint8_t *codes, float *y, int N, int K,        \
                               int64_t row_bytes, int num_threads) {                                         \
-        const int num_tiles = (N + SUPER_ROWS - 1) / SUPER_ROWS;                                                       \
-        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                              \
-        for (int t = 0; t < num_tiles; t++) {                                                              \
-            const int n0 = N < SUPER_ROWS ? 0 : (t * SUPER_ROWS + SUPER_ROWS > N ? N - SUPER_ROWS : t * SUPER_ROWS);                      \
-            const int nr = N < SUPER_ROWS ? N : SUPER_ROWS;                                                            \
-            float out[SUPER_ROWS];                                                                               \
-            for (int m = 0; m < M; m++) {                                                                  \
-                if (nr == SUPER_ROWS) {                                                                          \
-                    super_rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, K, &xs[m], out, m == 0);  \
-                    for (int r = 0; r < SUPER_ROWS; r++) y[(int64_t)m * N + n0 + r] = out[r];                    \
-                } else {                                                                                   \
-                    for (int r = 0; r < nr; r++) {                                                         \
-                        super_rows_dot(F, codes + (int64_t)r * row_bytes, 0, K, &xs[m], out, 0);           \
-                        y[(int64_t)m * N + r] = out[0];                                                    \
-                    }                                                                                      \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
+        ROW_TILES_LOOP(SUPER_ROWS,                                                                          \
+            super_rows_dot(F, codes + (int64_t)n0 * row_bytes, row_bytes, K, &xs[m], out, m == 0),          \
+            super_rows_dot(F, codes + (int64_t)r * row_bytes, 0, K, &xs[m], out, 0))                        \
     }
 DEFINE_SUPER_RUN(Q2_K)
 DEFINE_SUPER_RUN(Q3_K)
@@ -749,14 +758,7 @@ DEFINE_SUPER_RUN(IQ4_XS)
 
 static int run_super(int fmt, const float *x, int M, int K, const uint8_t *codes, int64_t row_bytes, float *y, int N,
                      int num_threads) {
-    XSuper *xs = malloc(sizeof(XSuper) * M);
-    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *d = malloc(sizeof(float) * (size_t)M * (K / 256));
-    int16_t *bsum = malloc(sizeof(int16_t) * (size_t)M * (K / 16));
-    for (int m = 0; m < M; m++) {
-        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
-        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
-    }
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
     switch (fmt) {
     case Q2_K: super_run_Q2_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
     case Q3_K: super_run_Q3_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
@@ -765,7 +767,7 @@ static int run_super(int fmt, const float *x, int M, int K, const uint8_t *codes
     case Q6_K: super_run_Q6_K(xs, M, codes, y, N, K, row_bytes, num_threads); break;
     default: super_run_IQ4_XS(xs, M, codes, y, N, K, row_bytes, num_threads); break;
     }
-    free(bsum); free(d); free(q); free(xs);
+    free(xs);
     return 0;
 }
 #endif
@@ -893,15 +895,9 @@ DEFINE_PROMPT_RUN(Q6_K)
 int tierlm_quant_prompt(int fmt, const float *x, int M, int K, const uint8_t *codes, int64_t row_bytes, float *y, int N,
                         int num_threads) {
     if (!is_prompt_fmt(fmt) || K % 256 || M < 1 || N < 1) return -1;
-    XSuper *xs = malloc(sizeof(XSuper) * M);
-    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *d = malloc(sizeof(float) * (size_t)M * (K / 256));
-    int16_t *bsum = malloc(sizeof(int16_t) * (size_t)M * (K / 16));
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
     float *xs16 = malloc(sizeof(float) * (size_t)M * (K / 16));  /* xd * bsum: the corrections' x side */
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int m = 0; m < M; m++) {
-        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
-        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
         for (int i = 0; i < K / 16; i++) xs16[(int64_t)m * (K / 16) + i] = xs[m].d[i / 16] * (float)xs[m].bsum[i];
     }
     switch (fmt) {
@@ -911,7 +907,7 @@ int tierlm_quant_prompt(int fmt, const float *x, int M, int K, const uint8_t *co
     case Q5_K: prompt_run_Q5_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
     default: prompt_run_Q6_K(xs, xs16, M, codes, y, N, K, row_bytes, num_threads); break;
     }
-    free(xs16); free(bsum); free(d); free(q); free(xs);
+    free(xs16); free(xs);
     return 0;
 }
 
@@ -966,26 +962,25 @@ static void kx8_tile(const uint8_t *tile, int nsb, const XSuper *xs, float *out)
     _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
 }
 
+/* The loop of the 8-row tile kernels: tiles split over the threads, each row of x against the tile;
+ * TILE(t, m) fills out[0..8) for tile t (the last tile's padding rows are dropped). */
+#define X8_TILES_LOOP(TILE)                                                                                 \
+    const int num_tiles = (N + KX8_ROWS - 1) / KX8_ROWS;                                                    \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                  \
+    for (int t = 0; t < num_tiles; t++) {                                                                  \
+        float out[KX8_ROWS];                                                                               \
+        const int nr = N - t * KX8_ROWS < KX8_ROWS ? N - t * KX8_ROWS : KX8_ROWS;                          \
+        for (int m = 0; m < M; m++) {                                                                      \
+            TILE;                                                                                          \
+            for (int r = 0; r < nr; r++) y[(int64_t)m * N + t * KX8_ROWS + r] = out[r];                    \
+        }                                                                                                  \
+    }
+
 static int run_kx8(const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
-    XSuper *xs = malloc(sizeof(XSuper) * M);
-    int8_t *q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *d = malloc(sizeof(float) * (size_t)M * (K / 256));
-    int16_t *bsum = malloc(sizeof(int16_t) * (size_t)M * (K / 16));
-    for (int m = 0; m < M; m++) {
-        xs[m] = (XSuper){q + (int64_t)m * K, d + (int64_t)m * (K / 256), bsum + (int64_t)m * (K / 16)};
-        quantize_x_super(x + (int64_t)m * K, K, &xs[m]);
-    }
-    const int num_tiles = (N + KX8_ROWS - 1) / KX8_ROWS, nsb = K / 256;
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int t = 0; t < num_tiles; t++) {
-        float out[KX8_ROWS];
-        const int nr = N - t * KX8_ROWS < KX8_ROWS ? N - t * KX8_ROWS : KX8_ROWS;
-        for (int m = 0; m < M; m++) {
-            kx8_tile(tiles + (int64_t)t * nsb * KX8_BYTES, nsb, &xs[m], out);
-            for (int r = 0; r < nr; r++) y[(int64_t)m * N + t * KX8_ROWS + r] = out[r];
-        }
-    }
-    free(bsum); free(d); free(q); free(xs);
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
+    const int nsb = K / 256;
+    X8_TILES_LOOP(kx8_tile(tiles + (int64_t)t * nsb * KX8_BYTES, nsb, &xs[m], out))
+    free(xs);
     return 0;
 }
 
@@ -1038,16 +1033,8 @@ static void q4_0x8_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *o
 }
 
 static void run_q4_0x8(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
-    const int num_tiles = (N + KX8_ROWS - 1) / KX8_ROWS, nb = K / 32;
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int t = 0; t < num_tiles; t++) {
-        float out[KX8_ROWS];
-        const int nr = N - t * KX8_ROWS < KX8_ROWS ? N - t * KX8_ROWS : KX8_ROWS;
-        for (int m = 0; m < M; m++) {
-            q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m], out);
-            for (int r = 0; r < nr; r++) y[(int64_t)m * N + t * KX8_ROWS + r] = out[r];
-        }
-    }
+    const int nb = K / 32;
+    X8_TILES_LOOP(q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m], out))
 }
 
 __attribute__((optimize("fp-contract=off")))
