@@ -37,12 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, PeakRSS, measure_memory_bandwidth, run_child, write_results
-from bench.quant import gguf_file
+from bench.quant import PROMPT, gguf_file, llama_cpp_decode_steps, tierlm_decode_steps
 
 FILES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "gemma-3-270m Q4_K_M")
 ENGINES = ("llama.cpp", "tierlm")
 PREFILL = [100 + (7 * i) % 20000 for i in range(512)]  # token ids (a random model: any ids do)
-PROMPT = list(range(100, 116))
 
 
 def file_path(name: str) -> Path:
@@ -90,13 +89,7 @@ def _child(spec: str, num_tokens: int) -> dict:
         llm.eval(vocab_ids)
         prefill_s = time.perf_counter() - t0
         llm.reset()
-        llm.eval(PROMPT)
-        times = []
-        for _ in range(num_tokens):
-            tok = llm.sample(top_k=1)
-            t0 = time.perf_counter()
-            llm.eval([tok])
-            times.append(time.perf_counter() - t0)
+        times = llama_cpp_decode_steps(llm, PROMPT, num_tokens)
     else:
         from tierlm import LLM, SamplingParams
 
@@ -106,13 +99,7 @@ def _child(spec: str, num_tokens: int) -> dict:
         t0 = time.perf_counter()
         llm.generate([vocab_ids], one)
         prefill_s = time.perf_counter() - t0
-        times, last = [], time.perf_counter()
-        for i, _ in enumerate(llm.stream(PROMPT, SamplingParams(max_tokens=num_tokens + 1, temperature=0,
-                                                                ignore_eos=True))):
-            now = time.perf_counter()
-            if i:  # the first output comes after the prompt
-                times.append(now - last)
-            last = now
+        times = tierlm_decode_steps(llm, PROMPT, num_tokens)
     return {"prefill_tok_s": len(vocab_ids) / prefill_s, "step_s": statistics.median(times[2:]),
             "peak_rss_mb": PeakRSS.self_bytes() / 2**20,
             "decode_bytes": _decode_bytes(path), "file_mb": path.stat().st_size / 1e6}

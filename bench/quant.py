@@ -72,6 +72,33 @@ def gguf_file(kind: str) -> Path:
     return out
 
 
+def llama_cpp_decode_steps(llm, prompt: list[int], num_tokens: int) -> list[float]:
+    """Seconds of each of ``num_tokens`` greedy batch-1 decode steps of a llama_cpp.Llama after ``prompt``."""
+    llm.eval(prompt)
+    times = []
+    for _ in range(num_tokens):
+        tok = llm.sample(top_k=1)
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def tierlm_decode_steps(llm, prompt: list[int], num_tokens: int) -> list[float]:
+    """Seconds between the outputs of ``num_tokens`` greedy decode steps of a tierlm LLM after ``prompt``
+    (the first output, which comes after the prompt, is not counted)."""
+    from tierlm import SamplingParams
+
+    times, last = [], time.perf_counter()
+    params = SamplingParams(max_tokens=num_tokens + 1, temperature=0, ignore_eos=True)
+    for i, _ in enumerate(llm.stream(prompt, params)):
+        now = time.perf_counter()
+        if i:
+            times.append(now - last)
+        last = now
+    return times
+
+
 def _child(engine: str, num_tokens: int) -> dict:
     """Runs in a fresh process: load, decode, return step times and bytes read per step."""
     import torch
@@ -81,20 +108,14 @@ def _child(engine: str, num_tokens: int) -> dict:
 
         path = gguf_file(engine.split()[1])
         llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=64, verbose=False)
-        llm.eval(PROMPT)
-        times = []
-        for _ in range(num_tokens):
-            tok = llm.sample(top_k=1)
-            t0 = time.perf_counter()
-            llm.eval([tok])
-            times.append(time.perf_counter() - t0)
+        times = llama_cpp_decode_steps(llm, PROMPT, num_tokens)
         from tierlm.loader.gguf import parse_gguf
 
         _, infos = parse_gguf(path)
         weight_bytes = sum(t.nbytes for t in infos if t.name != "token_embd.weight")
         return {"step_s": times, "weight_bytes": weight_bytes}
 
-    from tierlm import LLM, SamplingParams
+    from tierlm import LLM
 
     kind = engine.split()[1]
     opts = dict(max_model_len=256, max_num_seqs=1, fused_decode=not engine.endswith(" layered"))
@@ -111,15 +132,7 @@ def _child(engine: str, num_tokens: int) -> dict:
 
     weight_bytes = sum(nbytes(getattr(lw, n)) for lw in w.layers for n in ("qkv", "o", "up", "down"))
     weight_bytes += nbytes(w.lm_head)
-    times: list[float] = []
-    last = [time.perf_counter()]
-    params = SamplingParams(max_tokens=num_tokens + 1, temperature=0, ignore_eos=True)
-    for i, _ in enumerate(llm.stream(PROMPT, params)):
-        now = time.perf_counter()
-        if i:  # the first output comes after the prompt (prefill)
-            times.append(now - last[0])
-        last[0] = now
-    return {"step_s": times, "weight_bytes": weight_bytes}
+    return {"step_s": tierlm_decode_steps(llm, PROMPT, num_tokens), "weight_bytes": weight_bytes}
 
 
 def main() -> None:
