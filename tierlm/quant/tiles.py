@@ -320,17 +320,6 @@ KX8_ROWS = 8
 KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26)}
 
 
-def _k_scales_mins(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A K-quant's 12 scale bytes (..., 12) -> its 8 six-bit scales and mins (..., 8) each (ggml's
-    get_scale_min_k4)."""
-    q = q.to(torch.int32)
-    lo, hi = q[..., :4], q[..., 4:8]
-    top = q[..., 8:12]
-    sc = torch.cat([lo & 63, (top & 0xF) | ((lo >> 6) << 4)], dim=-1)
-    m = torch.cat([hi & 63, (top >> 4) | ((hi >> 6) << 4)], dim=-1)
-    return sc.to(torch.uint8), m.to(torch.uint8)
-
-
 def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
     """Repack a Q4_K or Q4_0 matrix into the AVX2 build's tiles of 8 rows (quant_gemv.c's layout), band by
     band like ``tile_rows``; the weights are unchanged (its dequantization is the file's, bit for bit)."""
@@ -356,7 +345,10 @@ def _tile_kx8(blocks: torch.Tensor) -> torch.Tensor:
     n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
     b = blocks.reshape(n, KX8_ROWS, nsb, 144).permute(0, 2, 1, 3)  # (T, nsb, row, bytes)
     d, dmin = b[..., 0:2].reshape(n, nsb, 16), b[..., 2:4].reshape(n, nsb, 16)
-    sc, m = _k_scales_mins(b[..., 4:16])  # (T, nsb, row, j)
+    from gguf.quants import Q4_K  # the six-bit scale and min unpacking, as the package dequantizes
+
+    sc, m = (torch.from_numpy(v.astype("uint8").reshape(n, nsb, KX8_ROWS, 8))
+             for v in Q4_K.get_scale_min(b[..., 4:16].contiguous().reshape(-1, 12).numpy()))  # (T, nsb, row, j)
     sc, m = sc.transpose(2, 3).reshape(n, nsb, 64), m.transpose(2, 3).reshape(n, nsb, 64)
     nib = b[..., 16:144].reshape(n, nsb, KX8_ROWS, 4, 32)  # byte l of pair p: weight l of sub-blocks 2p, 2p+1
     codes = torch.stack([nib & 15, nib >> 4], dim=4).reshape(n, nsb, KX8_ROWS, 8, 2, 4, 4)  # (T, nsb, row, j, h, v, b)
