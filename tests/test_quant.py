@@ -635,16 +635,16 @@ def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows
 
 
 @pytest.mark.parametrize("rows", [41, 3, 16])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K"])
 def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_name, rows):
-    """The AVX2 build's Q4_K and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal to the gguf
-    package's dequantization, products equal to the dequantized weight times x rounded as for the rows
-    (per 256 / per 32), Q4_K's bit for bit equal to its rows'; the linear method makes them for resident
-    matrices, runs them in the kernel, and untiles bands for prompt chunks."""
+    """The AVX2 build's K-quant and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal
+    to the gguf package's dequantization, products equal to the dequantized weight times x rounded as for
+    the rows (per 256 / per 32), the K-quants' bit for bit equal to their rows'; the linear method makes
+    them for resident matrices, runs them in the kernel, and untiles bands for prompt chunks."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from tierlm.quant.tiles import KX8_ROWS, dequantize_tiles, tile_rows_kx8
+    from tierlm.quant.tiles import KX8_FORMATS, KX8_ROWS, dequantize_tiles, tile_rows_kx8
 
     kernel = _kernel("avx2")
     if kernel is None:
@@ -653,19 +653,23 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
     ref_w = torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType[type_name]))
     tw = tile_rows_kx8(qw)
     assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8)
-    # Q4_0: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a super-block
-    assert tw.nbytes == tw.num_tiles * (3 * 1184 if type_name == "Q4_K" else 8 * qw.nbytes // rows)
+    # Q4_0, Q6_K, Q2_K: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a
+    # super-block; Q5_K: those and its codes in 6 bits, 1696; Q3_K: its codes in nibbles, 1168
+    block, _, tile_block, _ = KX8_FORMATS[f"gguf:{type_name}"]
+    assert tw.nbytes == tw.num_tiles * tile_block * 768 // block
+    sizes = {"Q4_K": 1184, "Q4_0": 144, "Q6_K": 8 * 210, "Q5_K": 1696, "Q3_K": 1168, "Q2_K": 8 * 84}
+    assert tile_block == sizes[type_name]
     assert torch.equal(dequantize_tiles(tw, 0, tw.num_tiles)[:rows], ref_w)
     x = torch.randn(3, 768, generator=torch.Generator().manual_seed(11))
     x[1, 256:512] = 0
-    ref = _int8_blocks(x, 256 if type_name == "Q4_K" else 32) @ ref_w.double().T
+    ref = _int8_blocks(x, 32 if type_name == "Q4_0" else 256) @ ref_w.double().T
     y = kernel_matmul(kernel, x, tw, num_threads=2).double()
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
     q = QuantLinear(None, DenseLinear(), kernel)
     prepared = q.prepare(qw)
     assert isinstance(prepared, RowTiles) and prepared.rows_per_tile == KX8_ROWS
     rows_y = kernel_matmul(kernel, x, qw).to(x.dtype)
-    if type_name == "Q4_K":  # the same arithmetic: streamed rows and resident tiles agree exactly
+    if type_name != "Q4_0":  # the same arithmetic: streamed rows and resident tiles agree exactly
         assert torch.equal(q.apply(x, prepared, None), rows_y)
     else:
         assert torch.allclose(q.apply(x, prepared, None), rows_y, atol=1e-4 * rows_y.abs().max().item())

@@ -82,6 +82,7 @@ def build(config: TierlmConfig) -> Built:
         opened.reader.close()
     return_free_memory()  # the read bands and any dequantization temporaries (tierlm.memory.host)
     model = build_model(config, opened, weights)
+    return_free_memory()  # the row-tile repacking's band temporaries (~130 MB of a 1.1B Q6_K's)
     cache = build_cache(config, opened.config)
     runner = TorchModelRunner(model, cache, config.model.device)
     core = build_core(config, opened, runner)

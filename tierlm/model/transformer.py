@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.loader.weights import LayerWeights, ModelWeights
+from tierlm.memory.host import return_free_memory
 from tierlm.model.attention import (
     AttentionBatch,
     DecodeAttention,
@@ -88,6 +89,9 @@ class Transformer:
             for lw in weights.layers:
                 for name in ("qkv", "o", "up", "down"):
                     setattr(lw, name, self.linear.prepare(getattr(lw, name)))
+                # a layer's freed source blocks and repacking temporaries back to the OS before the next
+                # layer's tiles are allocated: kept in the heap, they raised a 1.1B Q5_K_M's peak by 190 MB
+                return_free_memory()
             # A tied lm_head is also the embedding table, which lookups read as it is stored: it is never
             # prepared (a float table stays plain, which every method's apply takes as it is; a quantized
             # one stays in the file's blocks, which the quantized method multiplies: repacking it into

@@ -15,9 +15,10 @@ Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 
 byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix, for the kernel's
-AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for Q4_K and Q4_0
-(``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles of 8 rows"
-and "Q4_0 in tiles of 8 rows") and runs every other matrix from its rows
+AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for every K-quant and
+Q4_0 (``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles of 8 rows",
+"Q4_0 ...", "Q6_K and Q5_K ..." and "Q3_K and Q2_K in tiles of 8 rows") and runs every other matrix
+from its rows
 (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
 layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
 kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
@@ -313,30 +314,35 @@ def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
     return banded_matmul(x, tw.shape, tw.format, band, rows)
 
 
-# -- the AVX2 build's Q4_K / Q5_K tiles of 8 rows ------------------------------------------------------------
+# -- the AVX2 build's tiles of 8 rows (the K-quants and Q4_0) ----------------------------------------
 
 KX8_ROWS = 8
 # source format -> (weights and bytes of a source block, bytes of its tile block, kernel format id)
-KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26)}
+KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26),
+               "gguf:Q6_K": (256, 210, 1680, 27), "gguf:Q5_K": (256, 176, 1696, 28),
+               "gguf:Q3_K": (256, 110, 1168, 29), "gguf:Q2_K": (256, 84, 672, 30)}
 
 
 def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
-    """Repack a Q4_K or Q4_0 matrix into the AVX2 build's tiles of 8 rows (quant_gemv.c's layout), band by
-    band like ``tile_rows``; the weights are unchanged (its dequantization is the file's, bit for bit)."""
+    """Repack a matrix of a KX8_FORMATS type into the AVX2 build's tiles of 8 rows (quant_gemv.c's layouts),
+    band by band like ``tile_rows``; the weights are unchanged (its dequantization is the file's, bit for
+    bit). Q5_K's tiles hold its 5-bit codes in 6 bits (quant_gemv.c "Q6_K and Q5_K in tiles"): 212 bytes a
+    row per 256 weights against the file's 176."""
     if qw.format not in KX8_FORMATS:
         raise QuantError(f"no 8-row tile layout for {qw.format} (have: {', '.join(KX8_FORMATS)})")
     out, k = qw.shape
     block, src, dst, _ = KX8_FORMATS[qw.format]
     num_tiles, nsb = -(-out // KX8_ROWS), k // block
     tiles = torch.empty(num_tiles, nsb * dst, dtype=torch.uint8)
-    band = max(1, TILE_BYTES // (KX8_ROWS * nsb * src))  # tiles per band
+    # tiles per band: 512 KiB of source rows, whose temporaries (several times the band) the heap reuses
+    band = max(1, TILE_BYTES // 8 // (KX8_ROWS * nsb * src))
     for t0 in range(0, num_tiles, band):
         t1 = min(num_tiles, t0 + band)
         r0, r1 = t0 * KX8_ROWS, min(out, t1 * KX8_ROWS)
         blocks = qw.codes[r0:r1].reshape(r1 - r0, nsb, src)
         if (t1 - t0) * KX8_ROWS > r1 - r0:  # zero rows pad the last tile
             blocks = torch.cat([blocks, blocks.new_zeros((t1 - t0) * KX8_ROWS - (r1 - r0), nsb, src)])
-        tiles[t0:t1] = _tile_kx8(blocks) if qw.format == "gguf:Q4_K" else _tile_q4_0x8(blocks)
+        tiles[t0:t1] = _KX8_TILERS[qw.format](blocks)
     return RowTiles(qw.format, qw.shape, tiles, qw.group, KX8_ROWS)
 
 
@@ -345,11 +351,7 @@ def _tile_kx8(blocks: torch.Tensor) -> torch.Tensor:
     n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
     b = blocks.reshape(n, KX8_ROWS, nsb, 144).permute(0, 2, 1, 3)  # (T, nsb, row, bytes)
     d, dmin = b[..., 0:2].reshape(n, nsb, 16), b[..., 2:4].reshape(n, nsb, 16)
-    from gguf.quants import Q4_K  # the six-bit scale and min unpacking, as the package dequantizes
-
-    sc, m = (torch.from_numpy(v.astype("uint8").reshape(n, nsb, KX8_ROWS, 8))
-             for v in Q4_K.get_scale_min(b[..., 4:16].contiguous().reshape(-1, 12).numpy()))  # (T, nsb, row, j)
-    sc, m = sc.transpose(2, 3).reshape(n, nsb, 64), m.transpose(2, 3).reshape(n, nsb, 64)
+    sc, m = _k4_scales_mins(b)
     nib = b[..., 16:144].reshape(n, nsb, KX8_ROWS, 4, 32)  # byte l of pair p: weight l of sub-blocks 2p, 2p+1
     codes = torch.stack([nib & 15, nib >> 4], dim=4).reshape(n, nsb, KX8_ROWS, 8, 2, 4, 4)  # (T, nsb, row, j, h, v, b)
     packed = codes[:, :, :, :, 0] | (codes[:, :, :, :, 1] << 4)  # (T, nsb, row, j, v, b)
@@ -365,6 +367,120 @@ def _tile_q4_0x8(blocks: torch.Tensor) -> torch.Tensor:
     d = b[..., 0:2].reshape(n, nb, 16)
     q = b[..., 2:18].reshape(n, nb, KX8_ROWS, 4, 4).permute(0, 1, 3, 2, 4).reshape(n, nb, 128)
     return torch.cat([d, q], dim=2).reshape(n, -1)
+
+
+def _k4_scales_mins(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K super-blocks (T, nsb, row, bytes) -> their 6-bit scales and mins as bytes, each
+    (T, nsb, 64) in [sub-block j][row] order, unpacked as the gguf package dequantizes."""
+    from gguf.quants import Q4_K
+
+    n, nsb = b.shape[:2]
+    sc, m = (torch.from_numpy(v.astype("uint8").reshape(n, nsb, KX8_ROWS, 8))
+             for v in Q4_K.get_scale_min(b[..., 4:16].contiguous().reshape(-1, 12).numpy()))  # (T, nsb, row, j)
+    return sc.transpose(2, 3).reshape(n, nsb, 64), m.transpose(2, 3).reshape(n, nsb, 64)
+
+
+# Byte b of row r in code vector k of a 32-weight pair holds weight K6_ORDER[k, b] (quant_gemv.c)
+K6_ORDER = torch.tensor([[2 * k, 2 * k + 1, 16 + 2 * k, 17 + 2 * k] for k in range(8)])
+
+
+def _pack_k6(codes: torch.Tensor) -> torch.Tensor:
+    """6-bit codes uint8 (T, row, nsb, 256) -> the tiles' code bytes (T, nsb, 1536): per 32-weight pair p,
+    two triples of byte vectors [u][a < 3][row][b]; code vector 4u + a (a < 3) in bits 0-5 of vector a,
+    code vector 4u + 3 in the three vectors' bits 6-7, two bits each."""
+    n, _, nsb, _ = codes.shape
+    c = codes.reshape(n, KX8_ROWS, nsb, 8, 32)[..., K6_ORDER]  # (T, row, nsb, p, k, b)
+    c = c.reshape(n, KX8_ROWS, nsb, 8, 2, 4, 4)  # (T, row, nsb, p, u, a, b)
+    fourth = c[..., 3:4, :]
+    packed = c[..., :3, :] | (((fourth >> torch.tensor([0, 2, 4], dtype=torch.uint8).view(3, 1)) & 3) << 6)
+    return packed.permute(0, 2, 3, 4, 5, 1, 6).reshape(n, nsb, 1536)  # [p][u][a][row][b]
+
+
+def _tile_q6_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks uint8 (T * 8, nsb, 210) -> tiles (T, nsb * 1680)."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nsb, 210)
+    d = b[..., 208:210].permute(0, 2, 1, 3).reshape(n, nsb, 16)
+    sc = b[..., 192:208].reshape(n, KX8_ROWS, nsb, 8, 2).permute(0, 2, 3, 1, 4).reshape(n, nsb, 128)  # [p][row][2]
+    codes = q6_k_codes(blocks).reshape(n, KX8_ROWS, nsb, 256)
+    return torch.cat([d, sc, _pack_k6(codes)], dim=2).reshape(n, -1)
+
+
+def q5_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K super-blocks uint8 (R, nsb, 176) -> their 5-bit codes uint8 (R, nsb, 256) in weight order
+    (qs[32p + l] holds weight l of sub-blocks 2p and 2p + 1 in its nibbles, bit j of qh[l] the top bit
+    of weight l of sub-block j)."""
+    r, nsb = blocks.shape[:2]
+    qs = blocks[..., 48:176].reshape(r, nsb, 4, 1, 32)
+    lo = torch.cat([qs & 15, qs >> 4], dim=3).reshape(r, nsb, 8, 32)  # (R, nsb, j, l)
+    qh = blocks[..., 16:48].reshape(r, nsb, 1, 32)
+    hi = (qh >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
+    return (lo | (hi << 4)).reshape(r, nsb, 256)
+
+
+def _tile_q5_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K super-blocks uint8 (T * 8, nsb, 176) -> tiles (T, nsb * 1696)."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nsb, 176).permute(0, 2, 1, 3)  # (T, nsb, row, bytes)
+    d, dmin = b[..., 0:2].reshape(n, nsb, 16), b[..., 2:4].reshape(n, nsb, 16)
+    sc, m = _k4_scales_mins(b)
+    codes = q5_k_codes(blocks).reshape(n, KX8_ROWS, nsb, 256)
+    return torch.cat([d, dmin, sc, m, _pack_k6(codes)], dim=2).reshape(n, -1)
+
+
+def _low_bit_codes(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K / Q3_K low bits uint8 (R, nsb, 64) -> 2-bit codes (R, nsb, 8, 32): byte 32h + l holds weight l of
+    sub-blocks 4h .. 4h + 3 of 32 weights in bits 0-1, 2-3, 4-5, 6-7."""
+    r, nsb = qs.shape[:2]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
+    return ((qs.reshape(r, nsb, 2, 1, 32) >> shifts) & 3).reshape(r, nsb, 8, 32)
+
+
+def q3_k_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K super-blocks uint8 (R, nsb, 110) -> codes q + 4 h (0-7; weight = d * scale * (code - 4)) uint8
+    (R, nsb, 256) in weight order; bit j of hmask byte l is h of weight l of sub-block j of 32."""
+    r, nsb = blocks.shape[:2]
+    hi = (blocks[..., 0:32].reshape(r, nsb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1
+    return (_low_bit_codes(blocks[..., 32:96]) | (hi << 2)).reshape(r, nsb, 256)
+
+
+def q3_k_scales(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K super-blocks uint8 (R, nsb, 110) -> the 16 scales int8 (R, nsb, 16), minus 32: scale i's low 4
+    bits in byte i % 8 of the 12 (the high nibble for i >= 8), its top 2 in byte 8 + i % 4 at bit 2 (i // 4)."""
+    sb = blocks[..., 96:108]
+    i = torch.arange(16)
+    low = (sb[..., i % 8] >> (4 * (i >= 8)).to(torch.uint8)) & 15
+    top = (sb[..., 8 + i % 4] >> (2 * (i // 4)).to(torch.uint8)) & 3
+    return ((low | (top << 4)).to(torch.int16) - 32).to(torch.int8)
+
+
+def _tile_q3_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q3_K super-blocks uint8 (T * 8, nsb, 110) -> tiles (T, nsb * 1168)."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    d = blocks[..., 108:110].reshape(n, KX8_ROWS, nsb, 2).permute(0, 2, 1, 3).reshape(n, nsb, 16)
+    sc = q3_k_scales(blocks).view(torch.uint8).reshape(n, KX8_ROWS, nsb, 8, 2).permute(0, 2, 3, 1, 4)
+    c = q3_k_codes(blocks).reshape(n, KX8_ROWS, nsb, 8, 32)[..., K6_ORDER]  # (T, row, nsb, p, k, b)
+    c = c.reshape(n, KX8_ROWS, nsb, 8, 4, 2, 4)  # code vector k = 2v + e
+    packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 4, 1, 5)  # [p][v][row][b]
+    return torch.cat([d, sc.reshape(n, nsb, 128), packed.reshape(n, nsb, 1024)], dim=2).reshape(n, -1)
+
+
+def _tile_q2_kx8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q2_K super-blocks uint8 (T * 8, nsb, 84) -> tiles (T, nsb * 672)."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nsb, 84)
+    d = b[..., 80:82].permute(0, 2, 1, 3).reshape(n, nsb, 16)
+    dmin = b[..., 82:84].permute(0, 2, 1, 3).reshape(n, nsb, 16)
+    sm = b[..., 0:16].reshape(n, KX8_ROWS, nsb, 8, 2).permute(0, 2, 3, 1, 4).reshape(n, nsb, 128)  # [p][row][2]
+    codes = _low_bit_codes(blocks[..., 16:80]).reshape(n, KX8_ROWS, nsb, 8, 32)[..., K6_ORDER]
+    c = codes.reshape(n, KX8_ROWS, nsb, 8, 2, 4, 4)  # code vector k = 4v + f
+    packed = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)
+    packed = packed.permute(0, 2, 3, 4, 1, 5).reshape(n, nsb, 512)  # [p][v][row][b]
+    return torch.cat([d, dmin, sm, packed], dim=2).reshape(n, -1)
+
+
+_KX8_TILERS = {"gguf:Q4_K": _tile_kx8, "gguf:Q4_0": _tile_q4_0x8, "gguf:Q6_K": _tile_q6_kx8, "gguf:Q5_K": _tile_q5_kx8,
+               "gguf:Q3_K": _tile_q3_kx8, "gguf:Q2_K": _tile_q2_kx8}
 
 
 def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:

@@ -251,7 +251,7 @@ class QuantKernel:
     # ``prompt(fmt, x_ptr, M, K, codes_ptr, row_bytes, y_ptr, N, num_threads) -> int``: K-quant rows
     # decoded once per tile against any number of rows of x (prompt chunks; -1 = not taken)
     prompt: Callable[..., int]
-    kx8_tiles: bool = False  # Q4_K / Q5_K in tiles of 8 rows (tierlm.quant.tiles.KX8_FORMATS): the AVX2 build
+    kx8_tiles: bool = False  # K-quants, Q4_0 in tiles of 8 rows (tierlm.quant.tiles.KX8_FORMATS): the AVX2 build
 
     def __call__(self, *args) -> int:
         return self.gemv(*args)

@@ -88,10 +88,10 @@
 #endif
 
 enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18,
-       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, NUM_FORMATS = 27 };
+       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, Q6_KX8 = 27, Q5_KX8 = 28, Q3_KX8 = 29, Q2_KX8 = 30, NUM_FORMATS = 31 };
 
 /* K-quants (256 weights a super-block) */
-static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8; }
+static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8 || fmt == Q6_KX8 || fmt == Q5_KX8 || fmt == Q3_KX8 || fmt == Q2_KX8; }
 /* Row-tile formats: the AVX512 build only */
 static inline int is_tile(int fmt) { return fmt >= Q4_0X16 && fmt <= TQ3HX16; }
 
@@ -713,11 +713,11 @@ static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const ui
 #endif
 static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes, int K,
                                                                  const XSuper *xs, float *out, int prefetch) {
-    /* Q4_K: per super-block an exact int32 sum, then one FMA, the arithmetic of its tiles (kx8_tile), so
-     * that a row gives the same float bits from its tile and from its rows (tiered weights stream rows of
-     * matrices whose resident rows are tiles). The other formats keep float lanes to the end: the
-     * horizontal sum per super-block costs their rows ~10%. */
-    const int exact = fmt == Q4_K;
+    /* All but IQ4_XS: per super-block an exact int32 sum, then one FMA, the arithmetic of their tiles
+     * (kx8_tile, k6x8_tile, klow_tile), so that a row gives the same float bits from its tile and from its rows
+     * (tiered weights stream rows of matrices whose resident rows are tiles). The other formats keep
+     * float lanes to the end: the horizontal sum per super-block costs rows ~10%. */
+    const int exact = fmt != IQ4_XS;
     __m256 acc[SUPER_ROWS];
     float sacc[SUPER_ROWS], accm[SUPER_ROWS];
     for (int r = 0; r < SUPER_ROWS; r++) { acc[r] = _mm256_setzero_ps(); sacc[r] = 0.f; accm[r] = 0.f; }
@@ -925,7 +925,7 @@ int tierlm_quant_prompt(int fmt, const float *x, int M, int K, const uint8_t *co
  * weight = d * sc_j * code - dmin * m_j, as in the file. Measured (5632 x 2048 from cache, AVX2 EPYC, G weights/s,
  * rows -> tiles): 1 thread 8.7-9.0 -> 11.8-13.2, 2 threads 15-17 -> 19-22. Q5_K in the same layout plus a
  * plane of fifth bits ran slower than its rows (5.0-5.9 against 6.8-6.9: the bit moves cost more than
- * the tile saves), so Q5_K keeps its rows. */
+ * the tile saves); its tiles hold 6-bit codes instead (below). */
 enum { KX8_ROWS = 8, KX8_BYTES = 1184 };
 
 static void kx8_tile(const uint8_t *tile, int nsb, const XSuper *xs, float *out) {
@@ -1050,6 +1050,241 @@ static void dequant_q4_0x8(const uint8_t *tile, int K, float *y) {
             }
         }
     }
+}
+
+/* ---- Q6_K and Q5_K in tiles of 8 rows of 6-bit codes (the AVX2 build; tierlm.quant.tiles) -------------
+ * As for Q4_K, int32 lane i is row i and x's bytes are broadcast, but 6-bit codes (Q5_K's 5 fit) in the
+ * file's split layout (nibbles + a plane of high bits) cost three ops per 32 codes to merge. Packed four
+ * codes to three bytes instead, three codes come out with one vpand each and the fourth from the three
+ * bytes' top bits. A vpmaddubsw pair is at most 2 * 63 * 127, so two add in int16 before vpmaddwd.
+ * Per super-block (tile t holds rows 8t..8t+7), Q6_K (Q6_KX8_BYTES):
+ *   0    the 8 rows' fp16 d; 16: scales int8 [pair p < 8][row][2]: sub-blocks 2p and 2p+1 of 16 weights
+ *   144  codes [p < 8][triple u < 2][byte vector a < 3][row][b < 4]
+ * Q5_K (Q5_KX8_BYTES): 0 d, 16 dmin, 32 scales u8 [j][row], 96 mins u8 [j][row], 160 codes as above
+ * with p = j, the sub-block of 32 weights.
+ * Code vector k < 8 of pair p is byte vector k % 4 of triple k / 4 when k % 4 < 3 (bits 0-5), else the
+ * triple's top bits (vector 0's bits 6-7 the code's bits 0-1, vector 1's 2-3, vector 2's 4-5). Byte b of
+ * row r in code vector k is weight 32p + 2k + b of the row for b < 2, 32p + 16 + 2k + b - 2 for b >= 2,
+ * so that a vpmaddwd pair is sub-blocks 2p, 2p+1 (Q6_K's scale pair) and x is read permuted the same way
+ * (x_perm6). weight = d * sc * (code - 32) (Q6_K), d * sc_j * code - dmin * m_j (Q5_K), as in the file;
+ * the -32 is 32 d sum_i sc_i bsum_i, Q5_K's mins sum_j m_j (bsum_2j + bsum_2j+1). The int32 sums and
+ * their conversion and FMA per super-block are those of the rows (super_rows_dot), so a row's tile and
+ * its streamed row give the same bits. Measured (5632 x 2048 from cache, AVX2 EPYC, G weights/s, rows ->
+ * tiles, one run): 1 thread Q6_K 7.8 -> 12.8, Q5_K 7.1 -> 12.3; 2 threads Q6_K 12.6-16 -> 23-24, Q5_K
+ * 11-15 -> 22-27 (Q4_K's tiles: 18.8 and 32-39). Q5_K pays 212 bytes a row per 256 weights for the file's
+ * 176 (its peak RSS stays within 1.1x llama.cpp's on a 1.1B Q5_K_M). */
+enum { Q6_KX8_BYTES = 1680, Q5_KX8_BYTES = 1696 };
+
+/* x's int8 values in the tiles' order: per 32, bytes 4k + b = x 2k + b (b < 2), 16 + 2k + b - 2 (b >= 2) */
+static void x_perm6(const int8_t *q, int K, int8_t *out) {
+    for (int g = 0; g < K; g += 32)
+        for (int k = 0; k < 8; k++) {
+            memcpy(out + g + 4 * k, q + g + 2 * k, 2);
+            memcpy(out + g + 4 * k + 2, q + g + 16 + 2 * k, 2);
+        }
+}
+
+static inline __attribute__((always_inline)) __m256i x4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* int32 lanes: sum over code vectors 4u..4u+3 of a pair against x, the int16 pairs times sc. 5-bit codes
+ * (q5) give pairs of at most 2 * 31 * 127: all four add in int16 before one vpmaddwd. */
+static inline __attribute__((always_inline)) __m256i k6_triple(int q5, const uint8_t *c, const int8_t *x, __m256i sc) {
+    const __m256i m6 = _mm256_set1_epi8(0x3F), top = _mm256_set1_epi8((char)0xC0);
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)c), v1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+    const __m256i v2 = _mm256_loadu_si256((const __m256i *)(c + 64));
+    /* masked to bits 6-7 first, so the 16-bit shifts bring no bits over from the next byte */
+    const __m256i c3 = _mm256_or_si256(_mm256_or_si256(_mm256_srli_epi16(_mm256_and_si256(v0, top), 6),
+                                                       _mm256_srli_epi16(_mm256_and_si256(v1, top), 4)),
+                                       _mm256_srli_epi16(_mm256_and_si256(v2, top), 2));
+    const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m6), x4(x)),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(v1, m6), x4(x + 4)));
+    const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v2, m6), x4(x + 8)),
+                                        _mm256_maddubs_epi16(c3, x4(x + 12)));
+    if (q5) return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), sc);
+    return _mm256_add_epi32(_mm256_madd_epi16(p0, sc), _mm256_madd_epi16(p1, sc));
+}
+
+static inline __attribute__((always_inline)) void k6x8_tile(int q5, const uint8_t *tile, int nsb, const int8_t *xp,
+                                                            const XSuper *xs, float *out) {
+    const int bytes = q5 ? Q5_KX8_BYTES : Q6_KX8_BYTES, at = q5 ? 160 : 144;
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *t = tile + (int64_t)s * bytes;
+        const int8_t *x = xp + 256 * s;
+        const int16_t *bs = xs->bsum + 16 * s;
+        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        for (int p = 0; p < 8; p++) {
+            __m256i sc;
+            if (q5) {  /* sc_j in both int16 halves; m_j (high half zero) times x's sum over the block */
+                const __m256i s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 32 + 8 * p)));
+                sc = _mm256_or_si256(s8, _mm256_slli_epi32(s8, 16));
+                const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 96 + 8 * p)));
+                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(m, _mm256_set1_epi32((uint16_t)(bs[2 * p] + bs[2 * p + 1]))));
+            } else {  /* (sc_2p, sc_2p+1) per row, against (bsum_2p, bsum_2p+1) for the -32 */
+                sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 16 + 16 * p)));
+                int32_t b2;
+                memcpy(&b2, bs + 2 * p, 4);
+                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(sc, _mm256_set1_epi32(b2)));
+            }
+            const uint8_t *c = t + at + 192 * p;
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(k6_triple(q5, c, x + 32 * p, sc), k6_triple(q5, c + 96, x + 32 * p + 16, sc)));
+        }
+        const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), _mm256_set1_ps(xs->d[s]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), dx, acc);
+        if (q5) accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ),
+                                       _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), _mm256_set1_ps(xs->d[s])), accm);
+        else accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ, 5)), dx, accm);
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+}
+
+static int run_k6x8(int q5, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
+    int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
+    const int nsb = K / 256;
+    if (q5) { X8_TILES_LOOP(k6x8_tile(1, tiles + (int64_t)t * nsb * Q5_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    else { X8_TILES_LOOP(k6x8_tile(0, tiles + (int64_t)t * nsb * Q6_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    free(xp); free(xs);
+    return 0;
+}
+
+/* A tile's 8 rows as float32 (8 x K), equal to the gguf package's dequantization of the source rows. Per
+ * row, triple u of pair p holds weights 32p + 8u .. + 8 (its bytes b < 2) and 32p + 16 + 8u .. + 8 (b >= 2),
+ * each in order of code vector, then byte. */
+__attribute__((optimize("fp-contract=off")))
+static void dequant_k6x8(int q5, const uint8_t *tile, int K, float *y) {
+    const int bytes = q5 ? Q5_KX8_BYTES : Q6_KX8_BYTES, at = q5 ? 160 : 144;
+    for (int s = 0; s < K / 256; s++) {
+        const uint8_t *t = tile + (int64_t)s * bytes;
+        for (int r = 0; r < KX8_ROWS; r++) {
+            const float d = fp16(t + 2 * r), dmin = q5 ? fp16(t + 16 + 2 * r) : 0.f;
+            for (int p = 0; p < 8; p++) {
+                float dl[2], ml = 0.f;
+                if (q5) { dl[0] = dl[1] = d * (float)t[32 + 8 * p + r]; ml = dmin * (float)t[96 + 8 * p + r]; }
+                else for (int h = 0; h < 2; h++) dl[h] = d * (float)((const int8_t *)t)[16 + 16 * p + 2 * r + h];
+                /* [h][a][b & 1] from the 16 codes [a][b] (lanes 4a + b) */
+                const __m128i order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+                for (int u = 0; u < 2; u++) {
+                    const uint8_t *c = t + at + 192 * p + 96 * u + 4 * r;
+                    uint32_t w[3], codes[4];
+                    memcpy(&w[0], c, 4); memcpy(&w[1], c + 32, 4); memcpy(&w[2], c + 64, 4);
+                    for (int a = 0; a < 3; a++) codes[a] = w[a] & 0x3F3F3F3Fu;
+                    codes[3] = ((w[0] >> 6) & 0x03030303u) | ((w[1] >> 4) & 0x0C0C0C0Cu) | ((w[2] >> 2) & 0x30303030u);
+                    const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)codes), order);
+                    float *out = y + (int64_t)r * K + 256 * s + 32 * p + 8 * u;
+                    for (int h = 0; h < 2; h++) {
+                        __m256i ci = _mm256_cvtepu8_epi32(h ? _mm_unpackhi_epi64(v, v) : v);
+                        if (!q5) ci = _mm256_sub_epi32(ci, _mm256_set1_epi32(32));
+                        __m256 f = _mm256_mul_ps(_mm256_set1_ps(dl[h]), _mm256_cvtepi32_ps(ci));
+                        if (q5) f = _mm256_sub_ps(f, _mm256_set1_ps(ml));
+                        _mm256_storeu_ps(out + 16 * h, f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- Q3_K and Q2_K in tiles of 8 rows (the AVX2 build; tierlm.quant.tiles) -------------------------------
+ * Their rows are the slowest of the K-quants (Q3_K ~5 G weights/s a thread: three bit fields and a scale
+ * per 16 weights). In tiles, in the order of the 6-bit tiles above (the pairs of 16-weight sub-blocks, x
+ * permuted by x_perm6), Q3_K's codes (q + 4 h: 0-7) sit in nibbles, Q2_K's in 2-bit fields, so each code
+ * vector is one or two ops, and a pair's eight vpmaddubsw sums add in int16 (at most 8 * 2 * 7 * 127)
+ * before one vpmaddwd with the rows' scale pairs. Per super-block:
+ *   Q3_K (Q3_KX8_BYTES): 0 the 8 rows' fp16 d; 16 scales int8 (sc - 32) [p][row][2]; 144 codes
+ *        [p][v < 4][row][b < 4]: code vector 2v in the low nibbles, 2v + 1 in the high ones;
+ *        weight = d * sc * (code - 4) (the file's 2 low bits plus 4 * its high-mask bit)
+ *   Q2_K (Q2_KX8_BYTES): 0 d; 16 dmin; 32 the file's scale bytes (scale | min << 4) [p][row][2]; 160 codes
+ *        [p][v < 2][row][b < 4]: code vector 4v + f in bits 2f; weight = d * sc * code - dmin * m
+ * 146 bytes a row per 256 weights for Q3_K's 110 (a nibble per 3-bit code), 84 for Q2_K's 84. The int32
+ * sums, conversions and FMAs are the rows' (super_rows_dot). */
+enum { Q3_KX8_BYTES = 1168, Q2_KX8_BYTES = 672 };
+
+static inline __attribute__((always_inline)) void klow_tile(int q2, const uint8_t *tile, int nsb, const int8_t *xp,
+                                                            const XSuper *xs, float *out) {
+    const int bytes = q2 ? Q2_KX8_BYTES : Q3_KX8_BYTES;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *t = tile + (int64_t)s * bytes;
+        const int16_t *bs = xs->bsum + 16 * s;
+        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        for (int p = 0; p < 8; p++) {
+            const int8_t *x = xp + 256 * s + 32 * p;
+            __m256i sc, mn, p16 = _mm256_setzero_si256();
+            if (q2) {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(t + 32 + 16 * p));
+                sc = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F)));
+                mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F)));
+                for (int v = 0; v < 2; v++) {
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 160 + 64 * p + 32 * v));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m2), x4(x + 16 * v)));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 2), m2), x4(x + 16 * v + 4)));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m2), x4(x + 16 * v + 8)));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 6), m2), x4(x + 16 * v + 12)));
+                }
+            } else {
+                sc = mn = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 16 + 16 * p)));
+                for (int v = 0; v < 4; v++) {
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 144 + 128 * p + 32 * v));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m4), x4(x + 8 * v)));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), x4(x + 8 * v + 4)));
+                }
+            }
+            int32_t b2;
+            memcpy(&b2, bs + 2 * p, 4);
+            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mn, _mm256_set1_epi32(b2)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, sc));
+        }
+        const __m256 xd = _mm256_set1_ps(xs->d[s]);
+        const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), xd);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), dx, acc);
+        if (q2) accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), xd), accm);
+        else accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ, 2)), dx, accm);
+    }
+    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+}
+
+/* A tile's 8 rows as float32 (8 x K), equal to the gguf package's dequantization of the source rows. */
+__attribute__((optimize("fp-contract=off")))
+static void dequant_klow(int q2, const uint8_t *tile, int K, float *y) {
+    const int bytes = q2 ? Q2_KX8_BYTES : Q3_KX8_BYTES;
+    for (int s = 0; s < K / 256; s++) {
+        const uint8_t *t = tile + (int64_t)s * bytes;
+        for (int r = 0; r < KX8_ROWS; r++) {
+            const float d = fp16(t + 2 * r), dmin = q2 ? fp16(t + 16 + 2 * r) : 0.f;
+            for (int p = 0; p < 8; p++)
+                for (int h = 0; h < 2; h++) {  /* sub-block 2p + h: bytes b = 2h, 2h + 1 of every code vector */
+                    const int sb = q2 ? t[32 + 16 * p + 2 * r + h] : 0;
+                    const float dl = q2 ? d * (float)(sb & 0xF) : d * (float)((const int8_t *)t)[16 + 16 * p + 2 * r + h];
+                    const float ml = q2 ? dmin * (float)(sb >> 4) : 0.f;
+                    float *out = y + (int64_t)r * K + 256 * s + 32 * p + 16 * h;
+                    for (int k = 0; k < 8; k++)
+                        for (int e = 0; e < 2; e++) {
+                            const int b = 2 * h + e;
+                            const int code = q2 ? (t[160 + 64 * p + 32 * (k >> 2) + 4 * r + b] >> (2 * (k & 3))) & 3
+                                                : (t[144 + 128 * p + 32 * (k >> 1) + 4 * r + b] >> (4 * (k & 1))) & 0xF;
+                            out[2 * k + e] = q2 ? dl * (float)code - ml : dl * (float)(code - 4);
+                        }
+                }
+        }
+    }
+}
+
+static int run_klow(int q2, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
+    int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
+    const int nsb = K / 256;
+    if (q2) { X8_TILES_LOOP(klow_tile(1, tiles + (int64_t)t * nsb * Q2_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    else { X8_TILES_LOOP(klow_tile(0, tiles + (int64_t)t * nsb * Q3_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    free(xp); free(xs);
+    return 0;
 }
 
 /* F16 and BF16 rows: 8 weights at a time widened to float32 against x as it is. */
@@ -1426,6 +1661,8 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         return 0;
     }
     if (fmt == Q4_KX8) return run_kx8(x, M, K, codes, y, N, num_threads);
+    if (fmt == Q6_KX8 || fmt == Q5_KX8) return run_k6x8(fmt == Q5_KX8, x, M, K, codes, y, N, num_threads);
+    if (fmt == Q3_KX8 || fmt == Q2_KX8) return run_klow(fmt == Q2_KX8, x, M, K, codes, y, N, num_threads);
 #if !AVX512_BUILD
     if (is_super_fmt(fmt) && !kquant_blocks32) return run_super(fmt, x, M, K, codes, row_bytes, y, N, num_threads);
 #endif
@@ -1575,12 +1812,16 @@ static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
  * a format that is not a GGUF block type (tierlm's own formats dequantize in torch) or a shape it does
  * not take. */
 int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N, int K, float *out, int num_threads) {
-    if (fmt == Q4_KX8 || fmt == Q4_0X8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
-        if (K % (fmt == Q4_KX8 ? 256 : 32) || N < 0) return -1;
+    if (fmt >= Q4_KX8 && fmt <= Q2_KX8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
+        if (K % (fmt == Q4_0X8 ? 32 : 256) || N < 0) return -1;
         #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int t = 0; t < N; t++) {
-            if (fmt == Q4_KX8) dequant_kx8(codes + (int64_t)t * row_bytes, K, out + (int64_t)t * KX8_ROWS * K);
-            else dequant_q4_0x8(codes + (int64_t)t * row_bytes, K, out + (int64_t)t * KX8_ROWS * K);
+            const uint8_t *tile = codes + (int64_t)t * row_bytes;
+            float *rows = out + (int64_t)t * KX8_ROWS * K;
+            if (fmt == Q4_KX8) dequant_kx8(tile, K, rows);
+            else if (fmt == Q4_0X8) dequant_q4_0x8(tile, K, rows);
+            else if (fmt == Q6_KX8 || fmt == Q5_KX8) dequant_k6x8(fmt == Q5_KX8, tile, K, rows);
+            else dequant_klow(fmt == Q2_KX8, tile, K, rows);
         }
         return 0;
     }
