@@ -635,9 +635,9 @@ def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows
 
 
 @pytest.mark.parametrize("rows", [41, 3, 16])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
 def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_name, rows):
-    """The AVX2 build's K-quant and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal
+    """The AVX2 build's K-quant, IQ4_XS and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal
     to the gguf package's dequantization, products equal to the dequantized weight times x rounded as for
     the rows (per 256 / per 32), the K-quants' bit for bit equal to their rows'; the linear method makes
     them for resident matrices, runs them in the kernel, and untiles bands for prompt chunks."""
@@ -654,10 +654,11 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
     tw = tile_rows_kx8(qw)
     assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8)
     # Q4_0, Q6_K, Q2_K: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a
-    # super-block; Q5_K: those and its codes in 6 bits, 1696; Q3_K: its codes in nibbles, 1168
+    # super-block; Q5_K: those and its codes in 6 bits, 1696; Q3_K: its codes in nibbles, 1168; IQ4_XS:
+    # its scales as bytes, 1104
     block, _, tile_block, _ = KX8_FORMATS[f"gguf:{type_name}"]
     assert tw.nbytes == tw.num_tiles * tile_block * 768 // block
-    sizes = {"Q4_K": 1184, "Q4_0": 144, "Q6_K": 8 * 210, "Q5_K": 1696, "Q3_K": 1168, "Q2_K": 8 * 84}
+    sizes = {"Q4_K": 1184, "Q4_0": 144, "Q6_K": 8 * 210, "Q5_K": 1696, "Q3_K": 1168, "Q2_K": 8 * 84, "IQ4_XS": 1104}
     assert tile_block == sizes[type_name]
     assert torch.equal(dequantize_tiles(tw, 0, tw.num_tiles)[:rows], ref_w)
     x = torch.randn(3, 768, generator=torch.Generator().manual_seed(11))
@@ -665,6 +666,10 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
     ref = _int8_blocks(x, 32 if type_name == "Q4_0" else 256) @ ref_w.double().T
     y = kernel_matmul(kernel, x, tw, num_threads=2).double()
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
+    # rows of x four at a time against a tile (9 rows: two blocks of 4, then one), as one at a time
+    x9 = torch.randn(9, 768, generator=torch.Generator().manual_seed(13))
+    one_by_one = torch.cat([kernel_matmul(kernel, x9[i:i + 1], tw) for i in range(9)])
+    assert torch.equal(kernel_matmul(kernel, x9, tw, num_threads=2), one_by_one)
     q = QuantLinear(None, DenseLinear(), kernel)
     prepared = q.prepare(qw)
     assert isinstance(prepared, RowTiles) and prepared.rows_per_tile == KX8_ROWS
@@ -673,5 +678,16 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
         assert torch.equal(q.apply(x, prepared, None), rows_y)
     else:
         assert torch.allclose(q.apply(x, prepared, None), rows_y, atol=1e-4 * rows_y.abs().max().item())
-    xs = torch.randn(20, 768, generator=torch.Generator().manual_seed(12))  # a prompt chunk: untiled bands
-    assert torch.allclose(q.apply(xs, prepared, None).double(), xs.double() @ ref_w.double().T, atol=1e-3, rtol=1e-4)
+    # a prompt chunk: by default the K-quants' (and IQ4_XS's) through the int8 kernel, Q4_0's in float from
+    # untiled bands, as with int8_prompts=False for all
+    xs = torch.randn(20, 768, generator=torch.Generator().manual_seed(12))
+    int8_default = type_name != "Q4_0"
+    assert q.int8_prompts_for(prepared) == int8_default
+    if int8_default:
+        assert torch.equal(q.apply(xs, prepared, None), kernel_matmul(kernel, xs, tw))
+    float_q = QuantLinear(None, DenseLinear(), kernel, int8_prompts=False)
+    assert not float_q.int8_prompts_for(prepared)
+    y_float = float_q.apply(xs, prepared, None).double()
+    assert torch.allclose(y_float, xs.double() @ ref_w.double().T, atol=1e-3, rtol=1e-4)
+    if not int8_default:
+        assert torch.equal(q.apply(xs, prepared, None).double(), y_float)

@@ -120,8 +120,9 @@ class EngineArgs:
                              choices=(AUTO, *METHODS))
     quant_importance: str | None = _arg(None, "quant", "weight rtn's range search by an importance file from "
                                         "`tierlm imatrix`", metavar="FILE")
-    quant_int8_prompts: bool = _arg(False, "quant", "prompt chunks through the int8 kernel too, as llama.cpp "
-                                    "(3-4x faster prefill; activations rounded to int8 per 32 values)")
+    quant_int8_prompts: bool | None = _arg(None, "quant", "prompt chunks through the int8 kernel, as llama.cpp "
+                                           "(activations rounded to int8); --no-quant-int8-prompts: float; "
+                                           "default: where that is faster (GGUF K-quants on AVX2)", type=bool)
     # -- runtime
     fused_decode: bool = _arg(True, "runtime", "decode steps in one C call where the model allows")
     num_threads: int | None = _arg(None, "runtime", "compute threads (default: the cores this process may use)",
@@ -184,15 +185,16 @@ def add_cli_args(parser: argparse.ArgumentParser, defaults: Mapping[str, object]
         if f.name == "model":
             groups["model"].add_argument("model", nargs="?", metavar=meta["metavar"], **kw)
             continue
-        if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        if isinstance(f.default, bool) or meta["type"] is bool:  # a bool, or a bool unset by default
+            kw["action"] = argparse.BooleanOptionalAction if f.default is not False else "store_true"
         elif isinstance(f.default, tuple):
             kw.update(action="append", default=None, metavar=meta["metavar"])
         else:
             kw.update(metavar=meta["metavar"], choices=meta["choices"], type=meta["type"])
             if meta["choices"] is not None and meta["metavar"] is None:
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
-        if not isinstance(f.default, bool) and default is not None and "(default" not in kw["help"]:
+        flag_like = isinstance(f.default, bool) or meta["type"] is bool
+        if not flag_like and default is not None and "(default" not in kw["help"]:
             kw["help"] += f" (default: {default})"
         groups[meta["group"]].add_argument(flag_of(f.name), dest=f.name, **kw)
 

@@ -4,10 +4,13 @@
 already quantized, such as a GGUF file's own blocks) and, with a kernel that has row tiles, repacks
 resident matrices into them (tierlm.quant.tiles); ``apply`` multiplies without expanding the whole
 matrix: on a CPU with a build of the compiled kernel (tierlm/model/kernels/quant_gemv.c: AVX512-VNNI
-with row tiles, or AVX2 with 8-row tiles for Q4_0 and Q4_K and rows for the rest), decode-sized batches (up
-to ``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of rows at a time and use
-``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts`` sends them to the
-kernel too.
+with row tiles, or AVX2 with 8-row tiles for the K-quants, IQ4_XS and Q4_0 and rows for the rest),
+decode-sized batches (up to ``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of
+rows at a time and use ``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts``
+sends them to the kernel too: True everywhere it can, False never, None (the default) where the
+kernel is the faster path, the AVX2 build's 8-row tiles of the K-quants and IQ4_XS (``INT8_PROMPT_TILES``:
+4 rows of x per pass over a tile, 1.6-1.9x the float path for 512 rows of x against a 5632 x 2048 K-quant
+matrix, 1.1x for IQ4_XS; llama.cpp rounds its prompts to int8 the same way).
 
 The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does, at every batch
 size), so its products differ from the float product by that rounding; the tiled path is float
@@ -54,6 +57,8 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "q3h": 10, "q6": 11, "q5": 12, "q3": 13, "q2
 # per super-block"); F16 and BF16 take x unrounded.
 SUPER_BLOCK_X_FORMATS = ("gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K", "gguf:IQ4_XS")
 FLOAT_X_FORMATS = ("gguf:F16", "gguf:BF16")
+# Tile formats whose prompt chunks take the int8 kernel by default (int8_prompts None; module docstring)
+INT8_PROMPT_TILES = frozenset(f"gguf:{t}" for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 # Formats quant_gemv.c's prompt GEMM (tierlm_quant_prompt) takes: with ``int8_prompts``, prompt chunks in
 # these go there. On this project's AVX2 EPYC it is 5-10% faster than dequantized bands through MKL's
 # float32 GEMM (both near the cores' multiply rate), at the cost of x's rounding, so it stays opt-in.
@@ -132,7 +137,7 @@ class QuantLinear:
 
     max_kernel_rows = 8  # decode-sized batches; above, the float path unless int8_prompts (module docstring)
 
-    def __init__(self, quantizer: Quantizer | None, dense, kernel=None, int8_prompts: bool = False):
+    def __init__(self, quantizer: Quantizer | None, dense, kernel=None, int8_prompts: bool | None = None):
         self.quantizer = quantizer
         self.dense = dense
         self.kernel = kernel
@@ -187,11 +192,17 @@ class QuantLinear:
             return self.kernel.kx8_tiles if qw.rows_per_tile == KX8_ROWS else self.kernel.row_tiles
         return qw.format in KERNEL_FORMATS
 
+    def int8_prompts_for(self, qw: QuantizedWeight | RowTiles) -> bool:
+        """Whether prompt chunks multiply ``qw`` in the int8 kernel (module docstring)."""
+        if self.int8_prompts is not None:
+            return self.int8_prompts
+        return isinstance(qw, RowTiles) and qw.rows_per_tile == KX8_ROWS and qw.format in INT8_PROMPT_TILES
+
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
         if (self.int8_prompts and x.shape[0] > self.max_kernel_rows and isinstance(qw, QuantizedWeight)
                 and qw.format in PROMPT_KERNEL_FORMATS and x.device.type == "cpu" and self.kernel is not None):
             return prompt_matmul(self.kernel, x, qw).to(x.dtype)
-        in_kernel_rows = self.int8_prompts or x.shape[0] <= self.max_kernel_rows
+        in_kernel_rows = x.shape[0] <= self.max_kernel_rows or self.int8_prompts_for(qw)
         if isinstance(qw, RowTiles):  # made elsewhere (tile_rows) if this kernel has no tiles
             if in_kernel_rows and self.kernel_takes(qw):
                 return kernel_matmul(self.kernel, x, qw).to(x.dtype)
@@ -201,10 +212,12 @@ class QuantLinear:
         return method_for(qw.format, qw.group).matmul(x, qw)
 
 
-def quant_linear(quant: str, group: int, dense, device: torch.device | str, int8_prompts: bool = False) -> QuantLinear:
+def quant_linear(quant: str, group: int, dense, device: torch.device | str,
+                 int8_prompts: bool | None = None) -> QuantLinear:
     """The linear method for ``LLM(..., quant=...)``: a tierlm format name, or "gguf" (keep the file's
     blocks, which the loader delivers already quantized). ``dense`` runs whatever stays float;
-    ``int8_prompts``: prompt chunks through the kernel too (module docstring)."""
+    ``int8_prompts``: prompt chunks through the kernel too (True), never (False), or where that is
+    faster (None; module docstring)."""
     from tierlm.model.kernels import cpu_runs_quant_build, quant_gemv
     from tierlm.quant import GGUF_NATIVE, get_quantizer
 

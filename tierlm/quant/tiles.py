@@ -15,10 +15,10 @@ Q4_0 31.7 -> 55.5 (in cache 40.7 -> 172); tierlm's q8 23 -> 25, q6 25 -> 35, q5 
 byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for the same reason.
 
 The repacking is done once, when the linear method prepares a resident matrix, for the kernel's
-AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for every K-quant and
-Q4_0 (``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles of 8 rows",
-"Q4_0 ...", "Q6_K and Q5_K ..." and "Q3_K and Q2_K in tiles of 8 rows") and runs every other matrix
-from its rows
+AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for every K-quant,
+IQ4_XS and Q4_0 (``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles
+of 8 rows", "Q4_0 ...", "Q6_K and Q5_K ...", "Q3_K and Q2_K ..." and "IQ4_XS in tiles of 8 rows") and
+runs every other matrix from its rows
 (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
 layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
 kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
@@ -314,13 +314,14 @@ def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
     return banded_matmul(x, tw.shape, tw.format, band, rows)
 
 
-# -- the AVX2 build's tiles of 8 rows (the K-quants and Q4_0) ----------------------------------------
+# -- the AVX2 build's tiles of 8 rows (the K-quants, IQ4_XS, Q4_0) ----------------------------------------
 
 KX8_ROWS = 8
 # source format -> (weights and bytes of a source block, bytes of its tile block, kernel format id)
 KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26),
                "gguf:Q6_K": (256, 210, 1680, 27), "gguf:Q5_K": (256, 176, 1696, 28),
-               "gguf:Q3_K": (256, 110, 1168, 29), "gguf:Q2_K": (256, 84, 672, 30)}
+               "gguf:Q3_K": (256, 110, 1168, 29), "gguf:Q2_K": (256, 84, 672, 30),
+               "gguf:IQ4_XS": (256, 136, 1104, 31)}
 
 
 def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
@@ -479,8 +480,25 @@ def _tile_q2_kx8(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, dmin, sm, packed], dim=2).reshape(n, -1)
 
 
-_KX8_TILERS = {"gguf:Q4_K": _tile_kx8, "gguf:Q4_0": _tile_q4_0x8, "gguf:Q6_K": _tile_q6_kx8, "gguf:Q5_K": _tile_q5_kx8,
-               "gguf:Q3_K": _tile_q3_kx8, "gguf:Q2_K": _tile_q2_kx8}
+def _tile_iq4_xsx8(blocks: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS super-blocks uint8 (T * 8, nsb, 136) -> tiles (T, nsb * 1104): the 8 rows' d, their scales
+    minus 32 as int8 [j][row] (the low 4 bits in nibble j of bytes 4-7, the top 2 at bit 2j of the
+    uint16 at 2), then the 16 code bytes of each sub-block j as Q4_0's in its tiles, [j][v][row][b]."""
+    n, nsb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nsb, 136).permute(0, 2, 1, 3)  # (T, nsb, row, bytes)
+    d = b[..., 0:2].reshape(n, nsb, 16)
+    j = torch.arange(8)
+    high = b[..., 2].to(torch.int16) | (b[..., 3].to(torch.int16) << 8)  # (T, nsb, row)
+    low = (b[..., 4 + j // 2] >> (4 * (j % 2)).to(torch.uint8)) & 15  # (T, nsb, row, j)
+    ls = low.to(torch.int16) | (((high[..., None] >> (2 * j)) & 3) << 4)
+    sc = (ls - 32).to(torch.int8).view(torch.uint8).transpose(2, 3).reshape(n, nsb, 64)
+    q = b[..., 8:136].reshape(n, nsb, KX8_ROWS, 8, 4, 4).permute(0, 1, 3, 4, 2, 5).reshape(n, nsb, 1024)
+    return torch.cat([d, sc, q], dim=2).reshape(n, -1)
+
+
+_KX8_TILERS = {"gguf:IQ4_XS": _tile_iq4_xsx8, "gguf:Q4_K": _tile_kx8, "gguf:Q4_0": _tile_q4_0x8,
+               "gguf:Q6_K": _tile_q6_kx8, "gguf:Q5_K": _tile_q5_kx8, "gguf:Q3_K": _tile_q3_kx8,
+               "gguf:Q2_K": _tile_q2_kx8}
 
 
 def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:

@@ -88,10 +88,10 @@
 #endif
 
 enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18,
-       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, Q6_KX8 = 27, Q5_KX8 = 28, Q3_KX8 = 29, Q2_KX8 = 30, NUM_FORMATS = 31 };
+       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, Q6_KX8 = 27, Q5_KX8 = 28, Q3_KX8 = 29, Q2_KX8 = 30, IQ4_XSX8 = 31, NUM_FORMATS = 32 };
 
 /* K-quants (256 weights a super-block) */
-static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8 || fmt == Q6_KX8 || fmt == Q5_KX8 || fmt == Q3_KX8 || fmt == Q2_KX8; }
+static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8 || fmt == Q6_KX8 || fmt == Q5_KX8 || fmt == Q3_KX8 || fmt == Q2_KX8 || fmt == IQ4_XSX8; }
 /* Row-tile formats: the AVX512 build only */
 static inline int is_tile(int fmt) { return fmt >= Q4_0X16 && fmt <= TQ3HX16; }
 
@@ -313,6 +313,9 @@ static inline int is_tq(int fmt) { return fmt == TQ8 || fmt == TQ4 || (fmt >= TQ
 /* Whether decode gives the block's codes as signed bytes c - 128 (the AVX2 build's 8-bit formats;
  * see the header): then wm includes + 128 wd. */
 static inline int signed_codes(int fmt) { return !AVX512_BUILD && (fmt == TQ8 || fmt == Q8_0 || fmt == IQ4_NL || fmt == IQ4_XS); }
+
+/* IQ4_NL's (and IQ4_XS's) 16 values */
+static const int8_t IQ4_KV[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline __m256i iq4_values(__m256i nib) {  /* nibbles -> IQ4_NL's int8 values */
     const __m256i kv = _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
@@ -713,14 +716,12 @@ static inline __attribute__((always_inline)) __m256i super_dot(int fmt, const ui
 #endif
 static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const uint8_t *codes, int64_t row_bytes, int K,
                                                                  const XSuper *xs, float *out, int prefetch) {
-    /* All but IQ4_XS: per super-block an exact int32 sum, then one FMA, the arithmetic of their tiles
-     * (kx8_tile, k6x8_tile, klow_tile), so that a row gives the same float bits from its tile and from its rows
-     * (tiered weights stream rows of matrices whose resident rows are tiles). The other formats keep
-     * float lanes to the end: the horizontal sum per super-block costs rows ~10%. */
-    const int exact = fmt != IQ4_XS;
-    __m256 acc[SUPER_ROWS];
+    /* Per super-block an exact int32 sum, then one FMA (and one for the mins), the arithmetic of the 8-row
+     * tiles, so that a row gives the same float bits from its tile and from its rows (tiered weights
+     * stream rows of matrices whose resident rows are tiles). Float lanes to the end instead ran ~10%
+     * faster than the horizontal sum per super-block. */
     float sacc[SUPER_ROWS], accm[SUPER_ROWS];
-    for (int r = 0; r < SUPER_ROWS; r++) { acc[r] = _mm256_setzero_ps(); sacc[r] = 0.f; accm[r] = 0.f; }
+    for (int r = 0; r < SUPER_ROWS; r++) { sacc[r] = 0.f; accm[r] = 0.f; }
     const int sb = super_bytes(fmt);
     const uint8_t *next = codes + SUPER_ROWS * row_bytes;
     for (int s = 0; s < K / 256; s++) {
@@ -732,13 +733,11 @@ static inline __attribute__((always_inline)) void super_rows_dot(int fmt, const 
             float d, dmin;
             int mins;
             const __m256i sumi = super_dot(fmt, codes + r * row_bytes + s * sb, xs->q + 256 * s, xs->bsum + 16 * s, &d, &dmin, &mins);
-            if (exact) sacc[r] = fmaf((float)hsum8_epi32(sumi), d * xd, sacc[r]);
-            else acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * xd), acc[r]);
-            if (exact) accm[r] = fmaf((float)mins, dmin * xd, accm[r]);
-            else accm[r] += dmin * xd * (float)mins;
+            sacc[r] = fmaf((float)hsum8_epi32(sumi), d * xd, sacc[r]);
+            accm[r] = fmaf((float)mins, dmin * xd, accm[r]);
         }
     }
-    for (int r = 0; r < SUPER_ROWS; r++) out[r] = (exact ? sacc[r] : hsum8(acc[r])) - accm[r];
+    for (int r = 0; r < SUPER_ROWS; r++) out[r] = sacc[r] - accm[r];
 }
 
 #if !AVX512_BUILD
@@ -928,58 +927,93 @@ int tierlm_quant_prompt(int fmt, const float *x, int M, int K, const uint8_t *co
  * the tile saves); its tiles hold 6-bit codes instead (below). */
 enum { KX8_ROWS = 8, KX8_BYTES = 1184 };
 
-static void kx8_tile(const uint8_t *tile, int nsb, const XSuper *xs, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-    for (int s = 0; s < nsb; s++) {
-        const uint8_t *t = tile + (int64_t)s * KX8_BYTES;
-        const int8_t *xq = xs->q + 256 * s;
-        const int16_t *bs = xs->bsum + 16 * s;
-        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) {
-            __m256i p16 = _mm256_setzero_si256();  /* 8 sums of at most 2 * 15 * 127 each: within int16 */
-            for (int v = 0; v < 4; v++) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 160 + 128 * j + 32 * v));
-                int32_t x0, x1;
-                memcpy(&x0, xq + 32 * j + 4 * v, 4);
-                memcpy(&x1, xq + 32 * j + 16 + 4 * v, 4);
-                p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m4), _mm256_set1_epi32(x0)));
-                p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4),
-                                                                 _mm256_set1_epi32(x1)));
-            }
-            const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 32 + 8 * j)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16))));
-            /* m_j (int16 lanes 2i, high half zero) times the sum of x over sub-block j */
-            const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 96 + 8 * j)));
-            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(m, _mm256_set1_epi32((uint16_t)(bs[2 * j] + bs[2 * j + 1]))));
-        }
-        const __m256 xd = _mm256_set1_ps(xs->d[s]);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(d, xd), acc);
-        accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, xd), accm);
-    }
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+/* Each thread streams one contiguous run of tiles, yet from DRAM the hardware prefetcher alone left the
+ * tile kernels at half their in-cache rate (Q4_K, 2 threads: 15 against 30 G weights/s): memory and
+ * compute did not overlap. So every block is prefetched X8_PREFETCH bytes ahead of its use. */
+#ifndef X8_PREFETCH
+#define X8_PREFETCH 4096
+#endif
+/* x's 4 bytes at p in every int32 lane */
+static inline __attribute__((always_inline)) __m256i x4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
 }
 
-/* The loop of the 8-row tile kernels: tiles split over the threads, each row of x against the tile;
- * TILE(t, m) fills out[0..8) for tile t (the last tile's padding rows are dropped). */
+/* Rows of x run X8_NX at a time against a tile (prompt chunks): the codes decoded once serve all of them,
+ * with the same integer sums and float operations per row as one at a time. */
+#define X8_NX 4
+
+static inline __attribute__((always_inline)) void x8_prefetch(const uint8_t *t, int bytes) {
+    for (int off = 0; off < bytes; off += 64) _mm_prefetch((const char *)(t + X8_PREFETCH + off), _MM_HINT_T0);
+}
+
+static inline __attribute__((always_inline)) void kx8_tile(int nx, const uint8_t *tile, int nsb, const XSuper *xs, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[X8_NX], accm[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = accm[i] = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *t = tile + (int64_t)s * KX8_BYTES;
+        x8_prefetch(t, KX8_BYTES);
+        __m256i sumi[X8_NX], summ[X8_NX];
+        for (int i = 0; i < nx; i++) sumi[i] = summ[i] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i p16[X8_NX];  /* 8 sums of at most 2 * 15 * 127 each: within int16 */
+            for (int i = 0; i < nx; i++) p16[i] = _mm256_setzero_si256();
+            for (int v = 0; v < 4; v++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 160 + 128 * j + 32 * v));
+                const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+                for (int i = 0; i < nx; i++) {
+                    const int8_t *xq = xs[i].q + 256 * s + 32 * j + 4 * v;
+                    p16[i] = _mm256_add_epi16(p16[i], _mm256_maddubs_epi16(lo, x4(xq)));
+                    p16[i] = _mm256_add_epi16(p16[i], _mm256_maddubs_epi16(hi, x4(xq + 16)));
+                }
+            }
+            const __m256i s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 32 + 8 * j)));
+            const __m256i sc = _mm256_or_si256(s8, _mm256_slli_epi32(s8, 16));
+            /* m_j (int16 lanes 2i, high half zero) times the sum of x over sub-block j */
+            const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 96 + 8 * j)));
+            for (int i = 0; i < nx; i++) {
+                const int16_t *bs = xs[i].bsum + 16 * s;
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(p16[i], sc));
+                summ[i] = _mm256_add_epi32(summ[i], _mm256_madd_epi16(m, _mm256_set1_epi32((uint16_t)(bs[2 * j] + bs[2 * j + 1]))));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16)));
+        for (int i = 0; i < nx; i++) {
+            const __m256 xd = _mm256_set1_ps(xs[i].d[s]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, xd), acc[i]);
+            accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ[i]), _mm256_mul_ps(dmin, xd), accm[i]);
+        }
+    }
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, _mm256_sub_ps(acc[i], accm[i]));
+}
+
+/* The loop of the 8-row tile kernels: tiles split over the threads, rows of x against each tile X8_NX at
+ * a time, then one by one; TILE(nx) fills out[0..8 nx) for tile t and rows m.. m + nx of x (the last
+ * tile's padding rows are dropped). */
 #define X8_TILES_LOOP(TILE)                                                                                 \
     const int num_tiles = (N + KX8_ROWS - 1) / KX8_ROWS;                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                  \
     for (int t = 0; t < num_tiles; t++) {                                                                  \
-        float out[KX8_ROWS];                                                                               \
+        float out[X8_NX * KX8_ROWS];                                                                       \
         const int nr = N - t * KX8_ROWS < KX8_ROWS ? N - t * KX8_ROWS : KX8_ROWS;                          \
-        for (int m = 0; m < M; m++) {                                                                      \
-            TILE;                                                                                          \
-            for (int r = 0; r < nr; r++) y[(int64_t)m * N + t * KX8_ROWS + r] = out[r];                    \
+        for (int m = 0; m < M;) {                                                                          \
+            const int nx = M - m >= X8_NX ? X8_NX : 1;                                                     \
+            if (nx == X8_NX) TILE(X8_NX); else TILE(1);                                                    \
+            for (int i = 0; i < nx; i++)                                                                   \
+                for (int r = 0; r < nr; r++) y[(int64_t)(m + i) * N + t * KX8_ROWS + r] = out[KX8_ROWS * i + r]; \
+            m += nx;                                                                                       \
         }                                                                                                  \
     }
 
 static int run_kx8(const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
     XSuper *xs = x_super_rows(x, M, K, num_threads);
     const int nsb = K / 256;
-    X8_TILES_LOOP(kx8_tile(tiles + (int64_t)t * nsb * KX8_BYTES, nsb, &xs[m], out))
+#define KX8_CALL(nx) kx8_tile(nx, tiles + (int64_t)t * nsb * KX8_BYTES, nsb, &xs[m], out)
+    X8_TILES_LOOP(KX8_CALL)
+#undef KX8_CALL
     free(xs);
     return 0;
 }
@@ -1014,6 +1048,7 @@ static void q4_0x8_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *o
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *t = tile + (int64_t)b * Q40X8_BYTES;
+        x8_prefetch(t, Q40X8_BYTES);
         const int8_t *xq = xb->q + 32 * b;
         __m256i p16 = _mm256_setzero_si256();
         for (int v = 0; v < 4; v++) {
@@ -1034,7 +1069,9 @@ static void q4_0x8_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *o
 
 static void run_q4_0x8(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
     const int nb = K / 32;
-    X8_TILES_LOOP(q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m], out))
+#define Q40X8_CALL(nx) for (int i = 0; i < nx; i++) q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m + i], out + KX8_ROWS * i)
+    X8_TILES_LOOP(Q40X8_CALL)
+#undef Q40X8_CALL
 }
 
 __attribute__((optimize("fp-contract=off")))
@@ -1084,71 +1121,90 @@ static void x_perm6(const int8_t *q, int K, int8_t *out) {
         }
 }
 
-static inline __attribute__((always_inline)) __m256i x4(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-}
-
-/* int32 lanes: sum over code vectors 4u..4u+3 of a pair against x, the int16 pairs times sc. 5-bit codes
- * (q5) give pairs of at most 2 * 31 * 127: all four add in int16 before one vpmaddwd. */
-static inline __attribute__((always_inline)) __m256i k6_triple(int q5, const uint8_t *c, const int8_t *x, __m256i sc) {
+/* The four code vectors of a triple (three byte vectors at c): c[0..3] */
+static inline __attribute__((always_inline)) void k6_codes(const uint8_t *c, __m256i *cv) {
     const __m256i m6 = _mm256_set1_epi8(0x3F), top = _mm256_set1_epi8((char)0xC0);
     const __m256i v0 = _mm256_loadu_si256((const __m256i *)c), v1 = _mm256_loadu_si256((const __m256i *)(c + 32));
     const __m256i v2 = _mm256_loadu_si256((const __m256i *)(c + 64));
+    cv[0] = _mm256_and_si256(v0, m6);
+    cv[1] = _mm256_and_si256(v1, m6);
+    cv[2] = _mm256_and_si256(v2, m6);
     /* masked to bits 6-7 first, so the 16-bit shifts bring no bits over from the next byte */
-    const __m256i c3 = _mm256_or_si256(_mm256_or_si256(_mm256_srli_epi16(_mm256_and_si256(v0, top), 6),
-                                                       _mm256_srli_epi16(_mm256_and_si256(v1, top), 4)),
-                                       _mm256_srli_epi16(_mm256_and_si256(v2, top), 2));
-    const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, m6), x4(x)),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(v1, m6), x4(x + 4)));
-    const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v2, m6), x4(x + 8)),
-                                        _mm256_maddubs_epi16(c3, x4(x + 12)));
+    cv[3] = _mm256_or_si256(_mm256_or_si256(_mm256_srli_epi16(_mm256_and_si256(v0, top), 6),
+                                            _mm256_srli_epi16(_mm256_and_si256(v1, top), 4)),
+                            _mm256_srli_epi16(_mm256_and_si256(v2, top), 2));
+}
+
+/* int32 lanes: the four code vectors against x, the int16 pairs times sc. 5-bit codes (q5) give pairs of
+ * at most 2 * 31 * 127: all four add in int16 before one vpmaddwd. */
+static inline __attribute__((always_inline)) __m256i k6_dot(int q5, const __m256i *cv, const int8_t *x, __m256i sc) {
+    const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(cv[0], x4(x)), _mm256_maddubs_epi16(cv[1], x4(x + 4)));
+    const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(cv[2], x4(x + 8)), _mm256_maddubs_epi16(cv[3], x4(x + 12)));
     if (q5) return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), sc);
     return _mm256_add_epi32(_mm256_madd_epi16(p0, sc), _mm256_madd_epi16(p1, sc));
 }
 
-static inline __attribute__((always_inline)) void k6x8_tile(int q5, const uint8_t *tile, int nsb, const int8_t *xp,
-                                                            const XSuper *xs, float *out) {
+/* nx rows of x (xp: the first, permuted by x_perm6; the next ones K bytes apart) against a tile */
+static inline __attribute__((always_inline)) void k6x8_tile(int q5, int nx, const uint8_t *tile, int nsb, int K,
+                                                            const int8_t *xp, const XSuper *xs, float *out) {
     const int bytes = q5 ? Q5_KX8_BYTES : Q6_KX8_BYTES, at = q5 ? 160 : 144;
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc[X8_NX], accm[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = accm[i] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
         const uint8_t *t = tile + (int64_t)s * bytes;
-        const int8_t *x = xp + 256 * s;
-        const int16_t *bs = xs->bsum + 16 * s;
-        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        x8_prefetch(t, bytes);
+        __m256i sumi[X8_NX], summ[X8_NX];
+        for (int i = 0; i < nx; i++) sumi[i] = summ[i] = _mm256_setzero_si256();
         for (int p = 0; p < 8; p++) {
             __m256i sc;
             if (q5) {  /* sc_j in both int16 halves; m_j (high half zero) times x's sum over the block */
                 const __m256i s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 32 + 8 * p)));
                 sc = _mm256_or_si256(s8, _mm256_slli_epi32(s8, 16));
                 const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(t + 96 + 8 * p)));
-                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(m, _mm256_set1_epi32((uint16_t)(bs[2 * p] + bs[2 * p + 1]))));
+                for (int i = 0; i < nx; i++) {
+                    const int16_t *bs = xs[i].bsum + 16 * s;
+                    summ[i] = _mm256_add_epi32(summ[i], _mm256_madd_epi16(m, _mm256_set1_epi32((uint16_t)(bs[2 * p] + bs[2 * p + 1]))));
+                }
             } else {  /* (sc_2p, sc_2p+1) per row, against (bsum_2p, bsum_2p+1) for the -32 */
                 sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 16 + 16 * p)));
-                int32_t b2;
-                memcpy(&b2, bs + 2 * p, 4);
-                summ = _mm256_add_epi32(summ, _mm256_madd_epi16(sc, _mm256_set1_epi32(b2)));
+                for (int i = 0; i < nx; i++) {
+                    int32_t b2;
+                    memcpy(&b2, xs[i].bsum + 16 * s + 2 * p, 4);
+                    summ[i] = _mm256_add_epi32(summ[i], _mm256_madd_epi16(sc, _mm256_set1_epi32(b2)));
+                }
             }
-            const uint8_t *c = t + at + 192 * p;
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(k6_triple(q5, c, x + 32 * p, sc), k6_triple(q5, c + 96, x + 32 * p + 16, sc)));
+            for (int u = 0; u < 2; u++) {
+                __m256i cv[4];
+                k6_codes(t + at + 192 * p + 96 * u, cv);
+                for (int i = 0; i < nx; i++)
+                    sumi[i] = _mm256_add_epi32(sumi[i], k6_dot(q5, cv, xp + (int64_t)i * K + 256 * s + 32 * p + 16 * u, sc));
+            }
         }
-        const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), _mm256_set1_ps(xs->d[s]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), dx, acc);
-        if (q5) accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ),
-                                       _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), _mm256_set1_ps(xs->d[s])), accm);
-        else accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ, 5)), dx, accm);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        for (int i = 0; i < nx; i++) {
+            const __m256 xd = _mm256_set1_ps(xs[i].d[s]), dx = _mm256_mul_ps(d, xd);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), dx, acc[i]);
+            if (q5) accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ[i]),
+                                              _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), xd), accm[i]);
+            else accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ[i], 5)), dx, accm[i]);
+        }
     }
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, _mm256_sub_ps(acc[i], accm[i]));
 }
 
 static int run_k6x8(int q5, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
     XSuper *xs = x_super_rows(x, M, K, num_threads);
     int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
-    const int nsb = K / 256;
-    if (q5) { X8_TILES_LOOP(k6x8_tile(1, tiles + (int64_t)t * nsb * Q5_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
-    else { X8_TILES_LOOP(k6x8_tile(0, tiles + (int64_t)t * nsb * Q6_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    const int nsb = K / 256, bytes = q5 ? Q5_KX8_BYTES : Q6_KX8_BYTES;
+#define K6X8_CALL(nx) k6x8_tile(Q5, nx, tiles + (int64_t)t * nsb * bytes, nsb, K, xp + (int64_t)m * K, &xs[m], out)
+#define Q5 1
+    if (q5) { X8_TILES_LOOP(K6X8_CALL) }
+#undef Q5
+#define Q5 0
+    else { X8_TILES_LOOP(K6X8_CALL) }
+#undef Q5
+#undef K6X8_CALL
     free(xp); free(xs);
     return 0;
 }
@@ -1205,49 +1261,61 @@ static void dequant_k6x8(int q5, const uint8_t *tile, int K, float *y) {
  * sums, conversions and FMAs are the rows' (super_rows_dot). */
 enum { Q3_KX8_BYTES = 1168, Q2_KX8_BYTES = 672 };
 
-static inline __attribute__((always_inline)) void klow_tile(int q2, const uint8_t *tile, int nsb, const int8_t *xp,
-                                                            const XSuper *xs, float *out) {
+static inline __attribute__((always_inline)) void klow_tile(int q2, int nx, const uint8_t *tile, int nsb, int K,
+                                                            const int8_t *xp, const XSuper *xs, float *out) {
     const int bytes = q2 ? Q2_KX8_BYTES : Q3_KX8_BYTES;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc[X8_NX], accm[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = accm[i] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
         const uint8_t *t = tile + (int64_t)s * bytes;
-        const int16_t *bs = xs->bsum + 16 * s;
-        __m256i sumi = _mm256_setzero_si256(), summ = _mm256_setzero_si256();
+        x8_prefetch(t, bytes);
+        __m256i sumi[X8_NX], summ[X8_NX];
+        for (int i = 0; i < nx; i++) sumi[i] = summ[i] = _mm256_setzero_si256();
         for (int p = 0; p < 8; p++) {
-            const int8_t *x = xp + 256 * s + 32 * p;
-            __m256i sc, mn, p16 = _mm256_setzero_si256();
+            __m256i sc, mn, p16[X8_NX];
+            for (int i = 0; i < nx; i++) p16[i] = _mm256_setzero_si256();
             if (q2) {
                 const __m128i raw = _mm_loadu_si128((const __m128i *)(t + 32 + 16 * p));
                 sc = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F)));
                 mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F)));
                 for (int v = 0; v < 2; v++) {
                     const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 160 + 64 * p + 32 * v));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m2), x4(x + 16 * v)));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 2), m2), x4(x + 16 * v + 4)));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m2), x4(x + 16 * v + 8)));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 6), m2), x4(x + 16 * v + 12)));
+                    const __m256i f0 = _mm256_and_si256(c, m2), f1 = _mm256_and_si256(_mm256_srli_epi16(c, 2), m2);
+                    const __m256i f2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), m2), f3 = _mm256_and_si256(_mm256_srli_epi16(c, 6), m2);
+                    for (int i = 0; i < nx; i++) {
+                        const int8_t *x = xp + (int64_t)i * K + 256 * s + 32 * p + 16 * v;
+                        p16[i] = _mm256_add_epi16(p16[i], _mm256_add_epi16(_mm256_maddubs_epi16(f0, x4(x)), _mm256_maddubs_epi16(f1, x4(x + 4))));
+                        p16[i] = _mm256_add_epi16(p16[i], _mm256_add_epi16(_mm256_maddubs_epi16(f2, x4(x + 8)), _mm256_maddubs_epi16(f3, x4(x + 12))));
+                    }
                 }
             } else {
                 sc = mn = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 16 + 16 * p)));
                 for (int v = 0; v < 4; v++) {
                     const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 144 + 128 * p + 32 * v));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m4), x4(x + 8 * v)));
-                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), x4(x + 8 * v + 4)));
+                    const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+                    for (int i = 0; i < nx; i++) {
+                        const int8_t *x = xp + (int64_t)i * K + 256 * s + 32 * p + 8 * v;
+                        p16[i] = _mm256_add_epi16(p16[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x4(x)), _mm256_maddubs_epi16(hi, x4(x + 4))));
+                    }
                 }
             }
-            int32_t b2;
-            memcpy(&b2, bs + 2 * p, 4);
-            summ = _mm256_add_epi32(summ, _mm256_madd_epi16(mn, _mm256_set1_epi32(b2)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, sc));
+            for (int i = 0; i < nx; i++) {
+                int32_t b2;
+                memcpy(&b2, xs[i].bsum + 16 * s + 2 * p, 4);
+                summ[i] = _mm256_add_epi32(summ[i], _mm256_madd_epi16(mn, _mm256_set1_epi32(b2)));
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(p16[i], sc));
+            }
         }
-        const __m256 xd = _mm256_set1_ps(xs->d[s]);
-        const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), xd);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), dx, acc);
-        if (q2) accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), xd), accm);
-        else accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ, 2)), dx, accm);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        for (int i = 0; i < nx; i++) {
+            const __m256 xd = _mm256_set1_ps(xs[i].d[s]), dx = _mm256_mul_ps(d, xd);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), dx, acc[i]);
+            if (q2) accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ[i]), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(t + 16))), xd), accm[i]);
+            else accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(summ[i], 2)), dx, accm[i]);
+        }
     }
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, _mm256_sub_ps(acc[i], accm[i]));
 }
 
 /* A tile's 8 rows as float32 (8 x K), equal to the gguf package's dequantization of the source rows. */
@@ -1280,11 +1348,90 @@ static int run_klow(int q2, const float *x, int M, int K, const uint8_t *tiles, 
     XSuper *xs = x_super_rows(x, M, K, num_threads);
     int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
-    const int nsb = K / 256;
-    if (q2) { X8_TILES_LOOP(klow_tile(1, tiles + (int64_t)t * nsb * Q2_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
-    else { X8_TILES_LOOP(klow_tile(0, tiles + (int64_t)t * nsb * Q3_KX8_BYTES, nsb, xp + (int64_t)m * K, &xs[m], out)) }
+    const int nsb = K / 256, bytes = q2 ? Q2_KX8_BYTES : Q3_KX8_BYTES;
+#define KLOW_CALL(nx) klow_tile(Q2, nx, tiles + (int64_t)t * nsb * bytes, nsb, K, xp + (int64_t)m * K, &xs[m], out)
+#define Q2 1
+    if (q2) { X8_TILES_LOOP(KLOW_CALL) }
+#undef Q2
+#define Q2 0
+    else { X8_TILES_LOOP(KLOW_CALL) }
+#undef Q2
+#undef KLOW_CALL
     free(xp); free(xs);
     return 0;
+}
+
+/* ---- IQ4_XS in tiles of 8 rows (the AVX2 build; tierlm.quant.tiles) -----------------------------------
+ * The layout of the Q4_K tiles: per super-block the 8 rows' fp16 d (0), their 6-bit scales minus 32 as
+ * int8 [j][row] (16), then codes [j][v < 4][row][b < 4] (80): low nibble weight 32j + 4v + b of the row,
+ * high nibble 32j + 16 + 4v + b (IQ4_XS_X8_BYTES, 138 bytes a row per 256 weights for the file's 136).
+ * The nibbles index IQ4_NL's signed values (vpshufb); as signed bytes times signed x they multiply as
+ * |x| times the value with x's sign (vpsign), up to 2 * 127 * 127 a pair, so every vpmaddubsw takes its
+ * own vpmaddwd with the rows' scales. weight = d * (ls - 32) * value, as in the file. */
+enum { IQ4_XS_X8_BYTES = 1104 };
+
+static inline __attribute__((always_inline)) void iq4_xsx8_tile(int nx, const uint8_t *tile, int nsb, int K, const XSuper *xs,
+                                                                const int8_t *xa, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_KV));
+    __m256 acc[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *t = tile + (int64_t)s * IQ4_XS_X8_BYTES;
+        x8_prefetch(t, IQ4_XS_X8_BYTES);
+        __m256i sumi[X8_NX];
+        for (int i = 0; i < nx; i++) sumi[i] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            const __m256i s16 = _mm256_cvtepu16_epi32(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(t + 16 + 8 * j))));
+            const __m256i sc = _mm256_or_si256(s16, _mm256_slli_epi32(s16, 16));  /* the row's scale in both int16 halves */
+            for (int v = 0; v < 4; v++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 80 + 128 * j + 32 * v));
+                const __m256i lo = _mm256_shuffle_epi8(kv, _mm256_and_si256(c, m4));
+                const __m256i hi = _mm256_shuffle_epi8(kv, _mm256_and_si256(_mm256_srli_epi16(c, 4), m4));
+                for (int i = 0; i < nx; i++) {
+                    const int at = 256 * s + 32 * j + 4 * v;
+                    const int8_t *xq = xs[i].q + at, *xb = xa + (int64_t)i * K + at;
+                    const __m256i p0 = _mm256_maddubs_epi16(x4(xb), _mm256_sign_epi8(lo, x4(xq)));
+                    const __m256i p1 = _mm256_maddubs_epi16(x4(xb + 16), _mm256_sign_epi8(hi, x4(xq + 16)));
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(_mm256_madd_epi16(p0, sc), _mm256_madd_epi16(p1, sc)));
+                }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        for (int i = 0; i < nx; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, _mm256_set1_ps(xs[i].d[s])), acc[i]);
+    }
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, acc[i]);
+}
+
+static int run_iq4_xsx8(const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
+    XSuper *xs = x_super_rows(x, M, K, num_threads);
+    int8_t *xa = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);  /* |x| (x is within +-127) */
+    for (int64_t i = 0; i < (int64_t)M * K; i++) xa[i] = (int8_t)abs(xs[0].q[i]);
+    const int nsb = K / 256;
+#define IQ4_CALL(nx) iq4_xsx8_tile(nx, tiles + (int64_t)t * nsb * IQ4_XS_X8_BYTES, nsb, K, &xs[m], xa + (int64_t)m * K, out)
+    X8_TILES_LOOP(IQ4_CALL)
+#undef IQ4_CALL
+    free(xa); free(xs);
+    return 0;
+}
+
+__attribute__((optimize("fp-contract=off")))
+static void dequant_iq4_xsx8(const uint8_t *tile, int K, float *y) {
+    for (int s = 0; s < K / 256; s++) {
+        const uint8_t *t = tile + (int64_t)s * IQ4_XS_X8_BYTES;
+        for (int r = 0; r < KX8_ROWS; r++) {
+            const float d = fp16(t + 2 * r);
+            for (int j = 0; j < 8; j++) {
+                const float dl = d * (float)((const int8_t *)t)[16 + 8 * j + r];
+                for (int w = 0; w < 32; w++) {
+                    const int h = w >> 4, v = (w & 15) >> 2, b = w & 3;
+                    const int c = (t[80 + 128 * j + 32 * v + 4 * r + b] >> (4 * h)) & 0xF;
+                    y[(int64_t)r * K + 256 * s + 32 * j + w] = dl * (float)IQ4_KV[c];
+                }
+            }
+        }
+    }
 }
 
 /* F16 and BF16 rows: 8 weights at a time widened to float32 against x as it is. */
@@ -1663,6 +1810,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
     if (fmt == Q4_KX8) return run_kx8(x, M, K, codes, y, N, num_threads);
     if (fmt == Q6_KX8 || fmt == Q5_KX8) return run_k6x8(fmt == Q5_KX8, x, M, K, codes, y, N, num_threads);
     if (fmt == Q3_KX8 || fmt == Q2_KX8) return run_klow(fmt == Q2_KX8, x, M, K, codes, y, N, num_threads);
+    if (fmt == IQ4_XSX8) return run_iq4_xsx8(x, M, K, codes, y, N, num_threads);
 #if !AVX512_BUILD
     if (is_super_fmt(fmt) && !kquant_blocks32) return run_super(fmt, x, M, K, codes, row_bytes, y, N, num_threads);
 #endif
@@ -1712,7 +1860,6 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
  * tests check): the same float32 operations in the same order, and no contraction into FMAs (which
  * would round once instead of twice). Plain C that the compiler vectorizes; a band of rows is a few
  * times a row's bytes of work, small against the GEMM that follows. */
-static const int8_t IQ4_KV[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 __attribute__((optimize("fp-contract=off")))
 static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
@@ -1812,7 +1959,7 @@ static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
  * a format that is not a GGUF block type (tierlm's own formats dequantize in torch) or a shape it does
  * not take. */
 int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N, int K, float *out, int num_threads) {
-    if (fmt >= Q4_KX8 && fmt <= Q2_KX8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
+    if (fmt >= Q4_KX8 && fmt <= IQ4_XSX8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
         if (K % (fmt == Q4_0X8 ? 32 : 256) || N < 0) return -1;
         #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int t = 0; t < N; t++) {
@@ -1821,6 +1968,7 @@ int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N
             if (fmt == Q4_KX8) dequant_kx8(tile, K, rows);
             else if (fmt == Q4_0X8) dequant_q4_0x8(tile, K, rows);
             else if (fmt == Q6_KX8 || fmt == Q5_KX8) dequant_k6x8(fmt == Q5_KX8, tile, K, rows);
+            else if (fmt == IQ4_XSX8) dequant_iq4_xsx8(tile, K, rows);
             else dequant_klow(fmt == Q2_KX8, tile, K, rows);
         }
         return 0;
