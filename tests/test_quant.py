@@ -541,7 +541,7 @@ def test_row_tiles_multiply_prompt_chunks_band_by_band(name, monkeypatch):
         tiled_tiles_matmul(x[:, :256], tile_rows(qw))
 
 
-def test_quant_linear_tiles_resident_q4_0_only_with_a_row_tile_kernel(kernel):
+def test_quant_linear_tiles_resident_matrices_of_tiled_formats(kernel):
     a, b = _gguf_weight("Q4_0", rows=40, cols=256), _gguf_weight("Q8_0", rows=8, cols=256)
     x1 = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
     x16 = torch.randn(16, 256, generator=torch.Generator().manual_seed(9))
@@ -556,9 +556,12 @@ def test_quant_linear_tiles_resident_q4_0_only_with_a_row_tile_kernel(kernel):
         assert not lin.kernel_takes(tile_rows(a))
         assert torch.allclose(lin.apply(x1, tile_rows(a), None), x1 @ deq[:40].T, atol=1e-4)  # float path
     tiled, kept = fused.parts
-    assert isinstance(tiled, RowTiles) and kept is b  # Q8_0 has no tile layout
+    if kernel.row_tiles:
+        assert isinstance(tiled, RowTiles) and kept is b  # Q8_0 has no 16-row tile layout
+    else:  # the AVX2 build has 8-row tiles for both
+        assert isinstance(tiled, RowTiles) and isinstance(kept, RowTiles) and kept.rows_per_tile == 8
     assert lin.prepare(tiled) is tiled and lin.prepare(fused.parts[0]) is tiled
-    assert torch.allclose(lin.apply(x16, fused, None), x16 @ deq.T, atol=1e-4)  # above max_kernel_rows
+    assert torch.allclose(lin.apply(x16, fused, None), x16 @ deq.T, atol=1e-4)  # above max_kernel_rows: float
     expected = (_int8_blocks(x1) @ deq.double().T).float()
     assert torch.allclose(lin.apply(x1, fused, None), expected, atol=1e-4)
     assert QuantLinear(None, DenseLinear(), None).prepare(a) is a  # no kernel: the file's layout
@@ -635,9 +638,9 @@ def test_prompt_gemm_equals_dequantized_weight_times_x_rounded_per_256(fmt, rows
 
 
 @pytest.mark.parametrize("rows", [41, 3, 16])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "Q8_0"])
 def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_name, rows):
-    """The AVX2 build's K-quant, IQ4_XS and Q4_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal
+    """The AVX2 build's K-quant, IQ4_XS, Q4_0 and Q8_0 tiles (tierlm.quant.tiles.tile_rows_kx8): untiled equal
     to the gguf package's dequantization, products equal to the dequantized weight times x rounded as for
     the rows (per 256 / per 32), the K-quants' bit for bit equal to their rows'; the linear method makes
     them for resident matrices, runs them in the kernel, and untiles bands for prompt chunks."""
@@ -653,17 +656,19 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
     ref_w = torch.from_numpy(dequantize(qw.codes.numpy(), GGMLQuantizationType[type_name]))
     tw = tile_rows_kx8(qw)
     assert tw.rows_per_tile == KX8_ROWS and tw.num_tiles == -(-rows // 8)
-    # Q4_0, Q6_K, Q2_K: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a
+    # Q4_0, Q8_0, Q6_K, Q2_K: the file's bytes per row; Q4_K: its 6-bit scales and mins as bytes, 1184 bytes a
     # super-block; Q5_K: those and its codes in 6 bits, 1696; Q3_K: its codes in nibbles, 1168; IQ4_XS:
     # its scales as bytes, 1104
     block, _, tile_block, _ = KX8_FORMATS[f"gguf:{type_name}"]
     assert tw.nbytes == tw.num_tiles * tile_block * 768 // block
-    sizes = {"Q4_K": 1184, "Q4_0": 144, "Q6_K": 8 * 210, "Q5_K": 1696, "Q3_K": 1168, "Q2_K": 8 * 84, "IQ4_XS": 1104}
+    sizes = {"Q4_K": 1184, "Q4_0": 144, "Q6_K": 8 * 210, "Q5_K": 1696, "Q3_K": 1168, "Q2_K": 8 * 84, "IQ4_XS": 1104,
+             "Q8_0": 8 * 34}
     assert tile_block == sizes[type_name]
     assert torch.equal(dequantize_tiles(tw, 0, tw.num_tiles)[:rows], ref_w)
     x = torch.randn(3, 768, generator=torch.Generator().manual_seed(11))
     x[1, 256:512] = 0
-    ref = _int8_blocks(x, 32 if type_name == "Q4_0" else 256) @ ref_w.double().T
+    per32 = type_name in ("Q4_0", "Q8_0")  # x rounded per 32
+    ref = _int8_blocks(x, 32 if per32 else 256) @ ref_w.double().T
     y = kernel_matmul(kernel, x, tw, num_threads=2).double()
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-5)
     # rows of x four at a time against a tile (9 rows: two blocks of 4, then one), as one at a time
@@ -678,16 +683,13 @@ def test_avx2_tiles_of_8_rows_dequantize_bit_for_bit_and_multiply_exactly(type_n
         assert torch.equal(q.apply(x, prepared, None), rows_y)
     else:
         assert torch.allclose(q.apply(x, prepared, None), rows_y, atol=1e-4 * rows_y.abs().max().item())
-    # a prompt chunk: by default the K-quants' (and IQ4_XS's) through the int8 kernel, Q4_0's in float from
-    # untiled bands, as with int8_prompts=False for all
+    # a prompt chunk: by default through the int8 kernel (not Q4_0's and Q8_0's); with int8_prompts=False in
+    # float from untiled bands
     xs = torch.randn(20, 768, generator=torch.Generator().manual_seed(12))
-    int8_default = type_name != "Q4_0"
-    assert q.int8_prompts_for(prepared) == int8_default
-    if int8_default:
+    assert q.int8_prompts_for(prepared) == (not per32)
+    if not per32:
         assert torch.equal(q.apply(xs, prepared, None), kernel_matmul(kernel, xs, tw))
     float_q = QuantLinear(None, DenseLinear(), kernel, int8_prompts=False)
     assert not float_q.int8_prompts_for(prepared)
     y_float = float_q.apply(xs, prepared, None).double()
     assert torch.allclose(y_float, xs.double() @ ref_w.double().T, atol=1e-3, rtol=1e-4)
-    if not int8_default:
-        assert torch.equal(q.apply(xs, prepared, None).double(), y_float)

@@ -117,14 +117,17 @@ def test_gguf_native_keeps_an_untied_head_quantized(hf_model, tmp_path):
 
     _, folder = hf_model("llama")  # untied lm_head
     path = export(folder, tmp_path / "llama-q8_0.gguf", "q8_0")
-    llm = LLM(path, quant="gguf", max_model_len=64)
+    from tierlm.quant.tiles import RowTiles
+
+    llm = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=False)
     w = llm.model.w
-    assert not w.tied and isinstance(w.lm_head, QuantizedWeight) and w.lm_head.format == "gguf:Q8_0"
+    # the file's blocks, or the AVX2 build's 8-row tiles of them (the same bytes)
+    assert not w.tied and isinstance(w.lm_head, (QuantizedWeight, RowTiles)) and w.lm_head.format == "gguf:Q8_0"
     assert w.lm_head.shape == (384, 64) and w.lm_head.nbytes == 384 * 64 // 32 * 34
     assert w.num_parameters() >= 384 * 64 * 2  # a quantized head still counts (embedding + head)
     ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
-    ref = LLM(path, max_model_len=64).score(ids)
-    assert _rel(llm.score(ids), ref) < 1e-5  # > 8 tokens: the tiled float path
+    ref = LLM(path, max_model_len=64, dtype="float32").score(ids)  # the dequantized float model
+    assert _rel(llm.score(ids), ref) < 1e-5  # > 8 tokens, float prompts: the tiled float path
     assert _rel(llm.score(ids[:4]), LLM(path, max_model_len=64).score(ids[:4])) < 2e-2  # the int8 kernel
 
 
@@ -135,7 +138,7 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
 
     _, folder = hf_model("llama")
     path = export(folder, tmp_path / "llama-q4_0.gguf", "q4_0")
-    llm = LLM(path, quant="gguf", max_model_len=64)
+    llm = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=False)
     w = llm.model.w
     # resident Q4_0 matrices are repacked where the kernel has row tiles (16 rows in its AVX-512 build, 8 in
     # its AVX2 one); else they stay blocks
@@ -144,8 +147,8 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     assert all(isinstance(getattr(lw, m), kind) for lw in w.layers for m in ("qkv", "o", "up", "down"))
     assert isinstance(w.lm_head, kind) and w.lm_head.format == "gguf:Q4_0"
     ids = [1, 5, 77, 300, 12, 9, 250, 101, 42, 7, 3, 200, 150]
-    ref = LLM(path, max_model_len=64)  # the dequantized float model
-    assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # > 8 tokens: the tiled float path
+    ref = LLM(path, max_model_len=64, dtype="float32")  # the dequantized float model
+    assert _rel(llm.score(ids), ref.score(ids)) < 1e-5  # > 8 tokens, float prompts: the tiled float path
     # the int8 kernel: x rounded to int8 costs 2.0% here, as much as for the file-layout row kernel
     assert _rel(llm.score(ids[:4]), ref.score(ids[:4])) < 3e-2
     # quant_int8_prompts: prompt chunks through the int8 kernel too (the model's config says so)
@@ -159,7 +162,7 @@ def test_gguf_q4_0_runs_from_row_tiles_and_scores_like_the_dequantized_model(hf_
     tokens = llm.generate([ids[:5]], greedy)[0].token_ids
     monkeypatch.setattr("tierlm.quant.linear.TILE_FORMATS", ())
     monkeypatch.setattr("tierlm.quant.linear.KX8_FORMATS", {})  # the AVX2 build's tiles
-    rows = LLM(path, quant="gguf", max_model_len=64)
+    rows = LLM(path, quant="gguf", max_model_len=64, quant_int8_prompts=False)
     assert isinstance(rows.model.w.layers[0].up, QuantizedWeight)
     assert rows.generate([ids[:5]], greedy)[0].token_ids == tokens
 

@@ -221,7 +221,7 @@ class QuantConfig:
     # quantized products of prompt chunks (> 8 rows) by the int8 kernel too, as llama.cpp does (activations
     # rounded to int8 per 32 or 256 values; tierlm.quant.linear): True everywhere it can (3-4x the prefill
     # of tierlm's formats on AVX512-VNNI), False never (float), None where it is the faster path (the AVX2
-    # build's 8-row tiles of GGUF K-quants and IQ4_XS: 1.6-1.9x)
+    # build's 8-row tiles of GGUF K-quants and IQ4_XS: 1.1-1.9x)
     quant_int8_prompts: bool | None = None
 
     def __post_init__(self) -> None:

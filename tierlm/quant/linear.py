@@ -8,9 +8,12 @@ with row tiles, or AVX2 with 8-row tiles for the K-quants, IQ4_XS and Q4_0 and r
 decode-sized batches (up to ``max_kernel_rows`` = 8 rows) go to it; prompt chunks dequantize a tile of
 rows at a time and use ``F.linear`` on it (tierlm.quant.base.tiled_matmul), unless ``int8_prompts``
 sends them to the kernel too: True everywhere it can, False never, None (the default) where the
-kernel is the faster path, the AVX2 build's 8-row tiles of the K-quants and IQ4_XS (``INT8_PROMPT_TILES``:
-4 rows of x per pass over a tile, 1.6-1.9x the float path for 512 rows of x against a 5632 x 2048 K-quant
-matrix, 1.1x for IQ4_XS; llama.cpp rounds its prompts to int8 the same way).
+kernel is the faster path: GGUF K-quants and IQ4_XS where the AVX2 build tiles them
+(``INT8_PROMPT_TILES``; 4 rows of x per pass over a tile; for 512 rows of x against a 5632 x 2048 matrix
+1.6-1.9x the float path for the K-quants, 1.1x IQ4_XS; llama.cpp rounds its prompts to int8 the same
+way), their rows (a tiered matrix's streamed ones) then too, so that both halves of a matrix round
+alike. Q4_0's and Q8_0's tiles gain 1.7x and 1.3-1.4x that way, but a tied Q8_0 table's rows would
+take the row kernel, slower than the float path: they stay float unless int8_prompts is True.
 
 The kernel quantizes the activations to int8 in blocks of 32 (as llama.cpp does, at every batch
 size), so its products differ from the float product by that rounding; the tiled path is float
@@ -57,7 +60,9 @@ KERNEL_FORMATS = {"q8": 0, "q4": 1, "q3h": 10, "q6": 11, "q5": 12, "q3": 13, "q2
 # per super-block"); F16 and BF16 take x unrounded.
 SUPER_BLOCK_X_FORMATS = ("gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K", "gguf:IQ4_XS")
 FLOAT_X_FORMATS = ("gguf:F16", "gguf:BF16")
-# Tile formats whose prompt chunks take the int8 kernel by default (int8_prompts None; module docstring)
+# 8-row tile formats whose prompt chunks take the int8 kernel by default (int8_prompts None; module docstring)
+# (not Q4_0 and Q8_0: their rows, a tied table's or a tiered matrix's streamed ones, would take the slow row
+# kernel for prompts, where the K-quants' take the prompt GEMM)
 INT8_PROMPT_TILES = frozenset(f"gguf:{t}" for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 # Formats quant_gemv.c's prompt GEMM (tierlm_quant_prompt) takes: with ``int8_prompts``, prompt chunks in
 # these go there. On this project's AVX2 EPYC it is 5-10% faster than dequantized bands through MKL's
@@ -193,13 +198,14 @@ class QuantLinear:
         return qw.format in KERNEL_FORMATS
 
     def int8_prompts_for(self, qw: QuantizedWeight | RowTiles) -> bool:
-        """Whether prompt chunks multiply ``qw`` in the int8 kernel (module docstring)."""
+        """Whether prompt chunks multiply ``qw`` in the int8 kernel (module docstring). Decided by format,
+        not layout, so that the rows a tiered matrix streams take the path of its resident tiles."""
         if self.int8_prompts is not None:
             return self.int8_prompts
-        return isinstance(qw, RowTiles) and qw.rows_per_tile == KX8_ROWS and qw.format in INT8_PROMPT_TILES
+        return self.kernel is not None and self.kernel.kx8_tiles and qw.format in INT8_PROMPT_TILES
 
     def _matmul(self, x: torch.Tensor, qw: QuantizedWeight | RowTiles) -> torch.Tensor:
-        if (self.int8_prompts and x.shape[0] > self.max_kernel_rows and isinstance(qw, QuantizedWeight)
+        if (self.int8_prompts_for(qw) and x.shape[0] > self.max_kernel_rows and isinstance(qw, QuantizedWeight)
                 and qw.format in PROMPT_KERNEL_FORMATS and x.device.type == "cpu" and self.kernel is not None):
             return prompt_matmul(self.kernel, x, qw).to(x.dtype)
         in_kernel_rows = x.shape[0] <= self.max_kernel_rows or self.int8_prompts_for(qw)

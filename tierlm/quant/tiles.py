@@ -16,9 +16,9 @@ byte-lookup tiles (without). llama.cpp repacks Q4_0 for AVX2/AVX-512 at load for
 
 The repacking is done once, when the linear method prepares a resident matrix, for the kernel's
 AVX512-VNNI build; its AVX2 build (CPUs without AVX-512) has tiles of its own for every K-quant,
-IQ4_XS and Q4_0 (``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in tiles
-of 8 rows", "Q4_0 ...", "Q6_K and Q5_K ...", "Q3_K and Q2_K ..." and "IQ4_XS in tiles of 8 rows") and
-runs every other matrix from its rows
+IQ4_XS, Q4_0 and Q8_0 (``KX8_FORMATS``: 8 rows, the layouts and measurements in quant_gemv.c "Q4_K in
+tiles of 8 rows", "Q4_0 ...", "Q8_0 ...", "Q6_K and Q5_K ...", "Q3_K and Q2_K ..." and "IQ4_XS in tiles
+of 8 rows") and runs every other matrix from its rows
 (tierlm.quant.linear.QuantLinear). Rows streamed from disk keep the file's
 layout (a tile is not a band of rows a store can split) and run through the row kernel. Tiles are a
 kernel's layout, not a storage format: nothing writes them to a store. A matrix of R rows takes
@@ -314,14 +314,14 @@ def tiled_tiles_matmul(x: torch.Tensor, tw: RowTiles) -> torch.Tensor:
     return banded_matmul(x, tw.shape, tw.format, band, rows)
 
 
-# -- the AVX2 build's tiles of 8 rows (the K-quants, IQ4_XS, Q4_0) ----------------------------------------
+# -- the AVX2 build's tiles of 8 rows (the K-quants, IQ4_XS, Q4_0, Q8_0) ----------------------------------------
 
 KX8_ROWS = 8
 # source format -> (weights and bytes of a source block, bytes of its tile block, kernel format id)
 KX8_FORMATS = {"gguf:Q4_K": (256, 144, 1184, 25), "gguf:Q4_0": (32, 18, 144, 26),
                "gguf:Q6_K": (256, 210, 1680, 27), "gguf:Q5_K": (256, 176, 1696, 28),
                "gguf:Q3_K": (256, 110, 1168, 29), "gguf:Q2_K": (256, 84, 672, 30),
-               "gguf:IQ4_XS": (256, 136, 1104, 31)}
+               "gguf:IQ4_XS": (256, 136, 1104, 31), "gguf:Q8_0": (32, 34, 272, 32)}
 
 
 def tile_rows_kx8(qw: QuantizedWeight) -> RowTiles:
@@ -480,6 +480,15 @@ def _tile_q2_kx8(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([d, dmin, sm, packed], dim=2).reshape(n, -1)
 
 
+def _tile_q8_0x8(blocks: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks uint8 (T * 8, nb, 34) -> tiles (T, nb * 272): per block the 8 rows' d, then
+    [v][row][b] the code bytes 4v + b."""
+    n, nb = blocks.shape[0] // KX8_ROWS, blocks.shape[1]
+    b = blocks.reshape(n, KX8_ROWS, nb, 34).permute(0, 2, 1, 3)  # (T, nb, row, bytes)
+    q = b[..., 2:34].reshape(n, nb, KX8_ROWS, 8, 4).permute(0, 1, 3, 2, 4).reshape(n, nb, 256)
+    return torch.cat([b[..., 0:2].reshape(n, nb, 16), q], dim=2).reshape(n, -1)
+
+
 def _tile_iq4_xsx8(blocks: torch.Tensor) -> torch.Tensor:
     """IQ4_XS super-blocks uint8 (T * 8, nsb, 136) -> tiles (T, nsb * 1104): the 8 rows' d, their scales
     minus 32 as int8 [j][row] (the low 4 bits in nibble j of bytes 4-7, the top 2 at bit 2j of the
@@ -498,7 +507,7 @@ def _tile_iq4_xsx8(blocks: torch.Tensor) -> torch.Tensor:
 
 _KX8_TILERS = {"gguf:IQ4_XS": _tile_iq4_xsx8, "gguf:Q4_K": _tile_kx8, "gguf:Q4_0": _tile_q4_0x8,
                "gguf:Q6_K": _tile_q6_kx8, "gguf:Q5_K": _tile_q5_kx8, "gguf:Q3_K": _tile_q3_kx8,
-               "gguf:Q2_K": _tile_q2_kx8}
+               "gguf:Q2_K": _tile_q2_kx8, "gguf:Q8_0": _tile_q8_0x8}
 
 
 def _untile_kx8(tw: RowTiles, t0: int, t1: int) -> torch.Tensor:

@@ -88,7 +88,7 @@
 #endif
 
 enum { TQ8 = 0, TQ4 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q5_0 = 5, Q5_1 = 6, Q4_K = 7, Q5_K = 8, Q6_K = 9, TQ3H = 10, TQ6 = 11, TQ5 = 12, TQ3 = 13, TQ2 = 14, Q4_0X16 = 15, Q6_KX16 = 16, TQX16 = 17, TQ3HX16 = 18,
-       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, Q6_KX8 = 27, Q5_KX8 = 28, Q3_KX8 = 29, Q2_KX8 = 30, IQ4_XSX8 = 31, NUM_FORMATS = 32 };
+       Q2_K = 19, Q3_K = 20, IQ4_NL = 21, IQ4_XS = 22, F16 = 23, BF16 = 24, Q4_KX8 = 25, Q4_0X8 = 26, Q6_KX8 = 27, Q5_KX8 = 28, Q3_KX8 = 29, Q2_KX8 = 30, IQ4_XSX8 = 31, Q8_0X8 = 32, NUM_FORMATS = 33 };
 
 /* K-quants (256 weights a super-block) */
 static inline int is_k_quant(int fmt) { return (fmt >= Q4_K && fmt <= Q6_K) || fmt == Q6_KX16 || fmt == Q2_K || fmt == Q3_K || fmt == IQ4_XS || fmt == Q4_KX8 || fmt == Q6_KX8 || fmt == Q5_KX8 || fmt == Q3_KX8 || fmt == Q2_KX8 || fmt == IQ4_XSX8; }
@@ -477,6 +477,14 @@ static inline __attribute__((always_inline)) void rows_dot(int fmt, const uint8_
                 __m256i dot = _mm256_sub_epi32(dot4(fmt, c, xq), xoff);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(k16_scales(fmt, row, b, mins), vxd), acc[r]);
                 if (fmt == Q2_K) sv[r] -= mins[0] * xb->xs16[2 * b] + mins[1] * xb->xs16[2 * b + 1];
+            }
+            continue;
+        }
+        if (fmt == Q8_0 && !AVX512_BUILD) {  /* exact int32 sums per block, the arithmetic of its 8-row tiles
+                                                 * (q8_0x8_tile): streamed rows and resident tiles agree */
+            for (int r = 0; r < ROWS; r++) {
+                const __m256i c = decode(fmt, codes + r * row_bytes, b, &wd[r], &wm[r]);
+                sv[r] = fmaf((float)hsum8_epi32(dot4(fmt, c, xq)), wd[r] * xd, sv[r]);
             }
             continue;
         }
@@ -1043,33 +1051,35 @@ static void dequant_kx8(const uint8_t *tile, int K, float *y) {
  * i is row i and a block's 8 vpmaddubsw sums add in int16 before one vpmaddwd. */
 enum { Q40X8_BYTES = 144 };
 
-static void q4_0x8_tile(const uint8_t *tile, int nb, const XBlocks *xb, float *out) {
+static inline __attribute__((always_inline)) void q4_0x8_tile(int nx, const uint8_t *tile, int nb, const XBlocks *xb, float *out) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc[X8_NX], accm[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = accm[i] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *t = tile + (int64_t)b * Q40X8_BYTES;
         x8_prefetch(t, Q40X8_BYTES);
-        const int8_t *xq = xb->q + 32 * b;
-        __m256i p16 = _mm256_setzero_si256();
+        __m256i p16[X8_NX];
+        for (int i = 0; i < nx; i++) p16[i] = _mm256_setzero_si256();
         for (int v = 0; v < 4; v++) {
             const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 16 + 32 * v));
-            int32_t x0, x1;
-            memcpy(&x0, xq + 4 * v, 4);
-            memcpy(&x1, xq + 16 + 4 * v, 4);
-            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(c, m4), _mm256_set1_epi32(x0)));
-            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4),
-                                                             _mm256_set1_epi32(x1)));
+            const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+            for (int i = 0; i < nx; i++) {
+                const int8_t *xq = xb[i].q + 32 * b + 4 * v;
+                p16[i] = _mm256_add_epi16(p16[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, x4(xq)), _mm256_maddubs_epi16(hi, x4(xq + 16))));
+            }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), _mm256_mul_ps(d, _mm256_set1_ps(xb->xd[b])), acc);
-        accm = _mm256_fmadd_ps(d, _mm256_set1_ps(8.f * xb->xs[b]), accm);  /* the -8 offset: 8 d sum(x) */
+        for (int i = 0; i < nx; i++) {
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16[i], ones)), _mm256_mul_ps(d, _mm256_set1_ps(xb[i].xd[b])), acc[i]);
+            accm[i] = _mm256_fmadd_ps(d, _mm256_set1_ps(8.f * xb[i].xs[b]), accm[i]);  /* the -8 offset: 8 d sum(x) */
+        }
     }
-    _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, _mm256_sub_ps(acc[i], accm[i]));
 }
 
 static void run_q4_0x8(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
     const int nb = K / 32;
-#define Q40X8_CALL(nx) for (int i = 0; i < nx; i++) q4_0x8_tile(tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m + i], out + KX8_ROWS * i)
+#define Q40X8_CALL(nx) q4_0x8_tile(nx, tiles + (int64_t)t * nb * Q40X8_BYTES, nb, &xbs[m], out)
     X8_TILES_LOOP(Q40X8_CALL)
 #undef Q40X8_CALL
 }
@@ -1088,6 +1098,55 @@ static void dequant_q4_0x8(const uint8_t *tile, int K, float *y) {
         }
     }
 }
+
+/* Q8_0 in tiles of 8 rows (the AVX2 build; tierlm.quant.tiles): per block of 32 weights (272 bytes, as the
+ * 8 rows' blocks), the 8 rows' fp16 d, then 8 x 32 bytes [v < 8][row][b < 4]: weight 4v + b of the row.
+ * As the rows do, |c| (unsigned) times x's bytes with c's signs: a pair up to 2 * 128 * 127, one
+ * vpmaddwd each; the tile saves the rows' per-block scale broadcasts and keeps one stream per thread. */
+enum { Q80X8_BYTES = 272 };
+
+static inline __attribute__((always_inline)) void q8_0x8_tile(int nx, const uint8_t *tile, int nb, const XBlocks *xb, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[X8_NX];
+    for (int i = 0; i < nx; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *t = tile + (int64_t)b * Q80X8_BYTES;
+        x8_prefetch(t, Q80X8_BYTES);
+        __m256i sumi[X8_NX];
+        for (int i = 0; i < nx; i++) sumi[i] = _mm256_setzero_si256();
+        for (int v = 0; v < 8; v++) {
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(t + 16 + 32 * v));
+            const __m256i ac = _mm256_sign_epi8(c, c);
+            for (int i = 0; i < nx; i++) {
+                const __m256i p = _mm256_maddubs_epi16(ac, _mm256_sign_epi8(x4(xb[i].q + 32 * b + 4 * v), c));
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(p, ones));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        for (int i = 0; i < nx; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, _mm256_set1_ps(xb[i].xd[b])), acc[i]);
+    }
+    for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, acc[i]);
+}
+
+static void run_q8_0x8(const XBlocks *xbs, int M, const uint8_t *tiles, float *y, int N, int K, int num_threads) {
+    const int nb = K / 32;
+#define Q80X8_CALL(nx) q8_0x8_tile(nx, tiles + (int64_t)t * nb * Q80X8_BYTES, nb, &xbs[m], out)
+    X8_TILES_LOOP(Q80X8_CALL)
+#undef Q80X8_CALL
+}
+
+__attribute__((optimize("fp-contract=off")))
+static void dequant_q8_0x8(const uint8_t *tile, int K, float *y) {
+    for (int b = 0; b < K / 32; b++) {
+        const uint8_t *t = tile + (int64_t)b * Q80X8_BYTES;
+        for (int r = 0; r < KX8_ROWS; r++) {
+            const float d = fp16(t + 2 * r);
+            for (int w = 0; w < 32; w++) y[(int64_t)r * K + 32 * b + w] = d * (float)(int8_t)t[16 + 32 * (w >> 2) + 4 * r + (w & 3)];
+        }
+    }
+}
+
 
 /* ---- Q6_K and Q5_K in tiles of 8 rows of 6-bit codes (the AVX2 build; tierlm.quant.tiles) -------------
  * As for Q4_K, int32 lane i is row i and x's bytes are broadcast, but 6-bit codes (Q5_K's 5 fit) in the
@@ -1831,6 +1890,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
 #endif
     }
     if (fmt == Q4_0X8) run_q4_0x8(xbs, M, codes, y, N, K, num_threads);
+    else if (fmt == Q8_0X8) run_q8_0x8(xbs, M, codes, y, N, K, num_threads);
     else
 #if AVX512_BUILD
     /* Tiles: codes is the tiles; steps, mins and scale_stride unused; for TQX16, row_bytes is the bits
@@ -1959,8 +2019,8 @@ static void dequant_row(int fmt, const uint8_t *p, int K, float *y) {
  * a format that is not a GGUF block type (tierlm's own formats dequantize in torch) or a shape it does
  * not take. */
 int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N, int K, float *out, int num_threads) {
-    if (fmt >= Q4_KX8 && fmt <= IQ4_XSX8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
-        if (K % (fmt == Q4_0X8 ? 32 : 256) || N < 0) return -1;
+    if (fmt >= Q4_KX8 && fmt <= Q8_0X8) {  /* N tiles of 8 rows (row_bytes: bytes per tile) -> 8N rows */
+        if (K % (fmt == Q4_0X8 || fmt == Q8_0X8 ? 32 : 256) || N < 0) return -1;
         #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int t = 0; t < N; t++) {
             const uint8_t *tile = codes + (int64_t)t * row_bytes;
@@ -1969,6 +2029,7 @@ int tierlm_quant_dequant(int fmt, const uint8_t *codes, int64_t row_bytes, int N
             else if (fmt == Q4_0X8) dequant_q4_0x8(tile, K, rows);
             else if (fmt == Q6_KX8 || fmt == Q5_KX8) dequant_k6x8(fmt == Q5_KX8, tile, K, rows);
             else if (fmt == IQ4_XSX8) dequant_iq4_xsx8(tile, K, rows);
+            else if (fmt == Q8_0X8) dequant_q8_0x8(tile, K, rows);
             else dequant_klow(fmt == Q2_KX8, tile, K, rows);
         }
         return 0;
