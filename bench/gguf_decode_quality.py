@@ -11,7 +11,8 @@ and Gemma-3-270m (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0):
   with every step at most 8 tokens (``max_num_batched_tokens=8``: each product in the kernel, as in
   decode), and with whole windows by default, against whole windows with float prompts (the float
   path); on the AVX2 build also with the K-quants rounded per 32 (``tierlm_quant_kquant_blocks32``) to
-  show what the coarser rounding costs;
+  show what the coarser rounding costs (the switch reaches the row kernel only: where the AVX2 build
+  tiles every resident K-quant matrix, as on Gemma's file, the column equals ``kernel_ppl``);
 * greedy continuations (32 tokens) of a few prompts: the default engine against the float32 load of
   the same file (``dtype="float32"``, everything expanded), tokens equal before the first difference.
 
