@@ -136,6 +136,30 @@ def test_models_and_health(server):
     assert httpx.get(f"{server.base}/health", timeout=5).json() == {"status": "ok"}
 
 
+def test_tokenize_and_detokenize_speak_llama_server_and_vllm(server):
+    """/tokenize takes llama-server's ``content`` or vLLM's ``prompt`` and counts as the completion
+    endpoint does; /detokenize inverts it; bad bodies get 400 naming the field."""
+    text = "The jury said it did find that"
+    tok = httpx.post(f"{server.base}/tokenize", json={"content": text}, timeout=10).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == MAX_MODEL_LEN
+    assert httpx.post(f"{server.base}/tokenize", json={"prompt": text}, timeout=10).json() == tok
+    usage = server.client().completions.create(model="m", prompt=text, max_tokens=1, temperature=0).usage
+    assert usage.prompt_tokens == tok["count"]
+    pieces = httpx.post(f"{server.base}/tokenize", json={"content": text, "with_pieces": True}, timeout=10).json()
+    assert [p["id"] for p in pieces["tokens"]] == tok["tokens"]
+    assert "".join(p["piece"] for p in pieces["tokens"]).endswith(text)
+    back = httpx.post(f"{server.base}/detokenize", json={"tokens": tok["tokens"]}, timeout=10).json()
+    assert back["content"] == back["prompt"] and back["content"].endswith(text)
+    plain = httpx.post(f"{server.base}/tokenize", json={"content": text, "add_special": False}, timeout=10).json()
+    assert plain["tokens"] == tok["tokens"][len(tok["tokens"]) - plain["count"]:]  # at most a BOS less
+    for path, body, param in (("/tokenize", {"content": "a", "prompt": "b"}, "content"),
+                              ("/tokenize", {}, "content"),
+                              ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")):
+        r = httpx.post(f"{server.base}{path}", json=body, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
 def test_chat_stream_matches_non_stream(server):
     client = server.client()
     whole = client.chat.completions.create(model="any", messages=CHAT, temperature=0, max_tokens=20)

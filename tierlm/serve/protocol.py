@@ -241,6 +241,42 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: the text as llama-server's ``content`` or vLLM's ``prompt`` (exactly one);
+    special tokens (BOS) added unless ``add_special`` / ``add_special_tokens`` is false; ``with_pieces``
+    (llama-server) answers each id with its text."""
+
+    content: str | None = None
+    prompt: str | None = None
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    with_pieces: bool = False
+    model: str | None = None
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+    count: int  # vLLM's fields: the number of tokens and the context they must fit
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text (special tokens kept, as both servers do)."""
+
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    content: str  # llama-server's name
+    prompt: str  # vLLM's name for the same text
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

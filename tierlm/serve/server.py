@@ -48,10 +48,15 @@ from tierlm.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
     Usage,
 )
 
@@ -124,6 +129,21 @@ def build_app(llm, served_model_name: str, max_queue: int = 64) -> FastAPI:
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=max_model_len)])
+
+    # -- tokenizer routes (llama-server's names, with vLLM's fields too) ----------------------------
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ids = await run_in_threadpool(_tokenize, llm, body)
+        tokens = [TokenPiece(id=i, piece=piece(i)) for i in ids] if body.with_pieces else ids
+        return TokenizeResponse(tokens=tokens, count=len(ids), max_model_len=max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        _check_token_ids(llm, body.tokens, "tokens")
+        if llm.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "tokens")
+        text = await run_in_threadpool(llm.tokenizer.decode, body.tokens, False)
+        return DetokenizeResponse(content=text, prompt=text)
 
     # -- generation ---------------------------------------------------------------------------
     def piece(token_id: int) -> str:
@@ -238,11 +258,26 @@ def _encode_prompt(llm, prompt) -> tuple[list[int], str | None]:
         if llm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send the prompt as token ids", "prompt")
         return llm.tokenizer.encode(prompt), prompt
-    vocab = llm.arch.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+    _check_token_ids(llm, prompt, "prompt")
     return list(prompt), None
+
+
+def _check_token_ids(llm, ids: list[int], param: str) -> None:
+    vocab = llm.arch.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+
+
+def _tokenize(llm, body: TokenizeRequest) -> list[int]:
+    """The ids of /tokenize's text (runs in a worker thread, as _encode_prompt)."""
+    if (body.content is None) == (body.prompt is None):
+        raise APIError(400, "send the text as exactly one of 'content' (llama-server) or 'prompt' (vLLM)", "content")
+    if llm.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer", "content" if body.content is not None else "prompt")
+    flags = [f for f in (body.add_special, body.add_special_tokens) if f is not None]
+    return llm.tokenizer.encode(body.content if body.content is not None else body.prompt,
+                                add_special_tokens=flags[0] if flags else True)
 
 
 def _sampling_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
