@@ -1251,23 +1251,6 @@ static inline __attribute__((always_inline)) void k6x8_tile(int q5, int nx, cons
     for (int i = 0; i < nx; i++) _mm256_storeu_ps(out + KX8_ROWS * i, _mm256_sub_ps(acc[i], accm[i]));
 }
 
-static int run_k6x8(int q5, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
-    XSuper *xs = x_super_rows(x, M, K, num_threads);
-    int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
-    const int nsb = K / 256, bytes = q5 ? Q5_KX8_BYTES : Q6_KX8_BYTES;
-#define K6X8_CALL(nx) k6x8_tile(Q5, nx, tiles + (int64_t)t * nsb * bytes, nsb, K, xp + (int64_t)m * K, &xs[m], out)
-#define Q5 1
-    if (q5) { X8_TILES_LOOP(K6X8_CALL) }
-#undef Q5
-#define Q5 0
-    else { X8_TILES_LOOP(K6X8_CALL) }
-#undef Q5
-#undef K6X8_CALL
-    free(xp); free(xs);
-    return 0;
-}
-
 /* A tile's 8 rows as float32 (8 x K), equal to the gguf package's dequantization of the source rows. Per
  * row, triple u of pair p holds weights 32p + 8u .. + 8 (its bytes b < 2) and 32p + 16 + 8u .. + 8 (b >= 2),
  * each in order of code vector, then byte. */
@@ -1403,19 +1386,31 @@ static void dequant_klow(int q2, const uint8_t *tile, int K, float *y) {
     }
 }
 
-static int run_klow(int q2, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
+/* The tiles whose x is read permuted by x_perm6 (Q6_K, Q5_K, Q3_K, Q2_K): x rounded per 256, then that
+ * copy, then one X8_TILES_LOOP per format, so that the tile kernel's flag is a literal inside OpenMP's
+ * outlined body (see DEFINE_RUN). */
+static int run_pair_tiles(int fmt, const float *x, int M, int K, const uint8_t *tiles, float *y, int N, int num_threads) {
     XSuper *xs = x_super_rows(x, M, K, num_threads);
     int8_t *xp = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     for (int m = 0; m < M; m++) x_perm6(xs[m].q, K, xp + (int64_t)m * K);
-    const int nsb = K / 256, bytes = q2 ? Q2_KX8_BYTES : Q3_KX8_BYTES;
-#define KLOW_CALL(nx) klow_tile(Q2, nx, tiles + (int64_t)t * nsb * bytes, nsb, K, xp + (int64_t)m * K, &xs[m], out)
-#define Q2 1
-    if (q2) { X8_TILES_LOOP(KLOW_CALL) }
-#undef Q2
-#define Q2 0
-    else { X8_TILES_LOOP(KLOW_CALL) }
-#undef Q2
-#undef KLOW_CALL
+    const int nsb = K / 256;
+    const int bytes = fmt == Q6_KX8 ? Q6_KX8_BYTES : fmt == Q5_KX8 ? Q5_KX8_BYTES : fmt == Q3_KX8 ? Q3_KX8_BYTES : Q2_KX8_BYTES;
+#define PAIR_ARGS tiles + (int64_t)t * nsb * bytes, nsb, K, xp + (int64_t)m * K, &xs[m], out
+#define Q6_CALL(nx) k6x8_tile(0, nx, PAIR_ARGS)
+#define Q5_CALL(nx) k6x8_tile(1, nx, PAIR_ARGS)
+#define Q3_CALL(nx) klow_tile(0, nx, PAIR_ARGS)
+#define Q2_CALL(nx) klow_tile(1, nx, PAIR_ARGS)
+    switch (fmt) {
+    case Q6_KX8: { X8_TILES_LOOP(Q6_CALL) } break;
+    case Q5_KX8: { X8_TILES_LOOP(Q5_CALL) } break;
+    case Q3_KX8: { X8_TILES_LOOP(Q3_CALL) } break;
+    default: { X8_TILES_LOOP(Q2_CALL) } break;
+    }
+#undef Q2_CALL
+#undef Q3_CALL
+#undef Q5_CALL
+#undef Q6_CALL
+#undef PAIR_ARGS
     free(xp); free(xs);
     return 0;
 }
@@ -1867,8 +1862,7 @@ int tierlm_quant_gemv(int fmt, const float *x, int M, int K, const uint8_t *code
         return 0;
     }
     if (fmt == Q4_KX8) return run_kx8(x, M, K, codes, y, N, num_threads);
-    if (fmt == Q6_KX8 || fmt == Q5_KX8) return run_k6x8(fmt == Q5_KX8, x, M, K, codes, y, N, num_threads);
-    if (fmt == Q3_KX8 || fmt == Q2_KX8) return run_klow(fmt == Q2_KX8, x, M, K, codes, y, N, num_threads);
+    if (fmt >= Q6_KX8 && fmt <= Q2_KX8) return run_pair_tiles(fmt, x, M, K, codes, y, N, num_threads);
     if (fmt == IQ4_XSX8) return run_iq4_xsx8(x, M, K, codes, y, N, num_threads);
 #if !AVX512_BUILD
     if (is_super_fmt(fmt) && !kquant_blocks32) return run_super(fmt, x, M, K, codes, row_bytes, y, N, num_threads);
